@@ -1,0 +1,28 @@
+# Two commands do all set-up on a fresh machine:
+#   make repro   - create .venv if missing, install resnorm + pinned deps, run `dvc repro`
+#   make test    - same bootstrap, then the test suite
+PYTHON ?= python3
+VENV   := .venv
+STAMP  := $(VENV)/.installed
+
+.PHONY: repro test venv bench clean-venv
+
+venv: $(STAMP)
+
+# Re-install only when pyproject.toml changes: running `make` twice installs nothing twice.
+$(STAMP): pyproject.toml
+	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/python -m pip install --quiet --disable-pip-version-check -e .
+	touch $(STAMP)
+
+repro: $(STAMP)
+	. $(VENV)/bin/activate && dvc repro
+
+test: $(STAMP)
+	. $(VENV)/bin/activate && python -m pytest
+
+bench: $(STAMP)
+	. $(VENV)/bin/activate && python bench/bench_norms.py
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,1 @@
+"""ResNet (6n+2) with from-scratch normalization layers."""

@@ -1,0 +1,297 @@
+"""Typed, validated parameters: `params.yaml` is read here once, before any work.
+
+Every stage calls `load_params()`; a bad value stops the run with one line naming
+the key, the value and what is allowed (`ParamError`), never a traceback deep
+inside training.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, get_args, get_origin, get_type_hints
+
+import yaml
+
+NORM_NAMES = ("bn", "in", "bin", "ln", "gn", "nn", "torch_bn")
+OPTIMIZERS = ("sgd", "adam")
+SCHEDULES = ("constant", "cosine", "step", "plateau")
+DEVICES = ("auto", "cpu", "cuda")
+PRECISIONS = ("fp32", "bf16", "fp16")
+EMBEDDED_ROOT = "data/raw/ifct"
+
+
+class ParamError(ValueError):
+    """A parameter that cannot be used; the message is one line for the user."""
+
+
+@dataclass(frozen=True)
+class SplitParams:
+    train: float = 0.7
+    val: float = 0.15
+    test: float = 0.15
+
+
+@dataclass(frozen=True)
+class DataParams:
+    root: str = EMBEDDED_ROOT           # class folders, or train/valid[/test] split folders
+    image_size: int = 32
+    split: SplitParams = field(default_factory=SplitParams)
+    seed: int = 0
+    min_images_per_class: int = 14
+    max_image_pixels: int = 64_000_000  # larger images are refused (decompression bombs)
+    near_duplicate_bits: int = 4        # dHash distance under which two photos share a split
+
+
+@dataclass(frozen=True)
+class ModelParams:
+    n: int = 2
+    gn_groups: int = 4
+
+
+@dataclass(frozen=True)
+class TrainParams:
+    epochs: int = 15
+    optimizer: str = "sgd"
+    lr: float = 0.05
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 5e-4
+    schedule: str = "cosine"
+    step_size: int = 5
+    gamma: float = 0.1
+    plateau_patience: int = 2
+    warmup_epochs: int = 1
+    label_smoothing: float = 0.0
+    augment: bool = True
+    crop_padding: int = 4
+    hflip: bool = True
+    early_stopping_patience: int = 0    # 0 = off; else stop after this many epochs without a better val accuracy
+    workers: int = 0
+    threads: int = 2
+    device: str = "auto"
+    precision: str = "fp32"
+    channels_last: bool = False
+    compile: bool = False
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One trained configuration: a norm at a batch size with its own train settings."""
+    name: str
+    norm: str
+    batch_size: int
+    train: TrainParams
+
+
+@dataclass(frozen=True)
+class StudyParams:
+    seeds: tuple[int, ...] = (0, 1, 2)
+    variants: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class GradcamParams:
+    classes: tuple[str, ...] = ()
+    per_kind: int = 5
+
+
+@dataclass(frozen=True)
+class Params:
+    norm: str = "bn"
+    batch_size: int = 32
+    seed: int = 0
+    data: DataParams = field(default_factory=DataParams)
+    model: ModelParams = field(default_factory=ModelParams)
+    train: TrainParams = field(default_factory=TrainParams)
+    study: StudyParams = field(default_factory=StudyParams)
+    gradcam: GradcamParams = field(default_factory=GradcamParams)
+
+    def experiment(self) -> Variant:
+        """The single variant chosen by top-level `norm` and `batch_size` (`dvc exp run -S ...`)."""
+        return Variant(f"{self.norm}-bs{self.batch_size}", self.norm, self.batch_size, self.train)
+
+    def variant(self, name: str) -> Variant:
+        """A study variant: its entry in `study.variants` laid over the base `train` settings."""
+        if name not in self.study.variants:
+            raise ParamError(f"study.variants: no variant {name!r}; known: {', '.join(self.study.variants)}")
+        over = dict(self.study.variants[name])
+        norm, batch_size = over.pop("norm"), over.pop("batch_size")
+        return Variant(name, norm, batch_size, dataclasses.replace(self.train, **over))
+
+    def variants(self) -> list[Variant]:
+        return [self.variant(name) for name in self.study.variants]
+
+
+# --------------------------------------------------------------------------- loading
+
+def _fail(key: str, value: Any, allowed: str) -> ParamError:
+    return ParamError(f"params: {key} = {value!r} is not allowed: {allowed}")
+
+
+def _coerce(key: str, value: Any, hint: Any) -> Any:
+    """Check one scalar or tuple against its type hint; ints are accepted where floats are."""
+    origin = get_origin(hint)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise _fail(key, value, "expected a list")
+        item = get_args(hint)[0]
+        return tuple(_coerce(f"{key}[{i}]", v, item) for i, v in enumerate(value))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise _fail(key, value, "expected a mapping")
+        return dict(value)
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise _fail(key, value, "expected true or false")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise _fail(key, value, "expected an integer")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise _fail(key, value, "expected a finite number")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str) or not value:
+            raise _fail(key, value, "expected a non-empty string")
+        return value
+    raise TypeError(f"unsupported type hint {hint!r} for {key}")
+
+
+def _build(cls: type, raw: Any, prefix: str) -> Any:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise _fail(prefix.rstrip("."), raw, "expected a mapping")
+    hints = get_type_hints(cls)
+    known = {f.name for f in fields(cls)}
+    for key in raw:
+        if key not in known:
+            raise ParamError(f"params: unknown key {prefix}{key}; allowed under {prefix.rstrip('.') or 'top level'}: "
+                             f"{', '.join(sorted(known))}")
+    kwargs = {}
+    for name in known & raw.keys():
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            kwargs[name] = _build(hint, raw[name], f"{prefix}{name}.")
+        else:
+            kwargs[name] = _coerce(f"{prefix}{name}", raw[name], hint)
+    return cls(**kwargs)
+
+
+def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise _fail(key, value, f"one of {', '.join(choices)}")
+
+
+def _check_min(key: str, value: float, low: float, inclusive: bool = True) -> None:
+    if value < low or (not inclusive and value == low):
+        raise _fail(key, value, f"must be {'>=' if inclusive else '>'} {low}")
+
+
+def _validate_train(t: TrainParams, prefix: str) -> None:
+    _check_min(f"{prefix}epochs", t.epochs, 1)
+    _check_choice(f"{prefix}optimizer", t.optimizer, OPTIMIZERS)
+    _check_min(f"{prefix}lr", t.lr, 0, inclusive=False)
+    _check_min(f"{prefix}momentum", t.momentum, 0)
+    if t.momentum >= 1:
+        raise _fail(f"{prefix}momentum", t.momentum, "must be < 1")
+    if t.nesterov and t.optimizer == "sgd" and t.momentum == 0:
+        raise _fail(f"{prefix}nesterov", t.nesterov, "nesterov needs momentum > 0")
+    _check_min(f"{prefix}weight_decay", t.weight_decay, 0)
+    _check_choice(f"{prefix}schedule", t.schedule, SCHEDULES)
+    _check_min(f"{prefix}step_size", t.step_size, 1)
+    if not 0 < t.gamma <= 1:
+        raise _fail(f"{prefix}gamma", t.gamma, "must be in (0, 1]")
+    _check_min(f"{prefix}plateau_patience", t.plateau_patience, 0)
+    _check_min(f"{prefix}warmup_epochs", t.warmup_epochs, 0)
+    if t.warmup_epochs >= t.epochs:
+        raise _fail(f"{prefix}warmup_epochs", t.warmup_epochs, f"must be < epochs ({t.epochs})")
+    if not 0 <= t.label_smoothing < 1:
+        raise _fail(f"{prefix}label_smoothing", t.label_smoothing, "must be in [0, 1)")
+    _check_min(f"{prefix}crop_padding", t.crop_padding, 0)
+    _check_min(f"{prefix}early_stopping_patience", t.early_stopping_patience, 0)
+    _check_min(f"{prefix}workers", t.workers, 0)
+    _check_min(f"{prefix}threads", t.threads, 1)
+    _check_choice(f"{prefix}device", t.device, DEVICES)
+    _check_choice(f"{prefix}precision", t.precision, PRECISIONS)
+
+
+def _check_variant(key: str, norm: str, batch_size: int) -> None:
+    _check_choice(f"{key}norm", norm, NORM_NAMES)
+    _check_min(f"{key}batch_size", batch_size, 1)
+
+
+def validate(p: Params) -> Params:
+    d = p.data
+    if d.image_size < 4 or d.image_size % 4:
+        raise _fail("data.image_size", d.image_size, "a multiple of 4, at least 4 (two stride-2 stages)")
+    for name in ("train", "val", "test"):
+        v = getattr(d.split, name)
+        if not 0 <= v <= 1:
+            raise _fail(f"data.split.{name}", v, "a fraction in [0, 1]")
+    total = d.split.train + d.split.val + d.split.test
+    if abs(total - 1) > 1e-6:
+        raise _fail("data.split", dataclasses.asdict(d.split), f"train + val + test must sum to 1 (they sum to {total:g})")
+    if d.split.train == 0 or d.split.val == 0:
+        raise _fail("data.split", dataclasses.asdict(d.split), "train and val must be > 0")
+    _check_min("data.min_images_per_class", d.min_images_per_class, 2)
+    _check_min("data.max_image_pixels", d.max_image_pixels, 1)
+    _check_min("data.near_duplicate_bits", d.near_duplicate_bits, 0)
+    _check_min("data.seed", d.seed, 0)
+    _check_min("model.n", p.model.n, 1)
+    _check_min("model.gn_groups", p.model.gn_groups, 1)
+    for width in (16, 32, 64):
+        if width % p.model.gn_groups:
+            raise _fail("model.gn_groups", p.model.gn_groups, "must divide the channel counts 16, 32 and 64")
+    _validate_train(p.train, "train.")
+    _check_variant("", p.norm, p.batch_size)
+    _check_min("seed", p.seed, 0)
+    if not p.study.seeds:
+        raise _fail("study.seeds", list(p.study.seeds), "at least one seed")
+    if len(set(p.study.seeds)) != len(p.study.seeds):
+        raise _fail("study.seeds", list(p.study.seeds), "seeds must be distinct")
+    train_keys = {f.name for f in fields(TrainParams)}
+    for name, over in p.study.variants.items():
+        key = f"study.variants.{name}."
+        if not isinstance(over, dict):
+            raise _fail(key.rstrip("."), over, "a mapping with norm, batch_size and optional train keys")
+        for k in ("norm", "batch_size"):
+            if k not in over:
+                raise ParamError(f"params: {key}{k} is missing; every variant names its norm and batch_size")
+        for k in over:
+            if k not in train_keys | {"norm", "batch_size"}:
+                raise ParamError(f"params: unknown key {key}{k}; allowed: norm, batch_size, {', '.join(sorted(train_keys))}")
+        hints = get_type_hints(TrainParams)
+        for k, v in over.items():
+            if k in train_keys:
+                _coerce(f"{key}{k}", v, hints[k])
+        _coerce(f"{key}batch_size", over["batch_size"], int)
+        _check_variant(key, over["norm"], over["batch_size"])
+        _validate_train(p.variant(name).train, key)
+    _check_min("gradcam.per_kind", p.gradcam.per_kind, 1)
+    return p
+
+
+def load_params(path: str | Path = "params.yaml", overrides: dict[str, Any] | None = None) -> Params:
+    """Read, type-check and validate `params.yaml`; `overrides` is a nested dict laid on top (tests)."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise ParamError(f"params: {path} not found (run from the repository root)") from None
+    except yaml.YAMLError as e:
+        raise ParamError(f"params: {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if overrides:
+        raw = deep_merge(raw, overrides)
+    return validate(_build(Params, raw, ""))
+
+
+def deep_merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
