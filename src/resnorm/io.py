@@ -94,3 +94,12 @@ def run_cli(main: Callable[[list[str]], Any]) -> None:
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/yellow]: completed work is kept; run again to resume")
         sys.exit(130)
+
+
+def save_figure(fig, path: str | Path, dpi: int = 80) -> None:
+    """Save a matplotlib figure atomically as PNG and close it."""
+    import matplotlib.pyplot as plt
+
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=dpi, format="png")
+    plt.close(fig)

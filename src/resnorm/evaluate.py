@@ -1,0 +1,76 @@
+"""Stage `evaluate`: the best checkpoint (by validation accuracy) on train, val and test.
+
+Writes, for one run:
+  metrics/<run>.json          accuracy, micro-F1, macro-F1, loss per split, the epoch chosen
+                              (bit-identical for the same params and seed on the same CPU)
+  metrics/timing/<run>.json   wall times (kept apart so the metrics stay reproducible)
+  plots/<run>/confusion.csv   test (actual, predicted) pairs, a DVC confusion plot
+  plots/<run>/per_class.csv   per-class precision / recall / F1 / support on test
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from .data import load_classes, load_split
+from .io import UserError, console, run_cli, write_csv, write_json
+from .metrics import per_class, predict, scores
+from .params import Params, load_params
+from .train import build_model, load_checkpoint, parse_run, pick_device, run_paths, select
+
+SPLITS = ("train", "val", "test")
+
+
+def evaluate(p: Params, variant: str | None = None, seed: int | None = None) -> dict:
+    v = select(p, variant)
+    seed = p.seed if seed is None else seed
+    paths = run_paths(variant, seed)
+    if not paths.last.exists():
+        raise UserError(f"{paths.last}: no checkpoint; run the train stage first")
+    t0 = time.perf_counter()
+    last = load_checkpoint(paths.last)
+    metrics = {"run": paths.name, "variant": v.name, "norm": v.norm, "batch_size": v.batch_size, "seed": seed,
+               "status": last["status"], "epochs_trained": last["epoch"], "best_epoch": last["best_epoch"]}
+    classes = load_classes()
+    confusion, table = [], []
+    if last["status"] == "diverged" or not paths.best.exists():
+        metrics["message"] = last["message"] or "no checkpoint with a finite validation loss"
+        metrics["status"] = "diverged"
+        console.print(f"[red]{paths.name}: diverged[/red] ({metrics['message']}); no scores written")
+    else:
+        best = load_checkpoint(paths.best)
+        device = pick_device(v.train.device)
+        torch.set_num_threads(v.train.threads)
+        model = build_model(p, v.norm, len(classes)).to(device)
+        model.load_state_dict(best["model"])
+        for split in SPLITS:
+            data = load_split(split)
+            if len(data) == 0:
+                metrics[split] = None
+                continue
+            loss, pred, _ = predict(model, data, best["mean"], best["std"], 128, device)
+            s = scores(data.y, pred, len(classes))
+            metrics[split] = {k: round(x, 6) for k, x in {**s, "loss": loss}.items()}
+            if split == "test":
+                confusion = [{"actual": classes[a], "predicted": classes[b]} for a, b in zip(data.y, pred)]
+                table = per_class(data.y, pred, classes)
+    write_json(paths.metrics, metrics)
+    write_json(paths.timing, {"run": paths.name, "train_seconds": round(last["train_seconds"], 2),
+                              "evaluate_seconds": round(time.perf_counter() - t0, 2)})
+    write_csv(paths.plots / "confusion.csv", confusion, ["actual", "predicted"])
+    write_csv(paths.plots / "per_class.csv", table, ["class", "precision", "recall", "f1", "support"])
+    if metrics.get("val"):
+        console.print(f"{paths.name}: " + "  ".join(
+            f"{s} acc {metrics[s]['accuracy']:.3f} macro-F1 {metrics[s]['macro_f1']:.3f}"
+            for s in SPLITS if metrics.get(s)))
+    return metrics
+
+
+def main(argv: list[str]) -> None:
+    args = parse_run(argv, "evaluate")
+    evaluate(load_params(), args.variant, args.seed)
+
+
+if __name__ == "__main__":
+    run_cli(main)

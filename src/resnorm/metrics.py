@@ -1,0 +1,47 @@
+"""Classification scores shared by training (per-epoch history) and evaluation."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from sklearn.metrics import f1_score, precision_recall_fscore_support
+
+from .data import EpochBatches, Split, batches
+
+
+def scores(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> dict[str, float]:
+    """Accuracy, micro-F1 and macro-F1 (scikit-learn); absent classes count as F1 0 in the macro mean."""
+    labels = list(range(num_classes))
+    return {
+        "accuracy": float(np.mean(y_true == y_pred)) if len(y_true) else 0.0,
+        "micro_f1": float(f1_score(y_true, y_pred, labels=labels, average="micro", zero_division=0)),
+        "macro_f1": float(f1_score(y_true, y_pred, labels=labels, average="macro", zero_division=0)),
+    }
+
+
+def per_class(y_true: np.ndarray, y_pred: np.ndarray, classes: list[str]) -> list[dict]:
+    p, r, f, s = precision_recall_fscore_support(y_true, y_pred, labels=list(range(len(classes))), zero_division=0)
+    return [{"class": c, "precision": round(float(p[i]), 4), "recall": round(float(r[i]), 4),
+             "f1": round(float(f[i]), 4), "support": int(s[i])} for i, c in enumerate(classes)]
+
+
+@torch.no_grad()
+def predict(model: torch.nn.Module, split: Split, mean, std, batch_size: int, device: torch.device,
+            autocast=None, channels_last: bool = False) -> tuple[float, np.ndarray, np.ndarray]:
+    """Mean cross-entropy, predicted labels and class probabilities over a split, in eval mode."""
+    model.eval()
+    ds = EpochBatches(split, batch_size, mean, std, shuffle=False)
+    total, probs = 0.0, []
+    for x, y in batches(ds):
+        x, y = x.to(device), y.to(device)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        if autocast is not None:
+            with autocast():
+                logits = model(x)
+        else:
+            logits = model(x)
+        logits = logits.float()
+        total += float(torch.nn.functional.cross_entropy(logits, y, reduction="sum"))
+        probs.append(torch.softmax(logits, 1).cpu())
+    p = torch.cat(probs).numpy() if probs else np.zeros((0, 0))
+    return total / max(len(split), 1), p.argmax(1), p

@@ -1,0 +1,92 @@
+"""Model summary: layers, output shapes, parameters and multiply-accumulates per image.
+
+  python -m resnorm.summary --n 2 --classes 25 --size 256 --norm bn
+"""
+from __future__ import annotations
+
+import argparse
+
+import torch
+from torch import nn
+
+from .model import ResNet
+
+
+def summarize(model: nn.Module, size: int) -> dict:
+    """Run one (1, 3, size, size) image through `model`, recording every leaf module."""
+    rows: list[dict] = []
+    hooks = []
+
+    def hook(name):
+        def fn(module, inputs, output):
+            macs = 0
+            if isinstance(module, nn.Conv2d):
+                k = module.kernel_size[0] * module.kernel_size[1] * module.in_channels // module.groups
+                macs = output.numel() * k
+            elif isinstance(module, nn.Linear):
+                macs = module.in_features * module.out_features
+            rows.append({"layer": name, "type": type(module).__name__, "output": list(output.shape[1:]),
+                         "params": sum(p.numel() for p in module.parameters(recurse=False)), "macs": macs})
+        return fn
+
+    for name, m in model.named_modules():
+        if not list(m.children()):
+            hooks.append(m.register_forward_hook(hook(name)))
+    model.eval()
+    with torch.no_grad():
+        model(torch.zeros(1, 3, size, size))
+    for h in hooks:
+        h.remove()
+    convs = sum(1 for r in rows if r["type"] == "Conv2d" and "shortcut" not in r["layer"])
+    return {
+        "rows": rows,
+        "params": sum(p.numel() for p in model.parameters()),
+        "macs": sum(r["macs"] for r in rows),
+        "weighted_layers": convs + sum(1 for r in rows if r["type"] == "Linear"),
+        "input": [3, size, size],
+    }
+
+
+def model_summary(n: int, num_classes: int, size: int, norm: str = "bn", gn_groups: int = 4) -> dict:
+    s = summarize(ResNet(n, num_classes, norm=norm, gn_groups=gn_groups), size)
+    s.update({"n": n, "num_classes": num_classes, "norm": norm})
+    return s
+
+
+def main(argv: list[str] | None = None) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from .params import load_params
+
+    defaults = None
+    try:
+        defaults = load_params()
+    except Exception:
+        pass
+    ap = argparse.ArgumentParser(prog="python -m resnorm.summary", description=__doc__.splitlines()[0])
+    ap.add_argument("--n", type=int, default=defaults.model.n if defaults else 2)
+    ap.add_argument("--classes", type=int, default=25)
+    ap.add_argument("--size", type=int, default=defaults.data.image_size if defaults else 256)
+    ap.add_argument("--norm", default=defaults.norm if defaults else "bn")
+    ap.add_argument("--all", action="store_true", help="every layer, not just the totals")
+    args = ap.parse_args(argv)
+    if args.size % 4:
+        ap.error("--size must be divisible by 4")
+    s = model_summary(args.n, args.classes, args.size, args.norm)
+    con = Console()
+    if args.all:
+        t = Table(title=f"ResNet-{6 * args.n + 2} ({args.norm}) at {args.size}x{args.size}")
+        for c in ("layer", "type", "output", "params", "MACs"):
+            t.add_column(c, justify="right" if c in ("params", "MACs") else "left")
+        for r in s["rows"]:
+            t.add_row(r["layer"], r["type"], "x".join(map(str, r["output"])), f"{r['params']:,}", f"{r['macs']:,}")
+        con.print(t)
+    con.print(f"ResNet-{6 * args.n + 2}: {s['weighted_layers']} weighted layers (6n+2, n={args.n}; "
+              f"shortcut projections not counted), {s['params']:,} parameters, "
+              f"{s['macs'] / 1e6:,.1f} M multiply-accumulates per {args.size}x{args.size} image, "
+              f"{args.classes} classes, norm {args.norm}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,381 @@
+"""Stage `train`: one variant (a norm at a batch size) with one seed, resumable.
+
+  python -m resnorm.train                          # the experiment: top-level norm / batch_size / seed
+  python -m resnorm.train --variant gn-bs8 --seed 1  # one run of the study
+
+Every epoch writes, atomically, `last.pt` (model, optimizer, schedule state,
+RNG state, history) and `best.pt` (best validation accuracy) plus the history
+CSV. A killed run started again with the same parameters resumes after its
+last completed epoch and ends with the same numbers as an uninterrupted run.
+The test split is never read here.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import hashlib
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from .data import EpochBatches, batches, channel_stats, load_classes, load_split, PREPARED
+from .io import UserError, atomic_path, console, run_cli, write_csv
+from .metrics import predict, scores
+from .model import ResNet
+from .norms import clamp_gates_
+from .params import Params, TrainParams, Variant, load_params
+
+HISTORY_COLUMNS = ["epoch", "lr", "train_loss", "train_error", "train_accuracy", "train_micro_f1",
+                   "train_macro_f1", "val_loss", "val_error", "val_accuracy", "val_micro_f1", "val_macro_f1",
+                   "epoch_seconds", "images_per_second"]
+
+
+@dataclasses.dataclass(frozen=True)
+class RunPaths:
+    """Where one run keeps its checkpoints, history and evaluation outputs."""
+    name: str
+    models: Path
+    history: Path
+    metrics: Path
+    timing: Path
+    plots: Path
+
+    @property
+    def last(self) -> Path:
+        return self.models / "last.pt"
+
+    @property
+    def best(self) -> Path:
+        return self.models / "best.pt"
+
+
+def run_paths(variant: str | None, seed: int | None) -> RunPaths:
+    if variant is None:
+        return RunPaths("experiment", Path("models/experiment"), Path("plots/experiment/history.csv"),
+                        Path("metrics/experiment.json"), Path("metrics/timing/experiment.json"), Path("plots/experiment"))
+    name = f"{variant}-{seed}"
+    return RunPaths(name, Path("models/study") / name, Path("plots/study") / name / "history.csv",
+                    Path("metrics/study") / f"{name}.json", Path("metrics/timing") / f"{name}.json",
+                    Path("plots/study") / name)
+
+
+def select(p: Params, variant: str | None) -> Variant:
+    return p.experiment() if variant is None else p.variant(variant)
+
+
+class Diverged(RuntimeError):
+    pass
+
+
+# --------------------------------------------------------------------------- building blocks
+
+def pick_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("train.device = 'cuda' but no CUDA device is available; use auto or cpu")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
+def build_model(p: Params, norm: str, num_classes: int) -> ResNet:
+    return ResNet(p.model.n, num_classes, norm=norm, gn_groups=p.model.gn_groups)
+
+
+def make_optimizer(model: nn.Module, t: TrainParams) -> torch.optim.Optimizer:
+    # no weight decay on norm affines, biases and BIN gates (1-d parameters), as is standard
+    decay = [q for q in model.parameters() if q.dim() > 1]
+    rest = [q for q in model.parameters() if q.dim() <= 1]
+    groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": rest, "weight_decay": 0.0}]
+    if t.optimizer == "adam":
+        return torch.optim.Adam(groups, lr=t.lr)
+    return torch.optim.SGD(groups, lr=t.lr, momentum=t.momentum, nesterov=t.nesterov)
+
+
+class Schedule:
+    """Learning rate as a function of (epoch, step), plus reduce-on-plateau state; checkpointable."""
+
+    def __init__(self, t: TrainParams, steps_per_epoch: int):
+        self.t, self.steps = t, steps_per_epoch
+        self.plateau_factor, self.plateau_best, self.plateau_bad = 1.0, -math.inf, 0
+
+    def lr(self, epoch: int, step: int) -> float:
+        t = self.t
+        if epoch < t.warmup_epochs:
+            return t.lr * (epoch * self.steps + step + 1) / (t.warmup_epochs * self.steps)
+        e = epoch - t.warmup_epochs
+        if t.schedule == "cosine":
+            span = max(t.epochs - t.warmup_epochs, 1)
+            return t.lr * 0.5 * (1 + math.cos(math.pi * (e * self.steps + step) / (span * self.steps)))
+        if t.schedule == "step":
+            return t.lr * t.gamma ** (e // t.step_size)
+        if t.schedule == "plateau":
+            return t.lr * self.plateau_factor
+        return t.lr
+
+    def end_epoch(self, val_accuracy: float) -> None:
+        if self.t.schedule != "plateau":
+            return
+        if val_accuracy > self.plateau_best:
+            self.plateau_best, self.plateau_bad = val_accuracy, 0
+        else:
+            self.plateau_bad += 1
+            if self.plateau_bad > self.t.plateau_patience:
+                self.plateau_factor *= self.t.gamma
+                self.plateau_bad = 0
+
+    def state_dict(self) -> dict:
+        return {"factor": self.plateau_factor, "best": self.plateau_best, "bad": self.plateau_bad}
+
+    def load_state_dict(self, s: dict) -> None:
+        self.plateau_factor, self.plateau_best, self.plateau_bad = s["factor"], s["best"], s["bad"]
+
+
+def fingerprint(p: Params, v: Variant, seed: int) -> str:
+    """Identity of a run: a checkpoint is resumed only if this matches (same data, model, settings)."""
+    manifest = PREPARED / "manifest.csv"
+    data_hash = hashlib.sha1(manifest.read_bytes()).hexdigest() if manifest.exists() else ""
+    blob = json.dumps({"variant": dataclasses.asdict(v), "model": dataclasses.asdict(p.model),
+                       "image_size": p.data.image_size, "seed": seed, "data": data_hash}, sort_keys=True)
+    return hashlib.sha1(blob.encode()).hexdigest()
+
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def load_checkpoint(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def configure(t: TrainParams, device: torch.device) -> None:
+    torch.set_num_threads(t.threads)
+    torch.use_deterministic_algorithms(True, warn_only=device.type == "cuda")
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = False
+
+
+def autocast_for(t: TrainParams, device: torch.device):
+    if device.type != "cuda" or t.precision == "fp32":
+        return None
+    dtype = torch.bfloat16 if t.precision == "bf16" else torch.float16
+    return lambda: torch.autocast("cuda", dtype=dtype)
+
+
+# --------------------------------------------------------------------------- the loop
+
+class Progress:
+    """A rich bar on a terminal; on a pipe (CI, dvc queue) just the per-epoch lines."""
+
+    def __init__(self, name: str, steps: int, epoch: int, epochs: int):
+        self.bar = None
+        if console.is_terminal:
+            from rich.progress import BarColumn, Progress as RichProgress, TextColumn, TimeRemainingColumn
+            self.bar = RichProgress(TextColumn(f"{name} epoch {epoch + 1}/{epochs}"), BarColumn(),
+                                    TextColumn("{task.fields[info]}"), TimeRemainingColumn(),
+                                    console=console, transient=True)
+            self.task = self.bar.add_task("", total=steps, info="")
+            self.bar.start()
+
+    def update(self, info: str) -> None:
+        if self.bar:
+            self.bar.update(self.task, advance=1, info=info)
+
+    def close(self) -> None:
+        if self.bar:
+            self.bar.stop()
+
+
+def train(p: Params, variant: str | None = None, seed: int | None = None,
+          stop_after_epoch: int | None = None) -> dict:
+    """Train one run to completion (or resume it); returns its final checkpoint state.
+
+    `stop_after_epoch` ends the process right after that epoch is saved (tests: a simulated kill).
+    """
+    v = select(p, variant)
+    seed = p.seed if seed is None else seed
+    paths = run_paths(variant, seed)
+    t = v.train
+    device = pick_device(t.device)
+    configure(t, device)
+    classes = load_classes()
+    train_split, val_split = load_split("train"), load_split("val")
+    if v.batch_size > len(train_split):
+        raise UserError(f"batch_size = {v.batch_size} (variant {v.name}) is larger than the training set "
+                        f"({len(train_split)} images); use at most {len(train_split)}")
+    fp = fingerprint(p, v, seed)
+
+    torch.manual_seed(seed)
+    model = build_model(p, v.norm, len(classes)).to(device)
+    if t.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = make_optimizer(model, t)
+    steps = len(EpochBatches(train_split, v.batch_size, None, None, shuffle=True))
+    schedule = Schedule(t, steps)
+    state = {"fingerprint": fp, "name": paths.name, "variant": v.name, "norm": v.norm,
+             "batch_size": v.batch_size, "seed": seed, "classes": classes, "epoch": 0, "history": [],
+             "best_epoch": 0, "best_val_accuracy": -1.0, "bad_epochs": 0, "status": "running",
+             "message": "", "train_seconds": 0.0, "mean": None, "std": None}
+
+    if paths.last.exists():
+        try:
+            old = load_checkpoint(paths.last)
+        except Exception as e:   # a torn or foreign file: start over rather than crash
+            console.print(f"[yellow]warning:[/yellow] {paths.last} unreadable ({e}); starting over")
+            old = None
+        if old and old.get("fingerprint") == fp:
+            if old["status"] != "running":
+                console.print(f"{paths.name}: already {old['status']} at epoch {old['epoch']}; nothing to do")
+                write_history(paths.history, old["history"])
+                return old
+            model.load_state_dict(old["model"])
+            optimizer.load_state_dict(old["optimizer"])
+            schedule.load_state_dict(old["schedule"])
+            torch.set_rng_state(old["rng"])
+            state.update({k: old[k] for k in state if k in old})
+            console.print(f"{paths.name}: resuming after epoch {state['epoch']}")
+        elif old:
+            console.print(f"{paths.name}: parameters or data changed since the last checkpoint; starting over")
+    if state["epoch"] == 0:
+        state["mean"], state["std"] = channel_stats(train_split.x)
+        paths.best.unlink(missing_ok=True)
+    mean, std = state["mean"], state["std"]
+    autocast = autocast_for(t, device)
+    scaler = torch.amp.GradScaler("cuda") if autocast and t.precision == "fp16" else None
+    step_model = torch.compile(model) if t.compile else model
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=t.label_smoothing)
+    pin = device.type == "cuda"
+    start_all = time.perf_counter()
+
+    try:
+        for epoch in range(state["epoch"], t.epochs):
+            model.train()
+            ds = EpochBatches(train_split, v.batch_size, mean, std, shuffle=True, seed=seed, epoch=epoch,
+                              augment=t.augment, padding=t.crop_padding, hflip=t.hflip)
+            bar = Progress(paths.name, len(ds), epoch, t.epochs)
+            t0 = time.perf_counter()
+            total_loss, seen, preds, targets = 0.0, 0, [], []
+            lr = t.lr
+            try:
+                for step, (x, y) in enumerate(batches(ds, t.workers, pin)):
+                    x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                    if t.channels_last:
+                        x = x.contiguous(memory_format=torch.channels_last)
+                    lr = schedule.lr(epoch, step)
+                    for g in optimizer.param_groups:
+                        g["lr"] = lr
+                    with (autocast() if autocast else contextlib.nullcontext()):
+                        logits = step_model(x)
+                        loss = loss_fn(logits.float(), y)
+                    if not torch.isfinite(loss):
+                        raise Diverged(f"loss is {loss.item()} at epoch {epoch + 1}, step {step + 1} "
+                                       f"(lr {lr:.3g}); lower train.lr")
+                    optimizer.zero_grad(set_to_none=True)
+                    if scaler:
+                        scaler.scale(loss).backward()
+                        scaler.step(optimizer)
+                        scaler.update()
+                    else:
+                        loss.backward()
+                        optimizer.step()
+                    clamp_gates_(model)
+                    total_loss += loss.item() * len(y)
+                    seen += len(y)
+                    preds.append(logits.argmax(1).cpu())
+                    targets.append(y.cpu())
+                    elapsed = time.perf_counter() - t0
+                    bar.update(f"loss {total_loss / seen:.3f}  acc "
+                               f"{float((torch.cat(preds) == torch.cat(targets)).float().mean()):.3f}  "
+                               f"{seen / max(elapsed, 1e-9):.0f} img/s")
+            finally:
+                bar.close()
+            train_time = time.perf_counter() - t0
+            tr = scores(torch.cat(targets).numpy(), torch.cat(preds).numpy(), len(classes))
+            val_loss, val_pred, _ = predict(model, val_split, mean, std, max(v.batch_size, 64), device,
+                                            autocast, t.channels_last)
+            va = scores(val_split.y, val_pred, len(classes))
+            if not math.isfinite(val_loss):
+                raise Diverged(f"validation loss is {val_loss} after epoch {epoch + 1}; lower train.lr")
+            schedule.end_epoch(va["accuracy"])
+            row = {"epoch": epoch + 1, "lr": lr, "train_loss": total_loss / seen,
+                   "train_error": 1 - tr["accuracy"], **{f"train_{k}": x for k, x in tr.items()},
+                   "val_loss": val_loss, "val_error": 1 - va["accuracy"], **{f"val_{k}": x for k, x in va.items()},
+                   "epoch_seconds": time.perf_counter() - t0, "images_per_second": seen / train_time}
+            state["history"].append({k: (round(x, 6) if isinstance(x, float) else x) for k, x in row.items()})
+            state["epoch"] = epoch + 1
+            improved = va["accuracy"] > state["best_val_accuracy"]
+            if improved:
+                state["best_val_accuracy"], state["best_epoch"], state["bad_epochs"] = va["accuracy"], epoch + 1, 0
+            else:
+                state["bad_epochs"] += 1
+            stop_early = t.early_stopping_patience and state["bad_epochs"] >= t.early_stopping_patience
+            if state["epoch"] == t.epochs or stop_early:
+                state["status"] = "early_stopped" if stop_early and state["epoch"] < t.epochs else "finished"
+            state["train_seconds"] += time.perf_counter() - t0
+            _save(paths, state, model, optimizer, schedule, improved)
+            console.print(f"{paths.name} epoch {epoch + 1}/{t.epochs}  lr {lr:.4f}  "
+                          f"train loss {row['train_loss']:.3f} acc {tr['accuracy']:.3f}  "
+                          f"val loss {val_loss:.3f} acc {va['accuracy']:.3f} macro-F1 {va['macro_f1']:.3f}  "
+                          f"{row['epoch_seconds']:.1f}s {row['images_per_second']:.0f} img/s"
+                          + ("  *" if improved else ""), soft_wrap=True)
+            if state["status"] != "running":
+                if stop_early:
+                    console.print(f"{paths.name}: early stop, no better val accuracy in "
+                                  f"{t.early_stopping_patience} epochs (best epoch {state['best_epoch']})")
+                break
+            if stop_after_epoch is not None and state["epoch"] >= stop_after_epoch:
+                raise SystemExit(f"{paths.name}: stopped after epoch {state['epoch']} as asked")
+    except Diverged as e:
+        state["status"], state["message"] = "diverged", str(e)
+        _save(paths, state, model, optimizer, schedule, False)
+        console.print(f"[red]{paths.name} diverged:[/red] {e}")
+    console.print(f"{paths.name}: {state['status']} in {time.perf_counter() - start_all:.1f}s, "
+                  f"best val accuracy {max(state['best_val_accuracy'], 0):.3f} at epoch {state['best_epoch']}")
+    return state
+
+
+def _save(paths: RunPaths, state: dict, model, optimizer, schedule, improved: bool) -> None:
+    weights = {k: x.detach().cpu() for k, x in model.state_dict().items()}
+    if improved:
+        save_checkpoint(paths.best, {**_public(state), "model": weights})
+    save_checkpoint(paths.last, {**state, "model": weights, "optimizer": optimizer.state_dict(),
+                                 "schedule": schedule.state_dict(), "rng": torch.get_rng_state()})
+    write_history(paths.history, state["history"])
+
+
+def _public(state: dict) -> dict:
+    return {k: state[k] for k in ("fingerprint", "name", "variant", "norm", "batch_size", "seed", "classes",
+                                  "epoch", "mean", "std")}
+
+
+def write_history(path: Path, history: list[dict]) -> None:
+    write_csv(path, history, HISTORY_COLUMNS)
+
+
+def parse_run(argv: list[str], what: str) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog=f"python -m resnorm.{what}")
+    ap.add_argument("--variant", help="a key of study.variants (default: the top-level experiment)")
+    ap.add_argument("--seed", type=int, help="the seed of a study run (default: top-level seed)")
+    args = ap.parse_args(argv)
+    if (args.variant is None) != (args.seed is None):
+        ap.error("--variant and --seed go together")
+    return args
+
+
+def main(argv: list[str]) -> None:
+    args = parse_run(argv, "train")
+    p = load_params()
+    if args.variant is not None and args.seed not in p.study.seeds:
+        raise UserError(f"--seed {args.seed} is not in study.seeds {list(p.study.seeds)}")
+    train(p, args.variant, args.seed)
+
+
+if __name__ == "__main__":
+    run_cli(main)

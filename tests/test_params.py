@@ -1,0 +1,61 @@
+"""params.yaml is validated once: each bad value stops with one line naming key, value and rule."""
+import pytest
+
+from resnorm.params import ParamError, load_params
+from conftest import REPO, write_params
+
+
+def test_repo_params_load():
+    p = load_params(REPO / "params.yaml")
+    assert p.experiment().name == f"{p.norm}-bs{p.batch_size}"
+    assert {v.norm for v in p.variants()} == {"bn", "in", "bin", "ln", "gn", "nn", "torch_bn"}
+    assert p.variant("gn-bs8").batch_size == 8 and p.variant("gn-bs8").train.early_stopping_patience > 0
+
+
+@pytest.mark.parametrize("override, words", [
+    ({"data": {"image_size": 30}}, ["data.image_size", "30", "multiple of 4"]),
+    ({"data": {"image_size": "big"}}, ["data.image_size", "integer"]),
+    ({"data": {"split": {"train": 0.5, "val": 0.1, "test": 0.1}}}, ["data.split", "sum to 1"]),
+    ({"data": {"min_images_per_class": -3}}, ["data.min_images_per_class", "-3"]),
+    ({"data": {"colour": 1}}, ["unknown key data.colour"]),
+    ({"bogus": 1}, ["unknown key bogus"]),
+    ({"norm": "xn"}, ["norm", "'xn'", "one of bn, in, bin"]),
+    ({"batch_size": 0}, ["batch_size", ">= 1"]),
+    ({"train": {"optimizer": "lbfgs"}}, ["train.optimizer", "sgd, adam"]),
+    ({"train": {"schedule": "cyclic"}}, ["train.schedule"]),
+    ({"train": {"epochs": 3, "warmup_epochs": 3}}, ["train.warmup_epochs", "< epochs"]),
+    ({"train": {"lr": -1}}, ["train.lr", "> 0"]),
+    ({"train": {"augment": "yes"}}, ["train.augment", "true or false"]),
+    ({"train": {"device": "tpu"}}, ["train.device"]),
+    ({"model": {"gn_groups": 5}}, ["model.gn_groups", "divide"]),
+    ({"study": {"seeds": [1, 1]}}, ["study.seeds", "distinct"]),
+    ({"study": {"variants": {"x": {"norm": "bn"}}}}, ["study.variants.x.batch_size", "missing"]),
+    ({"study": {"variants": {"x": {"norm": "qq", "batch_size": 8}}}}, ["study.variants.x.norm"]),
+    ({"study": {"variants": {"x": {"norm": "bn", "batch_size": 8, "lr": "fast"}}}}, ["study.variants.x.lr"]),
+    ({"study": {"variants": {"x": {"norm": "bn", "batch_size": 8, "colour": 1}}}}, ["study.variants.x.colour"]),
+])
+def test_bad_values_are_refused_in_one_line(workdir, override, words):
+    write_params(workdir, override)
+    with pytest.raises(ParamError) as e:
+        load_params()
+    msg = str(e.value)
+    assert "\n" not in msg
+    for w in words:
+        assert w in msg, (w, msg)
+
+
+def test_missing_and_broken_file(workdir):
+    with pytest.raises(ParamError, match="not found"):
+        load_params("nope.yaml")
+    (workdir / "params.yaml").write_text("data: [unclosed\n")
+    with pytest.raises(ParamError, match="not valid YAML"):
+        load_params()
+
+
+def test_variant_overrides_base_train(workdir):
+    write_params(workdir, {"train": {"epochs": 7},
+                           "study": {"variants": {"gn-bs8": {"norm": "gn", "batch_size": 8, "lr": 0.01}}}})
+    v = load_params().variant("gn-bs8")
+    assert (v.norm, v.batch_size, v.train.lr, v.train.epochs) == ("gn", 8, 0.01, 7)
+    with pytest.raises(ParamError, match="no variant"):
+        load_params().variant("bn-bs3")

@@ -1,0 +1,183 @@
+"""prepare: every bad input is skipped with a reason, splits are stratified, deterministic and leak-free."""
+import csv
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from resnorm.io import UserError
+from resnorm.params import load_params
+from resnorm.prepare import OUT, prepare
+from conftest import TINY, make_dataset, make_image, write_params
+
+
+def run(workdir, root, **data):
+    write_params(workdir, {**TINY, "data": {**TINY["data"], "root": str(root), **data}})
+    return prepare(load_params().data)
+
+
+def reasons(report):
+    return {Path(s["path"]).name: s["reason"] for s in report["skipped"]}
+
+
+def manifest():
+    with open(OUT / "manifest.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def test_bad_inputs_are_skipped_with_reasons(workdir, tmp_path):
+    root = make_dataset(tmp_path / "src", classes=3, per_class=10)
+    bad = root / "class_0"
+    good = (bad / "img_000.jpg").read_bytes()
+    (bad / "truncated.jpg").write_bytes(good[: len(good) // 2])
+    (bad / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 definitely not a jpeg" * 10)
+    (bad / "empty.jpg").write_bytes(b"")
+    (bad / "text.jpg").write_text("this is a text file with a .jpg name")
+    (bad / "notes.txt").write_text("hello")
+    Image.new("RGB", (1, 1)).save(bad / "tiny.png")
+    Image.new("L", (3000, 3000)).save(bad / "bomb.png")        # over the max_image_pixels set below
+    (root / "empty_class").mkdir()
+    make_image(root / "class_1" / "with space ü.jpg", 1, 99)    # odd file names are fine
+    os.symlink(root / "class_1", root / "class_1" / "loop")      # a directory symlink loop
+    report = run(workdir, root, max_image_pixels=4_000_000)
+    r = reasons(report)
+    assert "cannot decode" in r["truncated.jpg"] or "truncated" in r["truncated.jpg"]
+    assert r["corrupt.jpg"].startswith(("cannot decode", "not a readable image"))
+    assert r["text.jpg"] == "not a readable image"
+    assert r["empty.jpg"] == "zero-byte file"
+    assert "not an image" in r["notes.txt"]
+    assert "too small" in r["tiny.png"]
+    assert "too large" in r["bomb.png"] or "bomb" in r["bomb.png"]
+    assert any(s["reason"] == "empty class folder" for s in report["skipped"])
+    assert report["classes"] == 3
+    assert any(row["path"].endswith("with space ü.jpg") for row in manifest())
+    x = np.load(OUT / "train_x.npy", mmap_mode="r")
+    assert x.dtype == np.uint8 and x.shape[1:] == (16, 16, 3)
+
+
+@pytest.mark.parametrize("mode", ["L", "P", "RGBA", "CMYK", "I;16", "LA"])
+def test_any_mode_becomes_rgb(workdir, tmp_path, mode):
+    root = make_dataset(tmp_path / "src", classes=2, per_class=8)
+    a = (np.arange(40 * 40).reshape(40, 40) * 37 % 65535).astype(np.uint16)
+    img = Image.fromarray(a).convert("I;16") if mode == "I;16" else Image.new("RGB", (40, 40), (200, 30, 30)).convert(mode)
+    img.save(root / "class_0" / f"odd_{mode.replace(';', '')}.{'tiff' if mode == 'CMYK' else 'png'}")
+    report = run(workdir, root)
+    assert not report["skipped"], report["skipped"]
+    assert sum(report["images"].values()) == 17
+
+
+def test_exif_orientation_is_applied(workdir, tmp_path):
+    root = make_dataset(tmp_path / "src", classes=2, per_class=8)
+    a = np.zeros((20, 40, 3), np.uint8)
+    a[:, :20] = 255                                   # left half white: after a 90 degree turn, top or bottom
+    img = Image.fromarray(a)
+    exif = img.getexif()
+    exif[0x0112] = 6                                  # orientation: rotate 90 CW on display
+    img.save(root / "class_0" / "rotated.jpg", exif=exif, quality=95)
+    run(workdir, root, split={"train": 1 / 3, "val": 1 / 3, "test": 1 / 3})
+    rows = manifest()
+    row = next(r for r in rows if r["path"].endswith("rotated.jpg"))
+    x = np.load(OUT / f"{row['split']}_x.npy")
+    i = [r["path"] for r in rows if r["split"] == row["split"]].index(row["path"])
+    img = x[i].astype(int)
+    top, bottom = img[:8].mean(), img[8:].mean()
+    assert abs(top - bottom) > 100                   # the white half is now on top or bottom, not left
+
+
+def test_split_is_stratified_deterministic_and_leak_free(workdir, tmp_path):
+    root = make_dataset(tmp_path / "src", classes=3, per_class=20)
+    # exact duplicates across classes' files and within a class
+    (root / "class_0" / "dup.jpg").write_bytes((root / "class_0" / "img_001.jpg").read_bytes())
+    report = run(workdir, root)
+    first = manifest()
+    assert "exact duplicate of" in reasons(report)["img_001.jpg"]      # dup.jpg sorts first and is kept
+    for c, counts in report["per_class"].items():
+        assert counts["train"] >= 10 and counts["val"] >= 2 and counts["test"] >= 2, (c, counts)
+    hashes = {}
+    for row in first:
+        assert hashes.setdefault(row["sha1"], row["split"]) == row["split"]
+    assert len({r["sha1"] for r in first}) == len(first)
+    x1 = np.load(OUT / "train_x.npy")
+    run(workdir, root)
+    assert manifest() == first
+    assert np.array_equal(np.load(OUT / "train_x.npy"), x1)
+    run(workdir, root, seed=1)
+    assert manifest() != first
+
+
+def test_near_duplicates_stay_in_one_split(workdir, tmp_path):
+    root = make_dataset(tmp_path / "src", classes=2, per_class=12)
+    yy, xx = np.mgrid[0:64, 0:64]
+    smooth = np.stack([xx * 4, yy * 4, (xx + yy) * 2], -1).astype(np.uint8)   # a photo-like smooth picture
+    src = Image.fromarray(smooth)
+    src.save(root / "class_0" / "img_000.jpg", quality=95)
+    for q in (50, 70, 90):                                 # re-encodings: different bytes, same picture
+        src.save(root / "class_0" / f"copy_q{q}.jpg", quality=q)
+    run(workdir, root)
+    rows = [r for r in manifest() if "class_0/img_000" in r["path"] or "copy_q" in r["path"]]
+    assert len(rows) == 4 and len({r["split"] for r in rows}) == 1
+
+
+def test_same_content_in_two_classes_is_dropped(workdir, tmp_path):
+    root = make_dataset(tmp_path / "src", classes=2, per_class=10)
+    (root / "class_1" / "stolen.jpg").write_bytes((root / "class_0" / "img_002.jpg").read_bytes())
+    r = reasons(run(workdir, root))
+    assert "labelled" in r["stolen.jpg"] and "labelled" in r["img_002.jpg"]
+
+
+def test_small_class_dropped_and_too_few_classes_refused(workdir, tmp_path):
+    root = make_dataset(tmp_path / "src", classes=3, per_class=10)
+    for f in list((root / "class_2").iterdir())[3:]:
+        f.unlink()
+    report = run(workdir, root)
+    assert report["dropped_classes"] == ["class_2"] and report["classes"] == 2
+    for f in list((root / "class_1").iterdir())[3:]:
+        f.unlink()
+    before = (OUT / "manifest.csv").read_bytes()
+    with pytest.raises(UserError, match="need at least 2"):
+        run(workdir, root)
+    assert (OUT / "manifest.csv").read_bytes() == before          # the previous output is intact
+    assert not [p for p in OUT.parent.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_given_splits_and_test_carved_from_train(workdir, tmp_path):
+    root = tmp_path / "birds"
+    make_dataset(root / "train", classes=3, per_class=15)
+    for c in range(3):
+        for i in range(4):
+            make_image(root / "valid" / f"class_{c}" / f"v{i}.jpg", c, 500 + i)
+    report = run(workdir, root)
+    assert report["layout"] == "given splits"
+    assert all(v["val"] == 4 for v in report["per_class"].values())
+    assert all(v["test"] >= 2 and v["train"] + v["test"] == 15 for v in report["per_class"].values())
+    rows = manifest()
+    assert all("/valid/" in r["path"] for r in rows if r["split"] == "val")
+    assert all("/train/" in r["path"] for r in rows if r["split"] in ("train", "test"))
+
+
+def test_missing_root_is_a_clear_error(workdir, tmp_path):
+    with pytest.raises(UserError, match="not a folder"):
+        run(workdir, tmp_path / "nowhere")
+    (tmp_path / "flat").mkdir()
+    with pytest.raises(UserError, match="no image files"):
+        run(workdir, tmp_path / "flat")
+
+
+def test_interrupted_prepare_leaves_no_half_written_output(workdir, tmp_path, monkeypatch):
+    import resnorm.prepare as prep
+
+    root = make_dataset(tmp_path / "src", classes=2, per_class=8)
+    run(workdir, root)
+    before = {p.name: p.read_bytes() for p in OUT.iterdir()}
+
+    def boom(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(prep, "write_json", boom)
+    with pytest.raises(KeyboardInterrupt):
+        run(workdir, root, image_size=24)
+    assert {p.name: p.read_bytes() for p in OUT.iterdir()} == before
+    assert [p.name for p in OUT.parent.iterdir()] == [OUT.name]
