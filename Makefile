@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 repro: $(STAMP)
-	. $(VENV)/bin/activate && dvc repro
+	@start=$$(date +%s); . $(VENV)/bin/activate && dvc repro && echo "stage wall times:" && python -m resnorm.times $$start
 
 test: $(STAMP)
 	. $(VENV)/bin/activate && python -m pytest

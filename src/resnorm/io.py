@@ -8,10 +8,26 @@ import os
 import shutil
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from rich.console import Console
+
+
+
+def _process_start() -> float:
+    """When this interpreter started (Linux /proc), so stage times include the imports."""
+    try:
+        ticks = os.sysconf("SC_CLK_TCK")
+        started = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19]) / ticks
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        return time.time() - (uptime - started)
+    except (OSError, ValueError, IndexError):
+        return time.time()
+
+
+_START = _process_start()
 
 console = Console(stderr=True, highlight=False)
 
@@ -82,12 +98,24 @@ def read_csv(path: str | Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
+STAGE_TIMES = Path("logs/stage_times.tsv")
+
+
 def run_cli(main: Callable[[list[str]], Any]) -> None:
-    """Run a stage's main; user errors become one red line and exit status 2."""
+    """Run a stage's main; user errors become one red line and exit status 2.
+
+    The wall time of each successful stage (from interpreter start, imports included)
+    is appended to logs/stage_times.tsv, which `python -m resnorm.times` prints.
+    """
     from .params import ParamError
 
     try:
         main(sys.argv[1:])
+        spec = getattr(sys.modules["__main__"], "__spec__", None)
+        module = spec.name.removeprefix("resnorm.") if spec else Path(sys.argv[0]).stem
+        STAGE_TIMES.parent.mkdir(parents=True, exist_ok=True)
+        with open(STAGE_TIMES, "a", encoding="utf-8") as f:
+            f.write(f"{time.time():.0f}\t{module} {' '.join(sys.argv[1:])}\t{time.time() - _START:.2f}\n")
     except (UserError, ParamError) as e:
         console.print(f"[red]error:[/red] {e}", soft_wrap=True)
         sys.exit(2)

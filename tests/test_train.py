@@ -1,0 +1,122 @@
+"""Training one run: history/metrics fields, determinism, resume after a kill, divergence, bad params."""
+import json
+import math
+
+import pytest
+
+from resnorm.evaluate import evaluate
+from resnorm.io import UserError, read_csv, read_json
+from resnorm.params import ParamError, load_params
+from resnorm.train import HISTORY_COLUMNS, load_checkpoint, run_paths, train
+from conftest import TINY, write_params
+
+
+def test_two_epochs_write_every_field(prepared):
+    p = load_params()
+    state = train(p)
+    assert state["status"] == "finished" and state["epoch"] == 2
+    paths = run_paths(None, None)
+    rows = read_csv(paths.history)
+    assert len(rows) == 2 and list(rows[0]) == HISTORY_COLUMNS
+    for row in rows:
+        assert all(math.isfinite(float(row[c])) for c in HISTORY_COLUMNS)
+        assert float(row["train_micro_f1"]) == pytest.approx(float(row["train_accuracy"]))
+        assert float(row["val_error"]) == pytest.approx(1 - float(row["val_accuracy"]))
+    m = evaluate(p)
+    assert list(m) == ["run", "variant", "norm", "batch_size", "seed", "status", "epochs_trained", "best_epoch",
+                       "train", "val", "test"]
+    for split in ("train", "val", "test"):
+        assert set(m[split]) == {"accuracy", "micro_f1", "macro_f1", "loss"}
+        assert m[split]["micro_f1"] == pytest.approx(m[split]["accuracy"], abs=1e-6)
+        assert 0 <= m[split]["macro_f1"] <= 1
+    assert read_json(paths.metrics) == m
+    assert set(read_json(paths.timing)) == {"run", "train_seconds", "evaluate_seconds"}
+    conf = read_csv(paths.plots / "confusion.csv")
+    assert len(conf) == len(__import__("numpy").load("data/prepared/test_y.npy"))
+    assert [r["class"] for r in read_csv(paths.plots / "per_class.csv")] == read_json("data/prepared/classes.json")
+    best = load_checkpoint(paths.best)          # weights_only=True: plain tensors and containers only
+    assert best["epoch"] == m["best_epoch"]
+
+
+def test_same_seed_gives_identical_metrics_and_resume_equals_uninterrupted(prepared):
+    write_params(prepared, {**TINY, "data": load_params().data.__dict__ | {"split": TINY["data"]["split"]},
+                            "train": {**TINY["train"], "epochs": 3}})
+    p = load_params()
+    paths = run_paths(None, None)
+    train(p)
+    evaluate(p)
+    first = paths.metrics.read_bytes()
+    for f in paths.models.iterdir():
+        f.unlink()
+    train(p)
+    evaluate(p)
+    assert paths.metrics.read_bytes() == first, "same params and seed must give bit-identical metrics"
+    for f in paths.models.iterdir():
+        f.unlink()
+    with pytest.raises(SystemExit):
+        train(p, stop_after_epoch=1)          # the process dies after epoch 1 was saved
+    assert load_checkpoint(paths.last)["epoch"] == 1
+    state = train(p)                          # run again: resumes at epoch 2
+    assert state["epoch"] == 3
+    evaluate(p)
+    assert paths.metrics.read_bytes() == first
+    hist = read_csv(paths.history)
+    assert [int(r["epoch"]) for r in hist] == [1, 2, 3]
+
+
+def test_changed_params_start_over(prepared):
+    p = load_params()
+    with pytest.raises(SystemExit):
+        train(p, stop_after_epoch=1)
+    write_params(prepared, {**TINY, "data": load_params().data.__dict__ | {"split": TINY["data"]["split"]},
+                            "train": {**TINY["train"], "lr": 0.01}})
+    state = train(load_params())
+    assert [h["epoch"] for h in state["history"]] == [1, 2]
+    assert state["history"][0]["lr"] == pytest.approx(0.0375 * 0.01 / 0.05)   # same schedule, new base lr
+
+
+def test_absurd_learning_rate_is_marked_diverged(prepared):
+    write_params(prepared, {**TINY, "data": load_params().data.__dict__ | {"split": TINY["data"]["split"]},
+                            "norm": "nn", "train": {**TINY["train"], "lr": 1e12, "schedule": "constant"}})
+    p = load_params()
+    state = train(p)
+    assert state["status"] == "diverged"
+    assert "epoch 1, step" in state["message"]
+    m = evaluate(p)
+    assert m["status"] == "diverged" and "train" not in m and "loss is" in m["message"]
+    json.dumps(m, allow_nan=False)           # no NaN written
+
+
+def test_batch_larger_than_training_set_refused(prepared):
+    write_params(prepared, {**TINY, "data": load_params().data.__dict__ | {"split": TINY["data"]["split"]},
+                            "batch_size": 4096})
+    with pytest.raises(UserError, match="batch_size = 4096.*larger than the training set"):
+        train(load_params())
+
+
+@pytest.mark.parametrize("schedule", ["step", "plateau", "cosine", "constant"])
+def test_schedules_and_early_stopping(prepared, schedule):
+    over = {"schedule": schedule, "epochs": 4, "early_stopping_patience": 1, "step_size": 1,
+            "plateau_patience": 0, "optimizer": "adam" if schedule == "plateau" else "sgd", "lr": 0.01,
+            "warmup_epochs": 1}
+    write_params(prepared, {**TINY, "data": load_params().data.__dict__ | {"split": TINY["data"]["split"]},
+                            "train": {**TINY["train"], **over}})
+    state = train(load_params())
+    lrs = [h["lr"] for h in state["history"]]
+    assert state["status"] in ("finished", "early_stopped")
+    if state["status"] == "early_stopped":
+        assert state["epoch"] < 4 and state["epoch"] - state["best_epoch"] == 1
+    if schedule == "step" and len(lrs) >= 3:
+        assert lrs[2] == pytest.approx(lrs[1] * 0.1)
+
+
+def test_workers_give_the_same_batches(prepared):
+    from resnorm.data import EpochBatches, batches, load_split
+    split = load_split("train")
+    ds = EpochBatches(split, 4, [0.5] * 3, [0.25] * 3, shuffle=True, seed=3, epoch=2, augment=True,
+                      padding=2, hflip=True)
+    a = list(batches(ds, 0))
+    b = list(batches(ds, 2))
+    assert len(a) == len(b) == len(ds)
+    for (xa, ya), (xb, yb) in zip(a, b):
+        assert (xa == xb).all() and (ya == yb).all()
