@@ -1,0 +1,114 @@
+"""End to end: the whole DVC pipeline on a tiny generated data set in a temporary repository."""
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import REPO, copy_repo, make_dataset, write_params
+
+VARIANTS = {"bn-bs8": {"norm": "bn", "batch_size": 8}, "gn-bs8": {"norm": "gn", "batch_size": 8},
+            "bn-bs4": {"norm": "bn", "batch_size": 4}, "gn-bs4": {"norm": "gn", "batch_size": 4}}
+SEEDS = [0, 1]
+
+
+def dvc(repo: Path, *args: str) -> str:
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+           "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
+           "GIT_COMMITTER_EMAIL": "t@t", "DVC_NO_ANALYTICS": "1"}
+    r = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=repo, env=env, capture_output=True, text=True)
+    assert r.returncode == 0, f"dvc {' '.join(args)} failed:\n{r.stdout}\n{r.stderr}"
+    return r.stdout + r.stderr
+
+
+def ran(log: str) -> set[str]:
+    return set(re.findall(r"Running stage '([^']+)'", log))
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pipeline")
+    data = make_dataset(root / "images", classes=3, per_class=14, size=20)
+    repo = copy_repo(root / "repo")
+    write_params(repo, {
+        "norm": "bn", "batch_size": 8,
+        "data": {"root": str(data), "image_size": 16, "min_images_per_class": 6,
+                 "split": {"train": 0.6, "val": 0.2, "test": 0.2}},
+        "model": {"n": 1},
+        "train": {"epochs": 1, "warmup_epochs": 0, "threads": 1},
+        "study": {"seeds": SEEDS, "variants": VARIANTS},
+        "gradcam": {"classes": ["class_0", "class_2"], "per_kind": 2},
+    })
+    log = dvc(repo, "repro")
+    return repo, log
+
+
+def test_every_declared_output_exists(repo):
+    repo, log = repo
+    stages = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]
+    runs = [f"{v}-{s}" for v in VARIANTS for s in SEEDS]
+    assert {f"study-train@{r}" for r in runs} <= set(stages)
+    assert {f"study-evaluate@{r}" for r in runs} <= set(stages)
+    for name, stage in stages.items():
+        for out in stage.get("outs", []):
+            assert (repo / out["path"]).exists(), (name, out["path"])
+    for r in runs:
+        assert (repo / "metrics/study" / f"{r}.json").exists()
+    for f in ("report.md", "report.html", "gradcam/index.json", "gradcam/class_0.png", "curves/norms.csv",
+              "curves/batch.csv", "figures/curves_norms.png"):
+        assert (repo / "plots" / f).exists(), f
+    assert "data:image/png;base64," in (repo / "plots/report.html").read_text()
+    assert (repo / "data/raw/ifct/NOT_USED.txt").exists()       # another data.root: nothing fetched
+
+
+def test_report_table_matches_metrics_files(repo):
+    repo, _ = repo
+    import json
+    md = (repo / "plots/report.md").read_text()
+    header = next(l for l in md.splitlines() if l.startswith("| variant | seeds"))
+    cols = [c.strip() for c in header.strip("|").split("|")]
+    for v in VARIANTS:
+        row = next(l for l in md.splitlines() if l.startswith(f"| {v} |"))
+        cells = dict(zip(cols, [c.strip() for c in row.strip("|").split("|")]))
+        for split in ("train", "val", "test"):
+            for key, col in (("accuracy", "accuracy"), ("macro_f1", "macro-f1"), ("micro_f1", "micro-f1")):
+                vals = [json.loads((repo / "metrics/study" / f"{v}-{s}.json").read_text())[split][key] for s in SEEDS]
+                assert cells[f"{split} {col}"] == f"{statistics.fmean(vals):.3f} ± {statistics.stdev(vals):.3f}"
+
+
+def test_second_repro_runs_nothing_and_one_edit_reruns_only_its_variant(repo):
+    repo, _ = repo
+    assert ran(dvc(repo, "repro")) == set()
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["study"]["variants"]["gn-bs4"]["lr"] = 0.01
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    status = dvc(repo, "status")
+    changed = set(re.findall(r"^(\S+):", status, re.M))
+    assert changed == {"study-train@gn-bs4-0", "study-train@gn-bs4-1"}, status
+    stages = ran(dvc(repo, "repro"))
+    assert {s for s in stages if s.startswith("study-")} == {
+        "study-train@gn-bs4-0", "study-train@gn-bs4-1", "study-evaluate@gn-bs4-0", "study-evaluate@gn-bs4-1"}
+    assert stages - {s for s in stages if s.startswith("study-")} <= {"gradcam", "report"}
+    assert "Data and pipelines are up to date" in dvc(repo, "status")
+
+
+def test_dvc_exp_run_trains_the_chosen_variant(repo):
+    repo, _ = repo
+    import json
+    env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
+           "GIT_COMMITTER_EMAIL": "t@t"}
+    subprocess.run(["git", "add", "-A"], cwd=repo, check=True, env=env)
+    subprocess.run(["git", "commit", "-qm", "baseline"], cwd=repo, check=True, env=env)
+    log = dvc(repo, "exp", "run", "-S", "norm=gn", "-S", "batch_size=8")
+    assert ran(log) == {"train", "evaluate"}
+    m = json.loads((repo / "metrics/experiment.json").read_text())
+    assert (m["norm"], m["batch_size"], m["variant"]) == ("gn", 8, "gn-bs8")
+    diff = dvc(repo, "metrics", "diff")
+    assert "metrics/experiment.json" in diff
+    shown = dvc(repo, "plots", "show", "-o", "dvc_plots")
+    assert (repo / "dvc_plots" / "index.html").exists(), shown
