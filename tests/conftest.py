@@ -83,15 +83,15 @@ def prepared(workdir, tiny_data):
 
 def copy_repo(dest: Path) -> Path:
     """The pipeline files of this repo in `dest`, as a fresh git + DVC repository."""
+    import subprocess
+    import sys
+
+    dest.mkdir(parents=True, exist_ok=True)
     for name in ("dvc.yaml", "params.yaml", ".gitignore"):
         shutil.copy(REPO / name, dest / name)
     shutil.copytree(REPO / "src", dest / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
-    (dest / ".dvc").mkdir()
+    subprocess.run(["git", "init", "-q"], cwd=dest, check=True)
+    subprocess.run([sys.executable, "-m", "dvc", "init", "-q"], cwd=dest, check=True)
+    subprocess.run([sys.executable, "-m", "dvc", "config", "core.analytics", "false"], cwd=dest, check=True)
     shutil.copytree(REPO / ".dvc" / "plots", dest / ".dvc" / "plots")
-    shutil.copy(REPO / ".dvc" / "config", dest / ".dvc" / "config")
-    (dest / ".dvcignore").touch()
-    env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
-           "GIT_COMMITTER_EMAIL": "t@t"}
-    import subprocess
-    subprocess.run(["git", "init", "-q"], cwd=dest, check=True, env=env)
     return dest

@@ -1,0 +1,78 @@
+"""Grad-CAM: maps have the image's size, lie in [0, 1], and find a bright square the model learned."""
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from resnorm.data import load_split, to_tensor
+from resnorm.gradcam import cams, overlay
+from resnorm.model import ResNet
+from resnorm.params import load_params
+from resnorm.prepare import prepare
+from resnorm.train import load_checkpoint, run_paths, train
+from conftest import write_params
+
+SQUARE = (slice(4, 14), slice(4, 14))       # rows, cols of the square in a 32x32 image
+
+
+def square_dataset(root, per_class=40):
+    """Class 'square': dark noise with a bright square at a fixed place; class 'plain': dark noise only."""
+    rng = np.random.default_rng(0)
+    for label in ("square", "plain"):
+        (root / label).mkdir(parents=True)
+        for i in range(per_class):
+            a = rng.integers(0, 90, (32, 32, 3)).astype(np.uint8)
+            if label == "square":
+                a[SQUARE] = 255
+            Image.fromarray(a).save(root / label / f"{i}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    import os
+    work = tmp_path_factory.mktemp("cam")
+    old = os.getcwd()
+    os.chdir(work)
+    try:
+        root = square_dataset(work / "src")
+        write_params(work, {"data": {"root": str(root), "image_size": 32, "min_images_per_class": 6},
+                            "model": {"n": 1}, "norm": "bn", "batch_size": 16,
+                            "train": {"epochs": 4, "warmup_epochs": 0, "lr": 0.05, "threads": 2,
+                                      "augment": False}})
+        p = load_params()
+        prepare(p.data)
+        state = train(p)
+        paths = run_paths(None, None)
+        best = load_checkpoint(paths.best)
+        model = ResNet(1, 2, norm="bn")
+        model.load_state_dict(best["model"])
+        model.eval()
+        val = load_split("val")
+        yield model, val, best, state["classes"]
+    finally:
+        os.chdir(old)
+
+
+def test_map_peak_falls_on_the_square(trained):
+    model, val, best, classes = trained
+    c = classes.index("square")
+    idx = np.flatnonzero(val.y == c)
+    x = to_tensor(val.x[idx], best["mean"], best["std"])
+    assert (model(x).argmax(1) == c).float().mean() > 0.9, "the model should have learned the square"
+    maps = cams(model, x, [c] * len(idx))
+    assert maps.shape == (len(idx), 32, 32)
+    assert maps.min() >= 0 and maps.max() <= 1
+    hits = 0
+    for m in maps:
+        r, col = np.unravel_index(np.argmax(m), m.shape)
+        hits += SQUARE[0].start - 2 <= r < SQUARE[0].stop + 2 and SQUARE[1].start - 2 <= col < SQUARE[1].stop + 2
+    assert hits / len(maps) >= 0.8, f"peak on the square in {hits} of {len(maps)} maps"
+    img = overlay(np.asarray(val.x[idx[0]]), maps[0])
+    assert img.dtype == np.uint8 and img.shape[2] == 3
+
+
+def test_targets_are_the_last_2n_convs():
+    m = ResNet(3, 5)
+    layers = m.gradcam_layers()
+    assert len(layers) == 6 and all(isinstance(l, torch.nn.Conv2d) and l.out_channels == 64 for l in layers)
