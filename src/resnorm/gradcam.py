@@ -80,7 +80,7 @@ def grid(path: Path, title: str, cells: list[list[tuple[np.ndarray, str]]], row_
                         ha="right", va="center", fontsize=9)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    save_figure(fig, path, dpi=90)
+    save_figure(fig, path, dpi=60)
 
 
 def gradcam(p: Params) -> dict:

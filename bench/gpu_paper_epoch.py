@@ -1,0 +1,140 @@
+"""GPU check of the paper setting: 256x256, n=2, batch 32, 25 classes, generated data.
+
+  python bench/gpu_paper_epoch.py [--images 6400] [--out DIR] [--no-compile]
+
+For BN and GN (ours) and PyTorch's BatchNorm2d / GroupNorm, trains on a slice of
+generated birds-sized data (uint8 images on the GPU, flip augmentation and
+normalization on the GPU as in training) with bf16 autocast, channels_last,
+cudnn.benchmark, and optionally torch.compile, and prints sustained images/s. Then
+projects the wall time of the whole paper study: 7 variants x 50 epochs x 30,000
+images, plus BN and GN at batch 8 and 128 (50 epochs each, no early stop assumed).
+Also times the CPU data path (memory-mapped uint8 256x256, 8 workers) that would feed it.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+from resnorm.data import EpochBatches, Split, batches  # noqa: E402
+from resnorm.model import ResNet  # noqa: E402
+from resnorm.norms import NORMS  # noqa: E402
+
+TRAIN_IMAGES, EPOCHS = 30_000, 50
+
+
+def variant_model(name: str) -> nn.Module:
+    if name == "torch_gn":
+        saved = NORMS["gn"]
+        NORMS["gn"] = lambda c, num_groups=4, **kw: nn.GroupNorm(num_groups, c)
+        try:
+            return ResNet(2, 25, norm="gn")
+        finally:
+            NORMS["gn"] = saved
+    return ResNet(2, 25, norm=name)
+
+
+def images_per_second(name: str, data: torch.Tensor, labels: torch.Tensor, batch: int, compile_: bool,
+                      seconds: float) -> tuple[float, float]:
+    torch.manual_seed(0)
+    model = variant_model(name).cuda().to(memory_format=torch.channels_last)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
+    step_model = torch.compile(model) if compile_ else model
+    mean = torch.tensor([0.5, 0.5, 0.5], device="cuda").view(1, 3, 1, 1)
+    n = len(data)
+
+    def step(i):
+        idx = torch.randint(0, n, (batch,), device="cuda")
+        x = data[idx].float().div_(255).sub_(mean).div_(0.25)
+        flip = torch.rand(batch, device="cuda") < 0.5
+        x = torch.where(flip.view(-1, 1, 1, 1), x.flip(3), x).contiguous(memory_format=torch.channels_last)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = nn.functional.cross_entropy(step_model(x).float(), labels[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    t0 = time.perf_counter()
+    for i in range(10):            # warm-up, compile, cudnn autotune
+        step(i)
+    torch.cuda.synchronize()
+    warm = time.perf_counter() - t0
+    steps, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        for _ in range(20):
+            step(steps)
+            steps += 1
+        torch.cuda.synchronize()
+    return steps * batch / (time.perf_counter() - t0), warm
+
+
+def cpu_data_path(images: int, workers: int) -> float:
+    with tempfile.TemporaryDirectory() as tmp:
+        x = np.lib.format.open_memmap(Path(tmp) / "x.npy", mode="w+", dtype=np.uint8, shape=(images, 256, 256, 3))
+        x[:] = np.random.default_rng(0).integers(0, 255, x.shape, dtype=np.uint8)
+        x.flush()
+        split = Split("train", np.load(Path(tmp) / "x.npy", mmap_mode="r"), np.zeros(images, np.int64))
+        ds = EpochBatches(split, 32, [0.5] * 3, [0.25] * 3, shuffle=True, seed=0, epoch=0, augment=True,
+                          padding=4, hflip=True)
+        t0, n = time.perf_counter(), 0
+        for xb, yb in batches(ds, workers, pin_memory=True):
+            n += len(yb)
+        return n / (time.perf_counter() - t0)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--images", type=int, default=6400)
+    ap.add_argument("--seconds", type=float, default=15.0)
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    ap.add_argument("--no-compile", action="store_true")
+    args = ap.parse_args()
+    torch.backends.cudnn.benchmark = True
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    print(torch.cuda.get_device_name(), torch.__version__, flush=True)
+    data = torch.randint(0, 256, (args.images, 3, 256, 256), dtype=torch.uint8, device="cuda")
+    labels = torch.randint(0, 25, (args.images,), device="cuda")
+    results = {"device": torch.cuda.get_device_name(), "rates": {}}
+    modes = [False] if args.no_compile else [False, True]
+    for compile_ in modes:
+        for name in ("torch_bn", "bn", "torch_gn", "gn"):
+            try:
+                rate, warm = images_per_second(name, data, labels, 32, compile_, args.seconds)
+            except Exception as e:          # report and carry on: one failure must not lose the rest
+                print(f"{name} compile={compile_}: failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
+                continue
+            key = f"{name}{'+compile' if compile_ else ''}"
+            results["rates"][key] = round(rate, 1)
+            print(f"{key:<18} {rate:8.0f} images/s at batch 32 (warm-up {warm:.1f}s)", flush=True)
+            Path(args.out, "gpu_results.json").write_text(json.dumps(results, indent=2))
+    for bs in (8, 128):
+        for name in ("bn", "gn"):
+            rate, _ = images_per_second(name, data, labels, bs, False, args.seconds / 2)
+            results["rates"][f"{name}-bs{bs}"] = round(rate, 1)
+            print(f"{name}-bs{bs:<12} {rate:8.0f} images/s (eager)", flush=True)
+    r = results["rates"]
+    best32 = {n: max(v for k, v in r.items() if k.split("+")[0] == n) for n in ("bn", "gn", "torch_bn")}
+    base = 7 * EPOCHS * TRAIN_IMAGES / min(best32.values())
+    extra = sum(EPOCHS * TRAIN_IMAGES / r[f"{n}-bs{b}"] for n in ("bn", "gn") for b in (8, 128))
+    results["projected_study_hours"] = round((base + extra) / 3600, 2)
+    print(f"projected paper study (7 x 50 epochs at batch 32 + BN/GN at 8 and 128, 30,000 images, "
+          f"training only): {(base + extra) / 3600:.2f} h", flush=True)
+    for w in (8, 15):
+        rate = cpu_data_path(4096, w)
+        results["rates"][f"cpu_data_path_{w}_workers"] = round(rate, 1)
+        print(f"CPU data path, memory-mapped 256px uint8, {w} workers: {rate:.0f} images/s", flush=True)
+    Path(args.out, "gpu_results.json").write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
