@@ -108,10 +108,18 @@ def _scale_shift(mean, var, eps, weight, bias):
 
 
 def _apply(x: torch.Tensor, stats_fn, *params) -> torch.Tensor:
-    """Run the fused layer; without autograd, the same arithmetic with no graph."""
-    if torch.is_grad_enabled() and (x.requires_grad or any(p is not None and p.requires_grad for p in params)):
+    """Run the layer: the hand-written Function in eager mode, plain differentiable ops when
+    no gradient is needed or under torch.compile (which then fuses statistics, affine and
+    their backward into a few kernels itself)."""
+    compiling = torch.compiler.is_compiling()
+    if not compiling and torch.is_grad_enabled() and \
+            (x.requires_grad or any(p is not None and p.requires_grad for p in params)):
         return _AffineByStats.apply(x, stats_fn, *params)
-    mean, var = _spatial_stats(x)
+    if compiling:
+        xs = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+        var, mean = torch.var_mean(xs, dim=tuple(range(2, x.dim())), unbiased=False)
+    else:
+        mean, var = _spatial_stats(x)
     scale, shift = stats_fn(mean, var, *params)
     shape = (*scale.shape, *([1] * (x.dim() - 2)))
     return torch.addcmul(shift.view(shape).to(x.dtype), x, scale.view(shape).to(x.dtype))
