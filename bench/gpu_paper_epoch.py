@@ -100,6 +100,10 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=15.0)
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--no-compile", action="store_true")
+    ap.add_argument("--only", default="torch_bn,bn,torch_gn,gn", help="variants at batch 32")
+    ap.add_argument("--eager", action=argparse.BooleanOptionalAction, default=True, help="also time eager mode")
+    ap.add_argument("--extra", action=argparse.BooleanOptionalAction, default=True,
+                    help="batch 8/128 runs, projection and the data path")
     args = ap.parse_args()
     torch.backends.cudnn.benchmark = True
     torch.backends.cuda.matmul.allow_tf32 = True
@@ -108,9 +112,9 @@ def main() -> None:
     data = torch.randint(0, 256, (args.images, 3, 256, 256), dtype=torch.uint8, device="cuda")
     labels = torch.randint(0, 25, (args.images,), device="cuda")
     results = {"device": torch.cuda.get_device_name(), "rates": {}}
-    modes = [False] if args.no_compile else [False, True]
+    modes = ([False] if args.eager else []) + ([] if args.no_compile else [True])
     for compile_ in modes:
-        for name in ("torch_bn", "bn", "torch_gn", "gn"):
+        for name in args.only.split(","):
             try:
                 rate, warm = images_per_second(name, data, labels, 32, compile_, args.seconds)
             except Exception as e:          # report and carry on: one failure must not lose the rest
@@ -120,6 +124,8 @@ def main() -> None:
             results["rates"][key] = round(rate, 1)
             print(f"{key:<18} {rate:8.0f} images/s at batch 32 (warm-up {warm:.1f}s)", flush=True)
             Path(args.out, "gpu_results.json").write_text(json.dumps(results, indent=2))
+    if not args.extra:
+        return
     for bs, mode in ((8, "reduce-overhead"), (128, True)):
         for name in ("torch_bn", "bn", "gn"):
             key = f"{name}-bs{bs}"
