@@ -36,7 +36,8 @@ def main() -> None:
         for epoch in range(5):
             ds = EpochBatches(split, v.batch_size, mean, std, shuffle=True, seed=0, epoch=epoch,
                               augment=t.augment, padding=t.crop_padding, hflip=t.hflip)
-            for x, y in batches(ds, workers):
+            for batch in batches(ds, workers):
+                x, y = ds.to(batch, "cpu", t.channels_last)
                 n += len(y)
         data_rate = n / (time.perf_counter() - t0)
         print(f"data path, {workers} workers: {data_rate:8.0f} images/s "

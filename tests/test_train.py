@@ -2,6 +2,8 @@
 import json
 import math
 
+import torch
+
 import pytest
 
 from resnorm.evaluate import evaluate
@@ -118,5 +120,19 @@ def test_workers_give_the_same_batches(prepared):
     a = list(batches(ds, 0))
     b = list(batches(ds, 2))
     assert len(a) == len(b) == len(ds)
-    for (xa, ya), (xb, yb) in zip(a, b):
-        assert (xa == xb).all() and (ya == yb).all()
+    for (xa, ya, aa), (xb, yb, ab) in zip(a, b):
+        assert (xa == xb).all() and (ya == yb).all() and (aa == ab).all()
+    x, y = ds.to(a[0])
+    assert x.shape == (4, 3, 16, 16) and x.dtype == torch.float32
+
+
+def test_crop_flip_matches_a_direct_crop():
+    import numpy as np
+    import torch
+    from resnorm.data import crop_flip
+    x = torch.arange(2 * 5 * 6 * 3, dtype=torch.uint8).reshape(2, 5, 6, 3)
+    aug = torch.tensor([[0, 4, 0], [3, 1, 1]])
+    out = crop_flip(x, aug, 2)
+    padded = np.pad(x.numpy(), ((0, 0), (2, 2), (2, 2), (0, 0)))
+    assert (out[0].numpy() == padded[0, 0:5, 4:10]).all()
+    assert (out[1].numpy() == padded[1, 3:8, 1:7][:, ::-1]).all()

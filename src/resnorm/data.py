@@ -57,29 +57,43 @@ def channel_stats(x: np.ndarray, chunk: int = 1024) -> tuple[list[float], list[f
     return mean.tolist(), std.tolist()
 
 
-def to_tensor(x: np.ndarray, mean: list[float], std: list[float]) -> torch.Tensor:
-    """uint8 NHWC -> normalized float32 NCHW."""
-    t = torch.from_numpy(np.ascontiguousarray(x)).permute(0, 3, 1, 2).float().div_(255.0)
-    m = torch.tensor(mean).view(1, 3, 1, 1)
-    s = torch.tensor(std).view(1, 3, 1, 1)
-    return t.sub_(m).div_(s)
+def to_tensor(x, mean: list[float], std: list[float], device: torch.device | str = "cpu",
+              channels_last: bool = False) -> torch.Tensor:
+    """uint8 NHWC (array or tensor) -> normalized float32 NCHW on `device`."""
+    t = torch.from_numpy(np.ascontiguousarray(x)) if isinstance(x, np.ndarray) else x
+    t = t.to(device, non_blocking=True).permute(0, 3, 1, 2)       # NCHW view of NHWC memory: channels_last
+    m = torch.tensor(mean, device=t.device).view(1, 3, 1, 1) * 255.0
+    s = torch.tensor(std, device=t.device).view(1, 3, 1, 1) * 255.0
+    t = (t.float() - m) / s
+    return t if channels_last else t.contiguous()
 
 
-def augment(x: torch.Tensor, gen: torch.Generator, padding: int, hflip: bool) -> torch.Tensor:
-    """Random crop after zero padding, and a random horizontal flip, per sample."""
-    n, _, h, w = x.shape
-    if padding > 0:
-        padded = torch.nn.functional.pad(x, (padding, padding, padding, padding))
-        offs = torch.randint(0, 2 * padding + 1, (n, 2), generator=gen).tolist()
-        x = torch.stack([padded[i, :, dy:dy + h, dx:dx + w] for i, (dy, dx) in enumerate(offs)])
-    if hflip:
-        flip = torch.rand(n, generator=gen) < 0.5
-        x = torch.where(flip.view(n, 1, 1, 1), x.flip(3), x)
-    return x
+def crop_flip(x: torch.Tensor, aug: torch.Tensor, padding: int) -> torch.Tensor:
+    """Random crop after zero padding and horizontal flip of uint8 NHWC images, in one gather.
+
+    `aug` holds per sample (dy, dx, flip). Done on the training device, so workers only
+    ship uint8 and the GPU, not the CPU, does the per-pixel work.
+    """
+    n, h, w, _ = x.shape
+    if padding:
+        x = torch.nn.functional.pad(x, (0, 0, padding, padding, padding, padding))
+    aug = aug.to(x.device, non_blocking=True)
+    dy, dx, flip = aug[:, 0], aug[:, 1], aug[:, 2].bool()
+    ar_h = torch.arange(h, device=x.device)
+    ar_w = torch.arange(w, device=x.device)
+    rows = dy[:, None] + ar_h[None, :]                                     # (n, h)
+    cols = dx[:, None] + torch.where(flip[:, None], w - 1 - ar_w[None, :], ar_w[None, :])   # (n, w)
+    b = torch.arange(n, device=x.device)[:, None, None]
+    return x[b, rows[:, :, None], cols[:, None, :]]                       # (n, h, w, C)
 
 
 class EpochBatches(torch.utils.data.Dataset):
-    """The batches of one epoch; item i is batch i, fixed by (seed, epoch, i)."""
+    """The batches of one epoch; item i is batch i, fixed by (seed, epoch, i).
+
+    An item is (uint8 NHWC images, labels, augmentation parameters or None): the cheap
+    part (a sorted memory-mapped read) runs in workers, `Batch.to` does the rest on the
+    training device.
+    """
 
     def __init__(self, split: Split, batch_size: int, mean, std, *, shuffle: bool, seed: int = 0,
                  epoch: int = 0, augment: bool = False, padding: int = 0, hflip: bool = False):
@@ -97,14 +111,25 @@ class EpochBatches(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return self.n_batches
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         idx = np.sort(self.order[i * self.batch_size:(i + 1) * self.batch_size])  # sorted: sequential mmap reads
-        x = to_tensor(self.split.x[idx], self.mean, self.std)
+        x = torch.from_numpy(np.ascontiguousarray(self.split.x[idx]))
         y = torch.from_numpy(self.split.y[idx])
+        aug = None
         if self.aug:
             g = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) * 100_003 + i)
-            x = augment(x, g, self.padding, self.hflip)
-        return x, y
+            offs = torch.randint(0, 2 * self.padding + 1, (len(idx), 2), generator=g)
+            flip = (torch.rand(len(idx), generator=g) < 0.5) & self.hflip
+            aug = torch.cat([offs, flip.long()[:, None]], 1)
+        return x, y, aug
+
+    def to(self, batch, device: torch.device | str = "cpu", channels_last: bool = False):
+        """A batch from __getitem__ -> (normalized float images, labels) on `device`."""
+        x, y, aug = batch
+        x = x.to(device, non_blocking=True)
+        if aug is not None:
+            x = crop_flip(x, aug, self.padding)
+        return to_tensor(x, self.mean, self.std, device, channels_last), y.to(device, non_blocking=True)
 
 
 def batches(ds: EpochBatches, workers: int = 0, pin_memory: bool = False, start: int = 0):

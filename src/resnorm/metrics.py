@@ -31,10 +31,8 @@ def predict(model: torch.nn.Module, split: Split, mean, std, batch_size: int, de
     model.eval()
     ds = EpochBatches(split, batch_size, mean, std, shuffle=False)
     total, probs = 0.0, []
-    for x, y in batches(ds):
-        x, y = x.to(device), y.to(device)
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
+    for batch in batches(ds):
+        x, y = ds.to(batch, device, channels_last)
         if autocast is not None:
             with autocast():
                 logits = model(x)

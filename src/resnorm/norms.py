@@ -108,10 +108,18 @@ def _scale_shift(mean, var, eps, weight, bias):
 
 
 def _apply(x: torch.Tensor, stats_fn, *params) -> torch.Tensor:
-    """Run the fused layer; without autograd, the same arithmetic with no graph."""
-    if torch.is_grad_enabled() and (x.requires_grad or any(p is not None and p.requires_grad for p in params)):
+    """Run the layer: the hand-written Function in eager mode, plain differentiable ops when
+    no gradient is needed or under torch.compile (which then fuses statistics, affine and
+    their backward into a few kernels itself)."""
+    compiling = torch.compiler.is_compiling()
+    if not compiling and torch.is_grad_enabled() and \
+            (x.requires_grad or any(p is not None and p.requires_grad for p in params)):
         return _AffineByStats.apply(x, stats_fn, *params)
-    mean, var = _spatial_stats(x)
+    if compiling:
+        xs = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+        var, mean = torch.var_mean(xs, dim=tuple(range(2, x.dim())), unbiased=False)
+    else:
+        mean, var = _spatial_stats(x)
     scale, shift = stats_fn(mean, var, *params)
     shape = (*scale.shape, *([1] * (x.dim() - 2)))
     return torch.addcmul(shift.view(shape).to(x.dtype), x, scale.view(shape).to(x.dtype))
@@ -170,6 +178,10 @@ class _RunningStats(_Norm):
     def _batch_stats(self, mean: torch.Tensor, var: torch.Tensor, count: int):
         """Per-channel batch statistics from per-(n, c) ones; updates the running statistics."""
         m, v = _pool(mean, var, 0)
+        self._update_running(m, v, count)
+        return m, v
+
+    def _update_running(self, m: torch.Tensor, v: torch.Tensor, count: int) -> None:
         if self.training and self.track_running_stats:
             with torch.no_grad():
                 self.num_batches_tracked.add_(1)
@@ -177,7 +189,6 @@ class _RunningStats(_Norm):
                 self.running_mean.lerp_(m.detach().flatten().to(self.running_mean.dtype), f)
                 unbiased = v.detach().flatten() * (count / max(count - 1, 1))
                 self.running_var.lerp_(unbiased.to(self.running_var.dtype), f)
-        return m, v
 
     def _running(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.running_mean.view(1, -1), self.running_var.view(1, -1)
@@ -193,6 +204,16 @@ class BatchNorm(_RunningStats):
         _check_4d(x, self)
         use_batch = self._check_batch(x)
         count = x.numel() // x.shape[1]
+
+        if use_batch and torch.compiler.is_compiling():
+            # under torch.compile, one (N, H, W) reduction: inductor fuses it better than pooled
+            # per-(n, c) statistics (and the latter hit an inductor assertion on CUDA at 32x64 rows)
+            xs = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+            v, m = torch.var_mean(xs, dim=(0, *range(2, x.dim())), unbiased=False)
+            self._update_running(m, v, count)
+            scale, shift = _scale_shift(m, v, self.eps, self.weight, self.bias)
+            shape = (1, -1, *([1] * (x.dim() - 2)))
+            return torch.addcmul(shift.view(shape).to(x.dtype), x, scale.view(shape).to(x.dtype))
 
         def stats(mean, var, w, b):
             m, v = self._batch_stats(mean, var, count) if use_batch else self._running()

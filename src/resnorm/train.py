@@ -264,10 +264,8 @@ def train(p: Params, variant: str | None = None, seed: int | None = None,
             total_loss, seen, preds, targets = 0.0, 0, [], []
             lr = t.lr
             try:
-                for step, (x, y) in enumerate(batches(ds, t.workers, pin)):
-                    x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                    if t.channels_last:
-                        x = x.contiguous(memory_format=torch.channels_last)
+                for step, batch in enumerate(batches(ds, t.workers, pin)):
+                    x, y = ds.to(batch, device, t.channels_last)
                     lr = schedule.lr(epoch, step)
                     for g in optimizer.param_groups:
                         g["lr"] = lr
