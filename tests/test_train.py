@@ -136,3 +136,15 @@ def test_crop_flip_matches_a_direct_crop():
     padded = np.pad(x.numpy(), ((0, 0), (2, 2), (2, 2), (0, 0)))
     assert (out[0].numpy() == padded[0, 0:5, 4:10]).all()
     assert (out[1].numpy() == padded[1, 3:8, 1:7][:, ::-1]).all()
+
+
+def test_fingerprint_covers_params_data_and_code(prepared, monkeypatch):
+    import resnorm.train as tr
+    p = load_params()
+    v = p.experiment()
+    base = tr.fingerprint(p, v, 0)
+    assert tr.fingerprint(p, v, 1) != base
+    assert tr.fingerprint(load_params(overrides={"train": {"lr": 0.2}}), load_params(
+        overrides={"train": {"lr": 0.2}}).experiment(), 0) != base
+    monkeypatch.setattr(tr, "CODE", tr.CODE[:-1])        # as if one source file changed
+    assert tr.fingerprint(p, v, 0) != base

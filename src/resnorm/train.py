@@ -137,12 +137,22 @@ class Schedule:
         self.plateau_factor, self.plateau_best, self.plateau_bad = s["factor"], s["best"], s["bad"]
 
 
+CODE = ("train.py", "model.py", "norms.py", "data.py", "metrics.py")
+
+
 def fingerprint(p: Params, v: Variant, seed: int) -> str:
-    """Identity of a run: a checkpoint is resumed only if this matches (same data, model, settings)."""
+    """Identity of a run: a checkpoint is reused or resumed only if this matches.
+
+    It covers the settings, the data (manifest) and the training code, so a change to
+    any of them starts the run over instead of picking up a stale checkpoint.
+    """
     manifest = PREPARED / "manifest.csv"
     data_hash = hashlib.sha1(manifest.read_bytes()).hexdigest() if manifest.exists() else ""
+    here = Path(__file__).parent
+    code_hash = hashlib.sha1(b"".join((here / f).read_bytes() for f in CODE)).hexdigest()
     blob = json.dumps({"variant": dataclasses.asdict(v), "model": dataclasses.asdict(p.model),
-                       "image_size": p.data.image_size, "seed": seed, "data": data_hash}, sort_keys=True)
+                       "image_size": p.data.image_size, "seed": seed, "data": data_hash, "code": code_hash},
+                      sort_keys=True)
     return hashlib.sha1(blob.encode()).hexdigest()
 
 
