@@ -203,11 +203,18 @@ def batch_study(runs: dict[str, list[dict]], p: Params) -> tuple[list[list[str]]
         obs.append(f"{norm}: going from batch {large} to batch {small} changes mean val accuracy by {-d:+.3f} "
                    f"({verdict(d, band)}).")
     if "bn" in drops and "gn" in drops and drops["bn"][2] == drops["gn"][2]:
-        bn_loss, gn_loss = drops["bn"][0], drops["gn"][0]
+        (bn_loss, bn_band, small, _), (gn_loss, gn_band, _, _) = drops["bn"], drops["gn"]
         more = "BN" if bn_loss > gn_loss else "GN"
-        obs.append(f"At batch {drops['bn'][2]} BN loses {bn_loss:.3f} and GN {gn_loss:.3f} of mean val accuracy: "
-                   f"{more} loses more, which is {'consistent' if more == 'BN' else 'not consistent'} with "
-                   f"Wu & He's claim that GN is insensitive to batch size (on this data, this budget).")
+        gap_band = math.hypot(bn_band, gn_band)
+        text = f"At batch {small} BN loses {bn_loss:.3f} and GN {gn_loss:.3f} of mean val accuracy: "
+        if verdict(bn_loss - gn_loss, gap_band) == "beyond seed noise":
+            text += f"{more} loses {abs(bn_loss - gn_loss):.3f} more, beyond seed noise. "
+        else:
+            text += f"the gap ({abs(bn_loss - gn_loss):.3f}) is within seed noise, so neither is shown to be less sensitive. "
+        gn_own = verdict(gn_loss, gn_band)
+        text += (f"GN's own change is {gn_own}" + (", as Wu & He's batch-size insensitivity predicts."
+                 if gn_own == "within seed noise" else ", so GN is not batch-size insensitive on this data and budget."))
+        obs.append(text)
     return rows, obs
 
 
