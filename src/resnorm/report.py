@@ -106,6 +106,8 @@ def plot_curves(path: Path, runs: dict[str, list[dict]], variants: list[str], ti
                       "micro_f1": "micro-F1", "macro_f1": "macro-F1"}[c])
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
+        if c == "loss":
+            ax.set_yscale("log")      # early spikes would flatten every later difference
     handles, labels = axes.flat[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="center right", fontsize=8)
     fig.suptitle(f"{title}: mean over seeds (val solid, train dashed, band = val min-max over seeds)", fontsize=10)
