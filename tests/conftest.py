@@ -1,7 +1,6 @@
 """Shared fixtures: tiny generated image data sets and a working folder with params.yaml."""
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 

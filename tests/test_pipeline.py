@@ -1,7 +1,6 @@
 """End to end: the whole DVC pipeline on a tiny generated data set in a temporary repository."""
 import os
 import re
-import shutil
 import statistics
 import subprocess
 import sys
@@ -10,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import REPO, copy_repo, make_dataset, write_params
+from conftest import copy_repo, make_dataset, write_params
 
 VARIANTS = {"bn-bs8": {"norm": "bn", "batch_size": 8}, "gn-bs8": {"norm": "gn", "batch_size": 8},
             "bn-bs4": {"norm": "bn", "batch_size": 4}, "gn-bs4": {"norm": "gn", "batch_size": 4}}

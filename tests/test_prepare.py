@@ -1,6 +1,5 @@
 """prepare: every bad input is skipped with a reason, splits are stratified, deterministic and leak-free."""
 import csv
-import json
 import os
 from pathlib import Path
 

@@ -8,7 +8,7 @@ import pytest
 
 from resnorm.evaluate import evaluate
 from resnorm.io import UserError, read_csv, read_json
-from resnorm.params import ParamError, load_params
+from resnorm.params import load_params
 from resnorm.train import HISTORY_COLUMNS, load_checkpoint, run_paths, train
 from conftest import TINY, write_params
 

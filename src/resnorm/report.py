@@ -160,7 +160,7 @@ def observations(runs: dict[str, list[dict]], base: list[str], p: Params) -> lis
                    f"by {d:+.3f}; the gap is {verdict(d, noise(val[a], val[b]))} "
                    f"(2 standard errors: {noise(val[a], val[b]):.3f}).")
         last = ranked[-1]
-        out.append(f"Ranking by mean val accuracy: " + " > ".join(
+        out.append("Ranking by mean val accuracy: " + " > ".join(
             f"{v} ({statistics.fmean(val[v]):.3f})" for v in ranked) + f"; {last} is last.")
     nn = next((v for v in base if v.startswith("nn-") and val[v]), None)
     if nn and ranked:
@@ -375,7 +375,7 @@ def report(p: Params) -> Doc:
                 wrong_as[i["predicted"]] += 1
             doc.p(f"{len(entry['correct'])} correct, {len(entry['wrong'])} wrong shown"
                   + (f" ({entry['note']})" if entry["note"] else "") + "."
-                  + (f" Wrong ones were taken for " + ", ".join(f"{c} ({n})" for c, n in wrong_as.items())
+                  + (" Wrong ones were taken for " + ", ".join(f"{c} ({n})" for c, n in wrong_as.items())
                      + f", with mean confidence {statistics.fmean(conf):.2f}." if conf else ""))
             doc.img(f"gradcam/{name}.png", f"Grad-CAM {name}")
 
