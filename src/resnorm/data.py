@@ -132,12 +132,11 @@ class EpochBatches(torch.utils.data.Dataset):
         return to_tensor(x, self.mean, self.std, device, channels_last), y.to(device, non_blocking=True)
 
 
-def batches(ds: EpochBatches, workers: int = 0, pin_memory: bool = False, start: int = 0):
-    """Iterate batches `start`.. of an epoch, in worker processes when `workers` > 0."""
+def batches(ds: EpochBatches, workers: int = 0, pin_memory: bool = False):
+    """Iterate the batches of an epoch, in worker processes when `workers` > 0."""
     if workers == 0:
-        for i in range(start, len(ds)):
+        for i in range(len(ds)):
             yield ds[i]
         return
-    sub = torch.utils.data.Subset(ds, range(start, len(ds)))
-    yield from torch.utils.data.DataLoader(sub, batch_size=None, shuffle=False, num_workers=workers,
+    yield from torch.utils.data.DataLoader(ds, batch_size=None, shuffle=False, num_workers=workers,
                                            pin_memory=pin_memory)

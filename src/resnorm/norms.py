@@ -41,10 +41,9 @@ class _AffineByStats(torch.autograd.Function):
             leaves = [mean.requires_grad_(), var.requires_grad_()]
             small = [None if p is None else p.detach().requires_grad_(p.requires_grad) for p in params]
             scale, shift = stats_fn(leaves[0], leaves[1], *small)            # (N or 1, C)
-        shape = (*scale.shape, *([1] * len(dims)))
         ctx.save_for_backward(x)
         ctx.graph = (leaves, small, scale, shift, dims)
-        return torch.addcmul(shift.detach().view(shape).to(x.dtype), x, scale.detach().view(shape).to(x.dtype))
+        return _affine(x, scale.detach(), shift.detach())
 
     @staticmethod
     def backward(ctx, g):
@@ -59,14 +58,19 @@ class _AffineByStats(torch.autograd.Function):
         grads = torch.autograd.grad((scale, shift), wanted, (sum_gx, sum_g), allow_unused=True, retain_graph=True)
         d_mean, d_var = (torch.zeros_like(mean) if d is None else d for d in grads[:2])
         count = x[0, 0].numel()
-        shape = (*mean.shape, *([1] * len(dims)))
         c1 = d_var * (2.0 / count)                                          # d var / dx = 2 (x - mean) / count
         c0 = d_mean / count - c1 * mean.detach()
-        grad_x = torch.addcmul(c0.view(shape).to(x.dtype), x, c1.view(shape).to(x.dtype))
+        grad_x = _affine(x, c1, c0)
         grad_x.addcmul_(g, scale.detach().view(*scale.shape, *([1] * len(dims))).to(x.dtype))
         it = iter(grads[2:])
         grad_params = [None if p is None or not p.requires_grad else next(it) for p in small]
         return (grad_x, None, *grad_params)
+
+
+def _affine(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """x * scale + shift in one pass, with (N or 1, C) scale and shift broadcast over the map."""
+    shape = (*scale.shape, *([1] * (x.dim() - 2)))
+    return torch.addcmul(shift.reshape(shape).to(x.dtype), x, scale.reshape(shape).to(x.dtype))
 
 
 def _dot(a: torch.Tensor, b: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
@@ -120,9 +124,7 @@ def _apply(x: torch.Tensor, stats_fn, *params) -> torch.Tensor:
         var, mean = torch.var_mean(xs, dim=tuple(range(2, x.dim())), unbiased=False)
     else:
         mean, var = _spatial_stats(x)
-    scale, shift = stats_fn(mean, var, *params)
-    shape = (*scale.shape, *([1] * (x.dim() - 2)))
-    return torch.addcmul(shift.view(shape).to(x.dtype), x, scale.view(shape).to(x.dtype))
+    return _affine(x, *stats_fn(mean, var, *params))
 
 
 def _check_4d(x: torch.Tensor, module: nn.Module) -> None:
@@ -212,8 +214,7 @@ class BatchNorm(_RunningStats):
             v, m = torch.var_mean(xs, dim=(0, *range(2, x.dim())), unbiased=False)
             self._update_running(m, v, count)
             scale, shift = _scale_shift(m, v, self.eps, self.weight, self.bias)
-            shape = (1, -1, *([1] * (x.dim() - 2)))
-            return torch.addcmul(shift.view(shape).to(x.dtype), x, scale.view(shape).to(x.dtype))
+            return _affine(x, scale.view(1, -1), shift.view(1, -1))
 
         def stats(mean, var, w, b):
             m, v = self._batch_stats(mean, var, count) if use_batch else self._running()
@@ -328,8 +329,13 @@ def make_norm(name: str, num_channels: int, **options) -> nn.Module:
     return cls(num_channels, **options)
 
 
-def clamp_gates_(model: nn.Module) -> None:
-    """Keep every BIN gate in [0, 1]; call after each optimizer step."""
-    for m in model.modules():
-        if isinstance(m, BatchInstanceNorm):
-            m.clamp_()
+def bin_layers(model: nn.Module) -> list[BatchInstanceNorm]:
+    """The BIN layers of a model, found once so the train loop need not walk the model every step."""
+    return [m for m in model.modules() if isinstance(m, BatchInstanceNorm)]
+
+
+def clamp_gates_(model_or_layers) -> None:
+    """Keep every BIN gate in [0, 1]; call after each optimizer step (a model or `bin_layers(model)`)."""
+    layers = bin_layers(model_or_layers) if isinstance(model_or_layers, nn.Module) else model_or_layers
+    for m in layers:
+        m.clamp_()

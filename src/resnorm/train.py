@@ -27,7 +27,7 @@ from .data import EpochBatches, batches, channel_stats, load_classes, load_split
 from .io import UserError, atomic_path, console, run_cli, write_csv
 from .metrics import predict, scores
 from .model import ResNet
-from .norms import clamp_gates_
+from .norms import bin_layers, clamp_gates_
 from .params import Params, TrainParams, Variant, load_params
 
 HISTORY_COLUMNS = ["epoch", "lr", "train_loss", "train_error", "train_accuracy", "train_micro_f1",
@@ -260,6 +260,7 @@ def train(p: Params, variant: str | None = None, seed: int | None = None,
     autocast = autocast_for(t, device)
     scaler = torch.amp.GradScaler("cuda") if autocast and t.precision == "fp16" else None
     step_model = torch.compile(model) if t.compile else model
+    gates = bin_layers(model)
     loss_fn = nn.CrossEntropyLoss(label_smoothing=t.label_smoothing)
     pin = device.type == "cuda"
     start_all = time.perf_counter()
@@ -271,7 +272,7 @@ def train(p: Params, variant: str | None = None, seed: int | None = None,
                               augment=t.augment, padding=t.crop_padding, hflip=t.hflip)
             bar = Progress(paths.name, len(ds), epoch, t.epochs)
             t0 = time.perf_counter()
-            total_loss, seen, preds, targets = 0.0, 0, [], []
+            total_loss, seen, correct, preds, targets = 0.0, 0, 0, [], []
             lr = t.lr
             try:
                 for step, batch in enumerate(batches(ds, t.workers, pin)):
@@ -293,14 +294,14 @@ def train(p: Params, variant: str | None = None, seed: int | None = None,
                     else:
                         loss.backward()
                         optimizer.step()
-                    clamp_gates_(model)
+                    clamp_gates_(gates)
                     total_loss += loss.item() * len(y)
                     seen += len(y)
                     preds.append(logits.argmax(1).cpu())
                     targets.append(y.cpu())
+                    correct += int((preds[-1] == targets[-1]).sum())
                     elapsed = time.perf_counter() - t0
-                    bar.update(f"loss {total_loss / seen:.3f}  acc "
-                               f"{float((torch.cat(preds) == torch.cat(targets)).float().mean()):.3f}  "
+                    bar.update(f"loss {total_loss / seen:.3f}  acc {correct / seen:.3f}  "
                                f"{seen / max(elapsed, 1e-9):.0f} img/s")
             finally:
                 bar.close()
