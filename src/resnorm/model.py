@@ -5,7 +5,8 @@
 
 Each block is two 3x3 convs with a residual connection; the first block of stages
 2 and 3 downsamples with a stride-2 conv and a 1x1 stride-2 projection on the
-shortcut. A normalization layer follows every conv.
+shortcut. A normalization layer follows every conv; where a ReLU follows the norm directly,
+the from-scratch norms apply it in the same pass over the activation.
 """
 from __future__ import annotations
 
@@ -21,13 +22,22 @@ def _norm_options(norm: str, gn_groups: int) -> dict:
     return {"num_groups": gn_groups} if norm == "gn" else {}
 
 
+def norm_relu(norm: str, channels: int, gn_groups: int) -> tuple[nn.Module, nn.Module]:
+    """A norm followed by a ReLU, as (norm, activation): the from-scratch norms apply the ReLU
+    in their own pass (activation is then nn.Identity); others get an nn.ReLU."""
+    layer = make_norm(norm, channels, **_norm_options(norm, gn_groups))
+    if hasattr(layer, "fuse_relu_"):
+        return layer.fuse_relu_(), nn.Identity()
+    return layer, nn.ReLU(inplace=True)
+
+
 class BasicBlock(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, stride: int, norm: str, gn_groups: int):
         super().__init__()
         opts = _norm_options(norm, gn_groups)
         bias = norm == "nn"            # without a norm's affine shift, convs keep their own bias
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, stride, 1, bias=bias)
-        self.norm1 = make_norm(norm, out_channels, **opts)
+        self.norm1, self.act1 = norm_relu(norm, out_channels, gn_groups)
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, 1, 1, bias=bias)
         self.norm2 = make_norm(norm, out_channels, **opts)
         self.relu = nn.ReLU(inplace=True)
@@ -38,7 +48,7 @@ class BasicBlock(nn.Module):
             self.shortcut = nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.relu(self.norm1(self.conv1(x)))
+        out = self.act1(self.norm1(self.conv1(x)))
         out = self.norm2(self.conv2(out))
         return self.relu(out + self.shortcut(x))
 
@@ -55,8 +65,7 @@ class ResNet(nn.Module):
         self.n, self.num_classes, self.norm = n, num_classes, norm
         bias = norm == "nn"
         self.conv1 = nn.Conv2d(in_channels, WIDTHS[0], 3, 1, 1, bias=bias)
-        self.norm1 = make_norm(norm, WIDTHS[0], **_norm_options(norm, gn_groups))
-        self.relu = nn.ReLU(inplace=True)
+        self.norm1, self.act1 = norm_relu(norm, WIDTHS[0], gn_groups)
         stages, cin = [], WIDTHS[0]
         for i, width in enumerate(WIDTHS):
             blocks = [BasicBlock(cin if b == 0 else width, width, 2 if (i > 0 and b == 0) else 1, norm, gn_groups)
@@ -86,6 +95,6 @@ class ResNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 4 or x.shape[-1] % 4 or x.shape[-2] % 4:
             raise ValueError(f"ResNet: expected (N, C, H, W) with H and W divisible by 4, got {tuple(x.shape)}")
-        x = self.relu(self.norm1(self.conv1(x)))
+        x = self.act1(self.norm1(self.conv1(x)))
         x = self.stage3(self.stage2(self.stage1(x)))
         return self.fc(torch.flatten(self.pool(x), 1))

@@ -13,68 +13,141 @@ then applies a per-channel affine `weight * x_hat + bias`:
 None of them calls torch's batch_norm / group_norm / layer_norm / instance_norm kernels.
 All five share one path (`_AffineByStats`): per-(sample, channel) mean and variance in
 one pass, pooled over batch, groups or channels as the scheme asks (exactly, without
-cancellation), then a single fused multiply-add; the backward is written out.
+cancellation), then a single fused multiply-add; the backward is written out. On CPU the
+full-size passes run in the fused kernels of kernels.cpp when they could be compiled
+(`resnorm.kernels`), otherwise as tensor ops; the small per-(n, c) arithmetic is the same.
 """
 from __future__ import annotations
+
+from typing import Callable, NamedTuple
 
 import torch
 from torch import nn
 
+from .kernels import cpu_kernels
 
-class _AffineByStats(torch.autograd.Function):
-    """y = x * scale + shift, where (scale, shift) per (sample, channel) are a function of the
-    per-(sample, channel) spatial mean and variance of x and of the layer's parameters.
 
-    Every scheme here fits this form, BIN included, so each layer costs one statistics
-    pass and one fused multiply-add over the activation in the forward pass. The backward
-    pass needs only the two per-(sample, channel) sums of g and g * x: the gradients of
-    the small (N, C) statistics are found by autograd on the small graph `stats_fn`
-    built in forward, and the activation gradient is one more multiply-add,
-    g * scale + x * c1 + c0. Only x is kept for the backward pass.
+class _Part(NamedTuple):
+    """One normalized term of a layer, alpha * (x - mean) * rstd, with alpha a per-channel coefficient.
+
+    mean and rstd are (N or 1, C); `pool` averages a per-(sample, channel) tensor over each
+    group of cells that share statistics and broadcasts it back (identity for IN, over samples
+    for BN, over channel groups for GN/LN); None when mean and rstd are constants (running stats).
+    """
+    mean: torch.Tensor
+    rstd: torch.Tensor
+    pool: Callable[[torch.Tensor], torch.Tensor] | None
+
+
+def _part(mean: torch.Tensor, var: torch.Tensor, pool, eps: float) -> tuple[_Part, torch.Tensor]:
+    """Pool per-(n, c) statistics of equal-sized cells exactly (var = mean(var) + var(means), no
+    cancellation); returns the part and the pooled variance (for running statistics)."""
+    if pool is _per_cell:
+        m, v = mean, var
+    else:
+        m = pool(mean)
+        v = pool(var + (mean - m) ** 2)
+    return _Part(m, torch.rsqrt(v + eps), pool), v
+
+
+def _fixed(mean: torch.Tensor, var: torch.Tensor, eps: float) -> _Part:
+    """A part with constant statistics (BN's running mean and variance in eval)."""
+    return _Part(mean.view(1, -1), torch.rsqrt(var.view(1, -1) + eps), None)
+
+
+def _scale_shift(parts, alphas, bias) -> tuple[torch.Tensor, torch.Tensor]:
+    """y = x * scale + shift: scale = sum(alpha * rstd), shift = bias - sum(alpha * rstd * mean)."""
+    scale = shift = 0
+    for p, a in zip(parts, alphas):
+        s = p.rstd if a is None else a.view(1, -1) * p.rstd
+        scale, shift = scale + s, shift - s * p.mean
+    return scale, (shift if bias is None else shift + bias.view(1, -1))
+
+
+class _Normalize(torch.autograd.Function):
+    """y = x * scale + shift with (scale, shift) per (sample, channel) from the layer's parts.
+
+    Forward: one statistics pass and one multiply-add over x. Backward, in closed form for
+    any sum of parts (derivation: each part is a normalization over its groups of cells):
+    the per-(n, c) sums of g and g * x (one pass) give, per part,
+        d alpha = rstd * (sum(g x) - mean * sum(g))        (per cell: sum of g * x_hat)
+        A = pool(alpha * mean(g)),  B = pool(alpha * rstd * (mean(g x) - mean * mean(g)))
+    and grad_x = g * scale + x * c1 + c0 (one more pass) with c1 = -sum(rstd^2 B) and
+    c0 = -sum(rstd A - mean rstd^2 B). The layer maps d alpha to its parameters. Only x is kept.
     """
 
     @staticmethod
-    def forward(ctx, x, stats_fn, *params):
-        dims = tuple(range(2, x.dim()))
-        mean, var = _spatial_stats(x)                                      # (N, C), one pass
-        with torch.enable_grad():
-            leaves = [mean.requires_grad_(), var.requires_grad_()]
-            small = [None if p is None else p.detach().requires_grad_(p.requires_grad) for p in params]
-            scale, shift = stats_fn(leaves[0], leaves[1], *small)            # (N or 1, C)
+    def forward(ctx, x, layer, *params):
+        mean, var = (t if t.dtype == torch.float64 else t.double() for t in _spatial_stats(x))
+        with torch.no_grad():                                     # the (N, C) arithmetic runs in float64
+            parts = layer._parts(x, mean, var)
+            alphas = layer._alphas(*params)
+            scale, shift = _scale_shift(parts, alphas, params[-1])
         ctx.save_for_backward(x)
-        ctx.graph = (leaves, small, scale, shift, dims)
-        return _affine(x, scale.detach(), shift.detach())
+        ctx.layer, ctx.parts, ctx.alphas, ctx.scale, ctx.shift = layer, parts, alphas, scale, shift
+        ctx.params = [None if p is None else p.detach() for p in params]
+        return _affine(x, scale, shift, layer.fused_relu)
 
     @staticmethod
     def backward(ctx, g):
         (x,) = ctx.saved_tensors
-        (mean, var), small, scale, shift, dims = ctx.graph
-        acc = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
-        sum_g = g.sum(dims, dtype=acc)                                      # dL/dshift per (n, c)
-        sum_gx = _dot(g, x, acc)                                            # dL/dscale per (n, c)
-        if scale.shape[0] != x.shape[0]:                                    # (1, C): shared over samples
-            sum_g, sum_gx = sum_g.sum(0, keepdim=True), sum_gx.sum(0, keepdim=True)
-        wanted = [mean, var] + [p for p in small if p is not None and p.requires_grad]
-        grads = torch.autograd.grad((scale, shift), wanted, (sum_gx, sum_g), allow_unused=True, retain_graph=True)
-        d_mean, d_var = (torch.zeros_like(mean) if d is None else d for d in grads[:2])
-        count = x[0, 0].numel()
-        c1 = d_var * (2.0 / count)                                          # d var / dx = 2 (x - mean) / count
-        c0 = d_mean / count - c1 * mean.detach()
-        grad_x = _affine(x, c1, c0)
-        grad_x.addcmul_(g, scale.detach().view(*scale.shape, *([1] * len(dims))).to(x.dtype))
-        it = iter(grads[2:])
-        grad_params = [None if p is None or not p.requires_grad else next(it) for p in small]
-        return (grad_x, None, *grad_params)
+        scale, shift, relu, need_x = ctx.scale, ctx.shift, ctx.layer.fused_relu, ctx.needs_input_grad[0]
+        kernels = _kernels_for(x)
+        if kernels:
+            sum_g, sum_gx = kernels.grad_sums(g, x, scale, shift, relu)       # one pass over g and x
+        else:
+            if relu:                                                          # the ReLU's mask, recomputed
+                g = g * (_affine(x, scale, shift) > 0)
+            acc = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+            sum_g, sum_gx = g.sum(tuple(range(2, x.dim())), dtype=acc).double(), _dot(g, x, acc).double()
+        count = x.numel() // (x.shape[0] * x.shape[1])
+        mean_g, mean_gx = sum_g / count, sum_gx / count
+        c1 = c0 = None
+        d_alphas = []
+        for p, a in zip(ctx.parts, ctx.alphas):
+            rc = p.rstd * (mean_gx - p.mean * mean_g)                         # mean of g * x_hat per cell
+            d_alphas.append(rc.sum(0) * count)
+            if p.pool is not None and need_x:
+                a = None if a is None else a.view(1, -1)
+                r2b = p.rstd * p.rstd * p.pool(rc if a is None else a * rc)
+                t0 = p.mean * r2b - p.rstd * p.pool(mean_g if a is None else a * mean_g)
+                c1, c0 = (-r2b, t0) if c1 is None else (c1 - r2b, c0 + t0)
+        grad_x = None
+        if need_x:
+            if c1 is None:                                                    # constant statistics
+                c1 = c0 = scale.new_zeros(scale.shape)
+            if kernels:                                                       # g * scale + x * c1 + c0, one pass
+                grad_x = kernels.grad_input(g, x, scale, shift, c1, c0, relu)
+            else:
+                grad_x = _affine(x, c1, c0)
+                grad_x.addcmul_(g, scale.view(*scale.shape, *([1] * (x.dim() - 2))).to(x.dtype))
+        grads = ctx.layer._param_grads(ctx.params, d_alphas, sum_g.sum(0))
+        return (grad_x, None, *(gr.to(p.dtype) if need else None
+                                for gr, p, need in zip(grads, ctx.params, ctx.needs_input_grad[2:])))
 
 
-def _affine(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
-    """x * scale + shift in one pass, with (N or 1, C) scale and shift broadcast over the map."""
+def _kernels_for(x: torch.Tensor):
+    """The compiled CPU kernels when they handle x (float32/64, contiguous or channels_last), else None."""
+    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64) or x.dim() < 3 \
+            or torch.compiler.is_compiling():
+        return None
+    if not (x.is_contiguous() or (x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last))):
+        return None
+    return cpu_kernels()
+
+
+def _affine(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, relu: bool = False) -> torch.Tensor:
+    """x * scale + shift (then ReLU) in one pass, with (N or 1, C) scale and shift broadcast over the map."""
+    kernels = _kernels_for(x)
+    if kernels:
+        return kernels.affine(x, scale, shift, relu)
     shape = (*scale.shape, *([1] * (x.dim() - 2)))
-    return torch.addcmul(shift.reshape(shape).to(x.dtype), x, scale.reshape(shape).to(x.dtype))
+    y = torch.addcmul(shift.reshape(shape).to(x.dtype), x, scale.reshape(shape).to(x.dtype))
+    return torch.relu(y) if relu else y
 
 
 def _dot(a: torch.Tensor, b: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
-    """Per-(n, c) sum over the spatial axes of a * b, without materialising a * b."""
+    """Per-(n, c) sum over the spatial axes of a * b."""
     a, b = a.flatten(2), b.flatten(2)          # a view in NCHW and in channels_last
     if a.dtype != acc:
         a, b = a.to(acc), b.to(acc)
@@ -82,49 +155,47 @@ def _dot(a: torch.Tensor, b: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
 
 
 def _spatial_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-(n, c) mean and biased variance over the spatial axes.
+    """Per-(n, c) mean and biased variance over the spatial axes, in one pass over x.
 
-    var = E[x^2] - mean^2 from one fused dot product: on this CPU it is 10x faster than
-    torch.var_mean (whose Welford loop is not vectorised for this layout). Rounding is
-    relative to mean^2 / var, harmless for conv activations; half-precision inputs are
-    accumulated in float32.
+    The CPU kernel accumulates in double and returns float64. The tensor-op fallback uses var = E[x^2] - mean^2
+    from one fused dot product (10x faster than torch.var_mean on CPU here); its rounding is
+    relative to mean^2 / var, harmless for conv activations; half precision is accumulated
+    in float32.
     """
+    kernels = _kernels_for(x)
+    if kernels:
+        return tuple(kernels.stats(x))
     acc = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
-    count = x[0, 0].numel()
+    count = x.numel() // (x.shape[0] * x.shape[1])
     mean = x.flatten(2).sum(2, dtype=acc) / count
     var = (_dot(x, x, acc) / count - mean * mean).clamp_(min=0.0)
     return mean, var
 
 
-def _pool(mean: torch.Tensor, var: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Statistics of equal-sized parts pooled along `dim`: var = mean(var) + var(means), no cancellation."""
-    m = mean.mean(dim, keepdim=True)
-    return m, var.mean(dim, keepdim=True) + (mean - m).pow(2).mean(dim, keepdim=True)
+def _over_samples(t: torch.Tensor) -> torch.Tensor:
+    """BN's pooling: one group per channel, over all samples."""
+    return t.mean(0, keepdim=True)
 
 
-def _scale_shift(mean, var, eps, weight, bias):
-    """Per-(n, c) scale and shift that normalize with (mean, var) and apply the affine."""
-    scale = torch.rsqrt(var + eps)
-    if weight is not None:
-        scale = scale * weight
-    shift = -mean * scale
-    return scale, (shift + bias if bias is not None else shift)
+def _per_cell(t: torch.Tensor) -> torch.Tensor:
+    """IN's pooling: every (sample, channel) is its own group."""
+    return t
 
 
-def _apply(x: torch.Tensor, stats_fn, *params) -> torch.Tensor:
-    """Run the layer: the hand-written Function in eager mode, plain differentiable ops when
-    no gradient is needed or under torch.compile (which then fuses statistics, affine and
-    their backward into a few kernels itself)."""
+def _run(layer: nn.Module, x: torch.Tensor, *params) -> torch.Tensor:
+    """Run a layer: the hand-written Function in eager mode when a gradient is needed; plain
+    differentiable ops when none is, or under torch.compile (which then fuses statistics,
+    affine and their backward into a few kernels itself)."""
     compiling = torch.compiler.is_compiling()
     if not compiling and torch.is_grad_enabled() and \
             (x.requires_grad or any(p is not None and p.requires_grad for p in params)):
-        return _AffineByStats.apply(x, stats_fn, *params)
+        return _Normalize.apply(x, layer, *params)
     if compiling:
         xs = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
         var, mean = torch.var_mean(xs, dim=tuple(range(2, x.dim())), unbiased=False)
     else:
         mean, var = _spatial_stats(x)
-    return _affine(x, *stats_fn(mean, var, *params))
+    return _affine(x, *_scale_shift(layer._parts(x, mean, var), layer._alphas(*params), params[-1]), layer.fused_relu)
 
 
 def _check_4d(x: torch.Tensor, module: nn.Module) -> None:
@@ -135,13 +206,19 @@ def _check_4d(x: torch.Tensor, module: nn.Module) -> None:
 
 
 class _Norm(nn.Module):
-    """Common constructor: `num_channels`, `eps`, `momentum`, `affine` as in torch.nn."""
+    """Common constructor: `num_channels`, `eps`, `momentum`, `affine` as in torch.nn.
+
+    A scheme says how to normalize by `_parts` (its normalized terms from the per-(n, c)
+    statistics), `_alphas` (each term's per-channel coefficient from the parameters) and
+    `_param_grads` (the parameters' gradients from the coefficients'); the rest is shared.
+    """
 
     def __init__(self, num_channels: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True):
         super().__init__()
         if num_channels < 1:
             raise ValueError(f"num_channels must be >= 1, got {num_channels}")
         self.num_channels, self.eps, self.momentum, self.affine = num_channels, eps, momentum, affine
+        self.fused_relu = False
         if affine:
             self.weight = nn.Parameter(torch.ones(num_channels))
             self.bias = nn.Parameter(torch.zeros(num_channels))
@@ -149,8 +226,24 @@ class _Norm(nn.Module):
             self.register_parameter("weight", None)
             self.register_parameter("bias", None)
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _check_4d(x, self)
+        return _run(self, x, self.weight, self.bias)
+
+    def fuse_relu_(self) -> "_Norm":
+        """Apply a ReLU to the output in the same pass (the model's norm -> ReLU pairs); returns self."""
+        self.fused_relu = True
+        return self
+
+    def _alphas(self, weight, bias) -> list:
+        return [weight]
+
+    def _param_grads(self, params, d_alphas, d_bias) -> tuple:
+        return d_alphas[0], d_bias
+
     def extra_repr(self) -> str:
-        return f"{self.num_channels}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}"
+        relu = ", fused_relu=True" if self.fused_relu else ""
+        return f"{self.num_channels}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}{relu}"
 
 
 class _RunningStats(_Norm):
@@ -169,19 +262,24 @@ class _RunningStats(_Norm):
             self.register_buffer("running_var", None)
             self.register_buffer("num_batches_tracked", None)
 
-    def _check_batch(self, x: torch.Tensor) -> bool:
-        """True when batch statistics are used; refuses one value per channel in training, as PyTorch does."""
-        use_batch = self.training or not self.track_running_stats
+    @property
+    def _uses_batch(self) -> bool:
+        return self.training or not self.track_running_stats
+
+    def _check_batch(self, x: torch.Tensor) -> None:
+        """Refuses one value per channel in training, as PyTorch does."""
+        _check_4d(x, self)
         if self.training and x.numel() // x.shape[1] <= 1:
             raise ValueError(f"{type(self).__name__}: expected more than 1 value per channel when training, "
                              f"got input size {tuple(x.shape)}")
-        return use_batch
 
-    def _batch_stats(self, mean: torch.Tensor, var: torch.Tensor, count: int):
-        """Per-channel batch statistics from per-(n, c) ones; updates the running statistics."""
-        m, v = _pool(mean, var, 0)
-        self._update_running(m, v, count)
-        return m, v
+    def _bn_part(self, x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor) -> _Part:
+        """The BN term: batch statistics (updating the running ones) in training, running ones in eval."""
+        if not self._uses_batch:
+            return _fixed(self.running_mean, self.running_var, self.eps)
+        part, v = _part(mean, var, _over_samples, self.eps)
+        self._update_running(part.mean, v, x.numel() // x.shape[1])
+        return part
 
     def _update_running(self, m: torch.Tensor, v: torch.Tensor, count: int) -> None:
         if self.training and self.track_running_stats:
@@ -192,9 +290,6 @@ class _RunningStats(_Norm):
                 unbiased = v.detach().flatten() * (count / max(count - 1, 1))
                 self.running_var.lerp_(unbiased.to(self.running_var.dtype), f)
 
-    def _running(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.running_mean.view(1, -1), self.running_var.view(1, -1)
-
     def extra_repr(self) -> str:
         return super().extra_repr() + f", track_running_stats={self.track_running_stats}"
 
@@ -203,31 +298,26 @@ class BatchNorm(_RunningStats):
     """BN: per-channel statistics over (N, H, W)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        _check_4d(x, self)
-        use_batch = self._check_batch(x)
-        count = x.numel() // x.shape[1]
-
-        if use_batch and torch.compiler.is_compiling():
+        self._check_batch(x)
+        if self._uses_batch and torch.compiler.is_compiling():
             # under torch.compile, one (N, H, W) reduction: inductor fuses it better than pooled
             # per-(n, c) statistics (and the latter hit an inductor assertion on CUDA at 32x64 rows)
             xs = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
             v, m = torch.var_mean(xs, dim=(0, *range(2, x.dim())), unbiased=False)
-            self._update_running(m, v, count)
-            scale, shift = _scale_shift(m, v, self.eps, self.weight, self.bias)
-            return _affine(x, scale.view(1, -1), shift.view(1, -1))
+            self._update_running(m, v, x.numel() // x.shape[1])
+            part = _Part(m.view(1, -1), torch.rsqrt(v.view(1, -1) + self.eps), None)
+            return _affine(x, *_scale_shift([part], [self.weight], self.bias), self.fused_relu)
+        return _run(self, x, self.weight, self.bias)
 
-        def stats(mean, var, w, b):
-            m, v = self._batch_stats(mean, var, count) if use_batch else self._running()
-            return _scale_shift(m, v, self.eps, w, b)
-        return _apply(x, stats, self.weight, self.bias)
+    def _parts(self, x, mean, var) -> list[_Part]:
+        return [self._bn_part(x, mean, var)]
 
 
 class InstanceNorm(_Norm):
     """IN: per-sample, per-channel statistics over (H, W); the same in train and eval."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        _check_4d(x, self)
-        return _apply(x, lambda mean, var, w, b: _scale_shift(mean, var, self.eps, w, b), self.weight, self.bias)
+    def _parts(self, x, mean, var) -> list[_Part]:
+        return [_part(mean, var, _per_cell, self.eps)[0]]
 
 
 class GroupNorm(_Norm):
@@ -240,16 +330,14 @@ class GroupNorm(_Norm):
         super().__init__(num_channels, eps, momentum, affine)
         self.num_groups = num_groups
 
-    def _group_stats(self, mean: torch.Tensor, var: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        n, c = mean.shape
-        m, v = _pool(mean.view(n, self.num_groups, -1), var.view(n, self.num_groups, -1), 2)
-        return m.expand(n, self.num_groups, c // self.num_groups).reshape(n, c), \
-            v.expand(n, self.num_groups, c // self.num_groups).reshape(n, c)
+    def _over_groups(self, t: torch.Tensor) -> torch.Tensor:
+        """GN's pooling: the mean over each group of channels of a sample, broadcast back to (N, C)."""
+        n, c = t.shape
+        g = self.num_groups
+        return t.view(n, g, c // g).mean(2, keepdim=True).expand(n, g, c // g).reshape(n, c)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        _check_4d(x, self)
-        return _apply(x, lambda mean, var, w, b: _scale_shift(*self._group_stats(mean, var), self.eps, w, b),
-                      self.weight, self.bias)
+    def _parts(self, x, mean, var) -> list[_Part]:
+        return [_part(mean, var, self._over_groups, self.eps)[0]]
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", num_groups={self.num_groups}"
@@ -271,7 +359,7 @@ class BatchInstanceNorm(_RunningStats):
     rho is a learnable per-channel gate, initialised to 1 (pure BN) as in the
     authors' code, and clamped to [0, 1] in the forward pass, so the mix is always
     a convex combination; `clamp_()` also clamps the stored value (the train loop
-    calls it after each optimizer step, as the authors do). Both parts are affine in
+    calls it after each optimizer step, as the authors do). Both terms are affine in
     x per (sample, channel), so the whole layer is one fused multiply-add.
     """
 
@@ -285,20 +373,24 @@ class BatchInstanceNorm(_RunningStats):
         self.rho.clamp_(0.0, 1.0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        _check_4d(x, self)
-        use_batch = self._check_batch(x)
-        count = x.numel() // x.shape[1]
+        self._check_batch(x)
+        return _run(self, x, self.rho, self.weight, self.bias)
 
-        def stats(mean, var, rho, w, b):
-            bm, bv = self._batch_stats(mean, var, count) if use_batch else self._running()
-            bs, bsh = _scale_shift(bm, bv, self.eps, None, None)      # BN part: x * bs + bsh
-            is_, ish = _scale_shift(mean, var, self.eps, None, None)  # IN part: x * is_ + ish
-            r = rho.clamp(0.0, 1.0)
-            scale, shift = r * bs + (1 - r) * is_, r * bsh + (1 - r) * ish
-            if w is not None:
-                scale, shift = scale * w, shift * w + b
-            return scale, shift
-        return _apply(x, stats, self.rho, self.weight, self.bias)
+    def _parts(self, x, mean, var) -> list[_Part]:
+        return [self._bn_part(x, mean, var), _part(mean, var, _per_cell, self.eps)[0]]
+
+    def _alphas(self, rho, weight, bias) -> list:
+        r = rho.clamp(0.0, 1.0)
+        return [r, 1 - r] if weight is None else [weight * r, weight * (1 - r)]
+
+    def _param_grads(self, params, d_alphas, d_bias) -> tuple:
+        rho, weight, _ = params
+        r = rho.clamp(0.0, 1.0)
+        d_bn, d_in = d_alphas
+        d_r = d_bn - d_in if weight is None else weight * (d_bn - d_in)
+        d_rho = d_r * ((rho >= 0) & (rho <= 1))           # clamp passes the gradient inside [0, 1]
+        d_weight = None if weight is None else r * d_bn + (1 - r) * d_in
+        return d_rho, d_weight, d_bias
 
 
 class NoNorm(nn.Identity):
