@@ -46,7 +46,8 @@ def _part(mean: torch.Tensor, var: torch.Tensor, pool, eps: float) -> tuple[_Par
         m, v = mean, var
     else:
         m = pool(mean)
-        v = pool(var + (mean - m) ** 2)
+        d = mean - m
+        v = pool(torch.addcmul(var, d, d))
     return _Part(m, torch.rsqrt(v + eps), pool), v
 
 
@@ -56,12 +57,17 @@ def _fixed(mean: torch.Tensor, var: torch.Tensor, eps: float) -> _Part:
 
 
 def _scale_shift(parts, alphas, bias) -> tuple[torch.Tensor, torch.Tensor]:
-    """y = x * scale + shift: scale = sum(alpha * rstd), shift = bias - sum(alpha * rstd * mean)."""
-    scale = shift = 0
+    """y = x * scale + shift: scale = sum(alpha * rstd), shift = bias - sum(alpha * rstd * mean).
+    (alpha and bias are (C,) and broadcast against the (N or 1, C) statistics.)"""
+    scale = shift = None
     for p, a in zip(parts, alphas):
-        s = p.rstd if a is None else a.view(1, -1) * p.rstd
-        scale, shift = scale + s, shift - s * p.mean
-    return scale, (shift if bias is None else shift + bias.view(1, -1))
+        s = p.rstd if a is None else a * p.rstd
+        scale = s if scale is None else scale + s
+        if shift is None and bias is None:
+            shift = -(s * p.mean)
+        else:
+            shift = torch.addcmul(bias if shift is None else shift, s, p.mean, value=-1)
+    return scale, shift
 
 
 class _Normalize(torch.autograd.Function):
@@ -85,7 +91,7 @@ class _Normalize(torch.autograd.Function):
             scale, shift = _scale_shift(parts, alphas, params[-1])
         ctx.save_for_backward(x)
         ctx.layer, ctx.parts, ctx.alphas, ctx.scale, ctx.shift = layer, parts, alphas, scale, shift
-        ctx.params = [None if p is None else p.detach() for p in params]
+        ctx.params = params
         return _affine(x, scale, shift, layer.fused_relu)
 
     @staticmethod
@@ -101,21 +107,22 @@ class _Normalize(torch.autograd.Function):
             acc = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
             sum_g, sum_gx = g.sum(tuple(range(2, x.dim())), dtype=acc).double(), _dot(g, x, acc).double()
         count = x.numel() // (x.shape[0] * x.shape[1])
-        mean_g, mean_gx = sum_g / count, sum_gx / count
         c1 = c0 = None
         d_alphas = []
         for p, a in zip(ctx.parts, ctx.alphas):
-            rc = p.rstd * (mean_gx - p.mean * mean_g)                         # mean of g * x_hat per cell
-            d_alphas.append(rc.sum(0) * count)
+            gxhat = p.rstd * (sum_gx - p.mean * sum_g)                        # per cell: sum of g * x_hat
+            d_alphas.append(gxhat.sum(0))
             if p.pool is not None and need_x:
-                a = None if a is None else a.view(1, -1)
-                r2b = p.rstd * p.rstd * p.pool(rc if a is None else a * rc)
-                t0 = p.mean * r2b - p.rstd * p.pool(mean_g if a is None else a * mean_g)
+                k = p.rstd / count
+                r2b = k * p.rstd * p.pool(gxhat if a is None else a * gxhat)  # rstd^2 B
+                t0 = p.mean * r2b - k * p.pool(sum_g if a is None else a * sum_g)
                 c1, c0 = (-r2b, t0) if c1 is None else (c1 - r2b, c0 + t0)
         grad_x = None
         if need_x:
             if c1 is None:                                                    # constant statistics
                 c1 = c0 = scale.new_zeros(scale.shape)
+            elif c1.shape[1] != scale.shape[1]:                               # (N, 1): one group (LN)
+                c1, c0 = c1.expand_as(scale), c0.expand_as(scale)
             if kernels:                                                       # g * scale + x * c1 + c0, one pass
                 grad_x = kernels.grad_input(g, x, scale, shift, c1, c0, relu)
             else:
@@ -286,9 +293,10 @@ class _RunningStats(_Norm):
             with torch.no_grad():
                 self.num_batches_tracked.add_(1)
                 f = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
-                self.running_mean.lerp_(m.detach().flatten().to(self.running_mean.dtype), f)
-                unbiased = v.detach().flatten() * (count / max(count - 1, 1))
-                self.running_var.lerp_(unbiased.to(self.running_var.dtype), f)
+                dtype = self.running_mean.dtype
+                unbiased = v.view(-1) * (count / max(count - 1, 1))
+                torch._foreach_lerp_([self.running_mean, self.running_var],
+                                     [m.view(-1).to(dtype), unbiased.to(dtype)], f)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", track_running_stats={self.track_running_stats}"
@@ -331,9 +339,12 @@ class GroupNorm(_Norm):
         self.num_groups = num_groups
 
     def _over_groups(self, t: torch.Tensor) -> torch.Tensor:
-        """GN's pooling: the mean over each group of channels of a sample, broadcast back to (N, C)."""
+        """GN's pooling: the mean over each group of channels of a sample, broadcast back to (N, C)
+        ((N, 1) for one group, which broadcasts by itself)."""
         n, c = t.shape
         g = self.num_groups
+        if g == 1:
+            return t.mean(1, keepdim=True)
         return t.view(n, g, c // g).mean(2, keepdim=True).expand(n, g, c // g).reshape(n, c)
 
     def _parts(self, x, mean, var) -> list[_Part]:
