@@ -1,22 +1,25 @@
-// Fused CPU passes for resnorm.norms: the full-size passes every scheme needs, each one
-// read of its inputs (and one write), with an optional fused ReLU after the norm.
+// Fused CPU kernels for resnorm.norms: a whole normalization layer in two calls.
 //
-//   stats(x)                                  per-(n, c) spatial mean and biased variance
-//   affine(x, scale, shift, relu)             y = x * scale + shift, then max(y, 0) if relu
-//   grad_sums(g, x, scale, shift, relu)       per-(n, c) sums of g' and g' * x
-//   grad_input(g, x, scale, shift, c1, c0, relu)   g' * scale + x * c1 + c0
+//   norm_forward(x, ...)   statistics pass, the layer's per-(n, c) arithmetic, one
+//                          y = x * scale + shift pass (then ReLU if fused)
+//   norm_backward(g, ...)  one pass for the per-(n, c) sums of g' and g' * x, the closed-form
+//                          backward arithmetic, one grad_x = g' * scale + x * c1 + c0 pass
 //
-// where g' = g, or with relu g masked to where x * scale + shift > 0 (recomputed from x,
-// exactly as in the forward pass, so nothing more is stored). Coefficients are (N, C) or
-// (1, C) tensors of any float dtype, per sample and channel or shared over samples.
-// x may be NCHW-contiguous (or any contiguous (N, C, ...)) or channels_last. Each per-(n, c)
-// sum is accumulated by one thread in a fixed order (blocks in T, block sums in double), so
-// results do not depend on the number of threads. Built with -ffp-contract=off, so that
-// x * scale + shift rounds the same in every pass. Per-scheme arithmetic stays in Python.
+// where g' = g, or with a fused ReLU g masked to where x * scale + shift > 0 (recomputed from
+// x exactly as in the forward pass, so nothing more is stored). A layer is a sum of parts
+// alpha_c * (x - mean) * rstd whose statistics are pooled by kind (see Kind and
+// resnorm.norms._Pool); the per-(n, c) arithmetic mirrors resnorm.norms._parts and
+// _Normalize.backward, which run the same math with tensor ops where these kernels do not
+// apply. x may be NCHW-contiguous (or any contiguous (N, C, ...)) or channels_last, float32 or
+// float64. Sums are accumulated in double by one thread in a fixed order, so results do not
+// depend on the number of threads. Built with -ffp-contract=off so that x * scale + shift
+// rounds the same in every pass. Small values are read and written through raw pointers: a
+// layer costs a few tensor allocations, not dozens of small tensor ops.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cmath>
 #include <vector>
 
 namespace {
@@ -41,19 +44,26 @@ at::Tensor like(const at::Tensor& g, const Layout& l) {
   return g.contiguous(l.channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
 }
 
-// a (N or 1, C) coefficient converted once to T; at(n) is row n (row 0 when shared over samples)
+// the values of a small contiguous tensor of any float dtype, as doubles (empty tensor: `fill`)
+std::vector<double> values(const at::Tensor& t, int64_t size, double fill) {
+  if (!t.numel()) return std::vector<double>(size, fill);
+  TORCH_CHECK(t.numel() == size, "resnorm kernels: expected ", size, " values, got ", t.numel());
+  const at::Tensor c = t.is_contiguous() ? t : t.contiguous();
+  std::vector<double> v(size);
+  AT_DISPATCH_FLOATING_TYPES(c.scalar_type(), "resnorm_values", [&] {
+    const scalar_t* p = c.data_ptr<scalar_t>();
+    std::copy(p, p + size, v.begin());
+  });
+  return v;
+}
+
+// per-(n, c) coefficients (N x C doubles) in the element type T; at(n) is row n
 template <typename T>
-struct PerChannel {
+struct Coef {
   std::vector<T> v;
-  int64_t row;
-  PerChannel(const at::Tensor& t, const Layout& l) : row(t.size(0) == 1 ? 0 : l.c) {
-    TORCH_CHECK(t.dim() == 2 && t.size(1) == l.c && (t.size(0) == 1 || t.size(0) == l.n),
-                "resnorm kernels: expected a (N or 1, C) coefficient, got ", t.sizes());
-    const at::Tensor d = t.to(at::kDouble).contiguous();
-    const double* p = d.data_ptr<double>();
-    v.assign(p, p + d.numel());
-  }
-  const T* at(int64_t n) const { return v.data() + n * row; }
+  int64_t c;
+  Coef(const double* p, const Layout& l) : v(p, p + l.n * l.c), c(l.c) {}
+  const T* at(int64_t n) const { return v.data() + n * c; }
 };
 
 int64_t grain(int64_t per_item) { return std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(1, per_item)); }
@@ -95,22 +105,18 @@ inline void lane_sums(const T* a, const T* b, int64_t rows, const T* ls, const T
 template <bool Gated, typename T>
 inline void strided_sums(const T* a, const T* b, int64_t len, int64_t outs, const T* gs, const T* gb, double* sa,
                          double* sab) {
-  alignas(64) T ls[kLanes], lb[kLanes];
-  for (int64_t k = 0; k < kLanes; ++k) {
-    ls[k] = Gated ? gs[k % outs] : T(0);
-    lb[k] = Gated ? gb[k % outs] : T(0);
-  }
+  alignas(64) T ls[kLanes] = {}, lb[kLanes] = {};
+  if (Gated)
+    for (int64_t base = 0; base < kLanes; base += outs)
+      for (int64_t j = 0; j < outs; ++j) ls[base + j] = gs[j], lb[base + j] = gb[j];
   double s[kLanes], q[kLanes];
   const int64_t main = len - len % kLanes;
   lane_sums<Gated>(a, b, main / kLanes, ls, lb, s, q);
   std::fill(sa, sa + outs, 0.0);
   std::fill(sab, sab + outs, 0.0);
-  for (int64_t k = 0; k < kLanes; ++k) {
-    sa[k % outs] += s[k];
-    sab[k % outs] += q[k];
-  }
-  for (int64_t i = main; i < len; ++i) {
-    const int64_t j = (i - main) % outs;
+  for (int64_t base = 0; base < kLanes; base += outs)
+    for (int64_t j = 0; j < outs; ++j) sa[j] += s[base + j], sab[j] += q[base + j];
+  for (int64_t i = main, j = 0; i < len; ++i, j = j + 1 == outs ? 0 : j + 1) {
     const T va = gate<Gated>(a[i], b[i], ls[j], lb[j]);
     sa[j] += va;
     sab[j] += double(va) * double(b[i]);
@@ -133,11 +139,11 @@ inline void row_sums(const T* a, const T* b, int64_t len, T gs, T gb, double& sa
 
 // per-(n, c) sums of a' and a' * b over the spatial axes, for a and b in layout l
 template <bool Gated, typename T>
-void sums(const T* a, const T* b, const Layout& l, const PerChannel<T>* gs, const PerChannel<T>* gb, double* sa,
+void sums(const T* a, const T* b, const Layout& l, const Coef<T>* gs, const Coef<T>* gb, double* sa,
           double* sab) {
   const int64_t C = l.c, HW = l.hw;
   const T zero = T(0);
-  auto gate_row = [&](const PerChannel<T>* p, int64_t n) { return Gated ? p->at(n) : &zero; };
+  auto gate_row = [&](const Coef<T>* p, int64_t n) { return Gated ? p->at(n) : &zero; };
   if (!l.channels_last) {  // each (n, c) row is contiguous
     at::parallel_for(0, l.n * C, grain(HW), [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
@@ -191,7 +197,7 @@ template <typename T>
 struct LaneCoef {
   alignas(64) T v[kLanes];
   LaneCoef(const T* p, int64_t period) {
-    for (int64_t k = 0; k < kLanes; ++k) v[k] = p[k % period];
+    for (int64_t base = 0; base < kLanes; base += period) std::copy(p, p + period, v + base);
   }
 };
 
@@ -205,13 +211,13 @@ inline void map_run(int64_t len, int64_t period, F f) {
       for (int64_t k = 0; k < kLanes; ++k) f(i + k, k);
     for (; i < len; ++i) f(i, i % kLanes);
   } else {
-    for (int64_t i = 0; i < len; ++i) f(i, -1 - i % period);  // negative: channel -1 - lane
+    for (int64_t i = 0, c = 0; i < len; ++i, c = c + 1 == period ? 0 : c + 1) f(i, -1 - c);  // negative: channel -1 - k
   }
 }
 
 // y = x * scale + shift (then max(y, 0) when Relu), one pass
 template <bool Relu, typename T>
-void affine_pass(const T* x, const Layout& l, const PerChannel<T>& scale, const PerChannel<T>& shift, T* y) {
+void affine_pass(const T* x, const Layout& l, const Coef<T>& scale, const Coef<T>& shift, T* y) {
   for_runs(l, [&](int64_t off, int64_t len, int64_t n, int64_t c, int64_t period) {
     const T *s = scale.at(n) + c, *b = shift.at(n) + c, *px = x + off;
     T* py = y + off;
@@ -227,8 +233,8 @@ void affine_pass(const T* x, const Layout& l, const PerChannel<T>& scale, const 
 
 // grad_x = g' * scale + x * c1 + c0, one pass (g' gated by x * scale + shift > 0 when Gated)
 template <bool Gated, typename T>
-void grad_input_pass(const T* g, const T* x, const Layout& l, const PerChannel<T>& scale,
-                     const PerChannel<T>& shift, const PerChannel<T>& c1, const PerChannel<T>& c0, T* out) {
+void grad_input_pass(const T* g, const T* x, const Layout& l, const Coef<T>& scale,
+                     const Coef<T>& shift, const Coef<T>& c1, const Coef<T>& c0, T* out) {
   for_runs(l, [&](int64_t off, int64_t len, int64_t n, int64_t c, int64_t period) {
     const T *s = scale.at(n) + c, *b = shift.at(n) + c, *k1 = c1.at(n) + c, *k0 = c0.at(n) + c;
     const T *pg = g + off, *px = x + off;
@@ -244,80 +250,170 @@ void grad_input_pass(const T* g, const T* x, const Layout& l, const PerChannel<T
   });
 }
 
-at::Tensor per_cell(const Layout& l) { return at::empty({l.n, l.c}, at::kDouble); }
+
+// A part's statistics are pooled by kind (the codes of resnorm.norms FIXED, CELL, SAMPLES, GROUPS)
+enum Kind : int64_t { kFixed = 0, kCell = 1, kSamples = 2, kGroups = 3 };
+
+// average each group of cells of t (N x C, by kind) and broadcast it back, in place
+void pool(double* t, int64_t N, int64_t C, int64_t kind, int64_t groups) {
+  if (kind == kSamples) {
+    for (int64_t c = 0; c < C; ++c) {
+      double m = 0;
+      for (int64_t n = 0; n < N; ++n) m += t[n * C + c];
+      m /= double(N);
+      for (int64_t n = 0; n < N; ++n) t[n * C + c] = m;
+    }
+  } else if (kind == kGroups) {
+    const int64_t per = C / groups;
+    for (int64_t n = 0; n < N; ++n)
+      for (int64_t g = 0; g < groups; ++g) {
+        double* p = t + n * C + g * per;
+        double m = 0;
+        for (int64_t c = 0; c < per; ++c) m += p[c];
+        m /= double(per);
+        std::fill(p, p + per, m);
+      }
+  }
+}
+
+// running = lerp(running, value, factor) in place, for BN's running statistics
+void lerp_into(const at::Tensor& running, const double* value, double scale, double factor) {
+  TORCH_CHECK(running.is_contiguous(), "resnorm kernels: running statistics must be contiguous");
+  AT_DISPATCH_FLOATING_TYPES(running.scalar_type(), "resnorm_lerp", [&] {
+    scalar_t* r = running.data_ptr<scalar_t>();
+    for (int64_t c = 0; c < running.numel(); ++c) r[c] = scalar_t(r[c] + factor * (value[c] * scale - r[c]));
+  });
+}
 
 }  // namespace
 
-// per-(n, c) mean and biased variance over the spatial axes, in float64
-std::vector<at::Tensor> stats(const at::Tensor& x) {
+// Forward of a layer with parts p = 0..P-1. Returns y and one float64 state tensor of shape
+// (2 + 2P, N, C): scale, shift, then mean and rstd of each part (what norm_backward needs).
+std::vector<at::Tensor> norm_forward(const at::Tensor& x, const std::vector<int64_t>& kinds,
+                                     const std::vector<int64_t>& groups, const std::vector<at::Tensor>& alphas,
+                                     const std::vector<at::Tensor>& fixed_mean, const std::vector<at::Tensor>& fixed_var,
+                                     const std::vector<at::Tensor>& run_mean, const std::vector<at::Tensor>& run_var,
+                                     double factor, double unbias, const at::Tensor& bias, double eps, bool relu) {
   const Layout l = layout_of(x);
-  at::Tensor mean = per_cell(l), var = per_cell(l);
-  double* s = mean.data_ptr<double>();
-  double* q = var.data_ptr<double>();
+  const int64_t N = l.n, C = l.c, NC = N * C, P = int64_t(kinds.size());
+  at::Tensor state = at::empty({2 + 2 * P, N, C}, at::kDouble);
+  double* scale = state.data_ptr<double>();
+  double* shift = scale + NC;
+  std::vector<double> mean(NC), var(NC), pv(NC);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "resnorm_stats", [&] {
     const scalar_t* p = x.data_ptr<scalar_t>();
-    sums<false, scalar_t>(p, p, l, nullptr, nullptr, s, q);
+    sums<false, scalar_t>(p, p, l, nullptr, nullptr, mean.data(), var.data());
   });
-  const double inv = 1.0 / double(l.hw);
-  for (int64_t i = 0; i < l.n * l.c; ++i) {
-    s[i] *= inv;
-    q[i] = std::max(q[i] * inv - s[i] * s[i], 0.0);
+  for (int64_t i = 0; i < NC; ++i) {  // sums -> mean and biased variance
+    mean[i] /= double(l.hw);
+    var[i] = std::max(var[i] / double(l.hw) - mean[i] * mean[i], 0.0);
   }
-  return {mean, var};
-}
-
-// x * scale + shift, then max(., 0) if relu
-at::Tensor affine(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& shift, bool relu) {
-  const Layout l = layout_of(x);
+  const std::vector<double> b = values(bias, C, 0.0);
+  for (int64_t n = 0; n < N; ++n) std::copy(b.begin(), b.end(), shift + n * C);
+  std::fill(scale, scale + NC, 0.0);
+  for (int64_t p = 0; p < P; ++p) {
+    double* pm = shift + NC + 2 * p * NC;
+    double* pr = pm + NC;
+    if (kinds[p] == kFixed) {
+      const std::vector<double> fm = values(fixed_mean[p], C, 0.0), fv = values(fixed_var[p], C, 1.0);
+      for (int64_t n = 0; n < N; ++n) {
+        std::copy(fm.begin(), fm.end(), pm + n * C);
+        std::copy(fv.begin(), fv.end(), pv.begin() + n * C);
+      }
+    } else {  // exact pooling of equal-sized cells: var = mean(var) + var(means)
+      std::copy(mean.begin(), mean.end(), pm);
+      pool(pm, N, C, kinds[p], groups[p]);
+      for (int64_t i = 0; i < NC; ++i) pv[i] = var[i] + (mean[i] - pm[i]) * (mean[i] - pm[i]);
+      pool(pv.data(), N, C, kinds[p], groups[p]);
+      if (run_mean[p].numel()) {  // row 0 holds the pooled per-channel values
+        lerp_into(run_mean[p], pm, 1.0, factor);
+        lerp_into(run_var[p], pv.data(), unbias, factor);
+      }
+    }
+    const std::vector<double> a = values(alphas[p], C, 1.0);
+    for (int64_t n = 0; n < N; ++n)
+      for (int64_t c = 0, i = n * C; c < C; ++c, ++i) {
+        pr[i] = 1.0 / std::sqrt(pv[i] + eps);
+        const double s = a[c] * pr[i];
+        scale[i] += s;
+        shift[i] -= s * pm[i];
+      }
+  }
   at::Tensor y = at::empty_like(x);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "resnorm_affine", [&] {
-    const PerChannel<scalar_t> s(scale, l), b(shift, l);
+    const Coef<scalar_t> s(scale, l), t(shift, l);
     if (relu)
-      affine_pass<true>(x.data_ptr<scalar_t>(), l, s, b, y.data_ptr<scalar_t>());
+      affine_pass<true>(x.data_ptr<scalar_t>(), l, s, t, y.data_ptr<scalar_t>());
     else
-      affine_pass<false>(x.data_ptr<scalar_t>(), l, s, b, y.data_ptr<scalar_t>());
+      affine_pass<false>(x.data_ptr<scalar_t>(), l, s, t, y.data_ptr<scalar_t>());
   });
-  return y;
+  return {y, state};
 }
 
-// per-(n, c) sums of g' and g' * x over the spatial axes, in float64
-std::vector<at::Tensor> grad_sums(const at::Tensor& g_in, const at::Tensor& x, const at::Tensor& scale,
-                                  const at::Tensor& shift, bool relu) {
+// Backward of the layer that norm_forward ran. Returns grad_x (undefined unless need_x) and one
+// float64 tensor of shape (1 + P, C): the gradient of the bias, then of each part's alpha.
+std::vector<at::Tensor> norm_backward(const at::Tensor& g_in, const at::Tensor& x, const at::Tensor& state,
+                                      const std::vector<int64_t>& kinds, const std::vector<int64_t>& groups,
+                                      const std::vector<at::Tensor>& alphas, bool relu, bool need_x) {
   const Layout l = layout_of(x);
+  const int64_t N = l.n, C = l.c, NC = N * C, P = int64_t(kinds.size());
+  TORCH_CHECK(state.scalar_type() == at::kDouble && state.is_contiguous() && state.numel() == (2 + 2 * P) * NC,
+              "resnorm kernels: state does not match the layer");
+  const double* scale = state.data_ptr<double>();
+  const double* shift = scale + NC;
   const at::Tensor g = like(g_in, l);
-  at::Tensor sum_g = per_cell(l), sum_gx = per_cell(l);
+  std::vector<double> sg(NC), sgx(NC), c1(NC, 0.0), c0(NC, 0.0), gxhat(NC), bb(NC), ag(NC);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "resnorm_grad_sums", [&] {
     const scalar_t *pg = g.data_ptr<scalar_t>(), *px = x.data_ptr<scalar_t>();
     if (relu) {
-      const PerChannel<scalar_t> s(scale, l), b(shift, l);
-      sums<true>(pg, px, l, &s, &b, sum_g.data_ptr<double>(), sum_gx.data_ptr<double>());
+      const Coef<scalar_t> s(scale, l), t(shift, l);
+      sums<true>(pg, px, l, &s, &t, sg.data(), sgx.data());
     } else {
-      sums<false, scalar_t>(pg, px, l, nullptr, nullptr, sum_g.data_ptr<double>(), sum_gx.data_ptr<double>());
+      sums<false, scalar_t>(pg, px, l, nullptr, nullptr, sg.data(), sgx.data());
     }
   });
-  return {sum_g, sum_gx};
-}
-
-// g' * scale + x * c1 + c0
-at::Tensor grad_input(const at::Tensor& g_in, const at::Tensor& x, const at::Tensor& scale, const at::Tensor& shift,
-                      const at::Tensor& c1, const at::Tensor& c0, bool relu) {
-  const Layout l = layout_of(x);
-  const at::Tensor g = like(g_in, l);
-  at::Tensor out = at::empty_like(x);
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "resnorm_grad_input", [&] {
-    const PerChannel<scalar_t> s(scale, l), b(shift, l), k1(c1, l), k0(c0, l);
-    const scalar_t *pg = g.data_ptr<scalar_t>(), *px = x.data_ptr<scalar_t>();
-    if (relu)
-      grad_input_pass<true>(pg, px, l, s, b, k1, k0, out.data_ptr<scalar_t>());
-    else
-      grad_input_pass<false>(pg, px, l, s, b, k1, k0, out.data_ptr<scalar_t>());
-  });
-  return out;
+  at::Tensor grads = at::zeros({1 + P, C}, at::kDouble);
+  double* d_bias = grads.data_ptr<double>();
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t c = 0; c < C; ++c) d_bias[c] += sg[n * C + c];
+  const double inv = 1.0 / double(l.hw);
+  for (int64_t p = 0; p < P; ++p) {
+    const double* pm = shift + NC + 2 * p * NC;
+    const double* pr = pm + NC;
+    double* d_alpha = d_bias + (1 + p) * C;
+    const std::vector<double> a = values(alphas[p], C, 1.0);
+    for (int64_t n = 0; n < N; ++n)
+      for (int64_t c = 0, i = n * C; c < C; ++c, ++i) {
+        gxhat[i] = pr[i] * (sgx[i] - pm[i] * sg[i]);  // per cell: sum of g * x_hat
+        d_alpha[c] += gxhat[i];
+        bb[i] = a[c] * gxhat[i];
+        ag[i] = a[c] * sg[i];
+      }
+    if (kinds[p] == kFixed || !need_x) continue;  // constant statistics pass no gradient through
+    pool(bb.data(), N, C, kinds[p], groups[p]);
+    pool(ag.data(), N, C, kinds[p], groups[p]);
+    for (int64_t i = 0; i < NC; ++i) {
+      const double k = pr[i] * inv, r2b = k * pr[i] * bb[i];
+      c1[i] -= r2b;
+      c0[i] += pm[i] * r2b - k * ag[i];
+    }
+  }
+  at::Tensor grad_x;
+  if (need_x) {
+    grad_x = at::empty_like(x);
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "resnorm_grad_input", [&] {
+      const Coef<scalar_t> s(scale, l), t(shift, l), k1(c1.data(), l), k0(c0.data(), l);
+      const scalar_t *pg = g.data_ptr<scalar_t>(), *px = x.data_ptr<scalar_t>();
+      if (relu)
+        grad_input_pass<true>(pg, px, l, s, t, k1, k0, grad_x.data_ptr<scalar_t>());
+      else
+        grad_input_pass<false>(pg, px, l, s, t, k1, k0, grad_x.data_ptr<scalar_t>());
+    });
+  }
+  return {grad_x, grads};
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("stats", &stats, "per-(n, c) spatial mean and biased variance (float64)");
-  m.def("affine", &affine, "x * scale + shift, then ReLU if relu");
-  m.def("grad_sums", &grad_sums, "per-(n, c) spatial sums of g' and g' * x (float64)");
-  m.def("grad_input", &grad_input, "g' * scale + x * c1 + c0");
+  m.def("norm_forward", &norm_forward, "a norm layer's forward: y and its state (see resnorm.norms)");
+  m.def("norm_backward", &norm_backward, "a norm layer's backward: grad_x and (d_bias, d_alpha...)");
 }

@@ -9,11 +9,14 @@ results to rounding, only slower.
 from __future__ import annotations
 
 import functools
+import logging
 import os
+import sys
 import warnings
 from pathlib import Path
 
 SOURCE = Path(__file__).with_name("kernels.cpp")
+NAME = "resnorm_kernels"
 
 
 @functools.cache
@@ -21,10 +24,18 @@ def cpu_kernels():
     """The compiled module (stats, affine, grad_sums, grad_input), or None when unavailable."""
     if os.environ.get("RESNORM_KERNELS", "1") == "0":
         return None
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)  # "No CUDA runtime is found" on CPU
     try:
-        from torch.utils.cpp_extension import load
-        return load(name="resnorm_kernels", sources=[str(SOURCE)],
-                    extra_cflags=["-O3", "-march=native", "-ffp-contract=off", "-fopenmp"], extra_ldflags=["-fopenmp"])
+        from torch.utils import cpp_extension
+        try:
+            built = (Path(cpp_extension._get_build_directory(NAME, verbose=False)) / f"{NAME}.so").exists()
+        except Exception:
+            built = True
+        if not built:
+            print("resnorm: compiling the fused CPU kernels (once per machine, under a minute)...", file=sys.stderr)
+        return cpp_extension.load(name=NAME, sources=[str(SOURCE)],
+                                  extra_cflags=["-O3", "-march=native", "-ffp-contract=off", "-fopenmp"],
+                                  extra_ldflags=["-fopenmp"])
     except Exception as e:  # no compiler, no headers, a failed build: fall back, say why once
         first = (str(e).strip().splitlines() or [""])[0][:200]
         warnings.warn(f"resnorm: fused CPU kernels unavailable ({type(e).__name__}: {first}); "

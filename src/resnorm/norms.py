@@ -84,28 +84,37 @@ class _Normalize(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, layer, *params):
+        ctx.save_for_backward(x)
+        ctx.layer, ctx.params = layer, params
+        kernels = _kernels_for(x)
+        if kernels:                                               # CPU: the whole layer in kernels.cpp
+            y, ctx.kernel_state = _kernel_forward(kernels, layer, x, params)
+            return y
+        ctx.kernel_state = None
         mean, var = (t if t.dtype == torch.float64 else t.double() for t in _spatial_stats(x))
         with torch.no_grad():                                     # the (N, C) arithmetic runs in float64
-            parts = layer._parts(x, mean, var)
+            parts = _parts(layer._spec(x), mean, var, layer.eps)
             alphas = layer._alphas(*params)
             scale, shift = _scale_shift(parts, alphas, params[-1])
-        ctx.save_for_backward(x)
-        ctx.layer, ctx.parts, ctx.alphas, ctx.scale, ctx.shift = layer, parts, alphas, scale, shift
-        ctx.params = params
+        ctx.parts, ctx.alphas, ctx.scale, ctx.shift = parts, alphas, scale, shift
         return _affine(x, scale, shift, layer.fused_relu)
 
     @staticmethod
     def backward(ctx, g):
         (x,) = ctx.saved_tensors
-        scale, shift, relu, need_x = ctx.scale, ctx.shift, ctx.layer.fused_relu, ctx.needs_input_grad[0]
-        kernels = _kernels_for(x)
-        if kernels:
-            sum_g, sum_gx = kernels.grad_sums(g, x, scale, shift, relu)       # one pass over g and x
-        else:
-            if relu:                                                          # the ReLU's mask, recomputed
-                g = g * (_affine(x, scale, shift) > 0)
-            acc = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
-            sum_g, sum_gx = g.sum(tuple(range(2, x.dim())), dtype=acc).double(), _dot(g, x, acc).double()
+        relu, need_x = ctx.layer.fused_relu, ctx.needs_input_grad[0]
+        if ctx.kernel_state is not None:
+            specs, alphas, state = ctx.kernel_state
+            grad_x, grads = _kernels_for(x).norm_backward(g, x, state, [sp.kind for sp in specs],
+                                                          [sp.groups for sp in specs], [_or_empty(a) for a in alphas],
+                                                          relu, need_x)
+            d_bias, *d_alphas = grads.unbind(0)
+            return ctx.layer._finish_grads(ctx, grad_x if need_x else None, d_alphas, d_bias)
+        scale, shift = ctx.scale, ctx.shift
+        if relu:                                                          # the ReLU's mask, recomputed
+            g = g * (_affine(x, scale, shift) > 0)
+        acc = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+        sum_g, sum_gx = g.sum(tuple(range(2, x.dim())), dtype=acc).double(), _dot(g, x, acc).double()
         count = x.numel() // (x.shape[0] * x.shape[1])
         c1 = c0 = None
         d_alphas = []
@@ -121,16 +130,9 @@ class _Normalize(torch.autograd.Function):
         if need_x:
             if c1 is None:                                                    # constant statistics
                 c1 = c0 = scale.new_zeros(scale.shape)
-            elif c1.shape[1] != scale.shape[1]:                               # (N, 1): one group (LN)
-                c1, c0 = c1.expand_as(scale), c0.expand_as(scale)
-            if kernels:                                                       # g * scale + x * c1 + c0, one pass
-                grad_x = kernels.grad_input(g, x, scale, shift, c1, c0, relu)
-            else:
-                grad_x = _affine(x, c1, c0)
-                grad_x.addcmul_(g, scale.view(*scale.shape, *([1] * (x.dim() - 2))).to(x.dtype))
-        grads = ctx.layer._param_grads(ctx.params, d_alphas, sum_g.sum(0))
-        return (grad_x, None, *(gr.to(p.dtype) if need else None
-                                for gr, p, need in zip(grads, ctx.params, ctx.needs_input_grad[2:])))
+            grad_x = _affine(x, c1.expand_as(scale), c0.expand_as(scale))    # g * scale + x * c1 + c0
+            grad_x.addcmul_(g, scale.view(*scale.shape, *([1] * (x.dim() - 2))).to(x.dtype))
+        return ctx.layer._finish_grads(ctx, grad_x, d_alphas, sum_g.sum(0))
 
 
 def _kernels_for(x: torch.Tensor):
@@ -144,10 +146,7 @@ def _kernels_for(x: torch.Tensor):
 
 
 def _affine(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, relu: bool = False) -> torch.Tensor:
-    """x * scale + shift (then ReLU) in one pass, with (N or 1, C) scale and shift broadcast over the map."""
-    kernels = _kernels_for(x)
-    if kernels:
-        return kernels.affine(x, scale, shift, relu)
+    """x * scale + shift (then ReLU), with (N or 1, C) scale and shift broadcast over the map."""
     shape = (*scale.shape, *([1] * (x.dim() - 2)))
     y = torch.addcmul(shift.reshape(shape).to(x.dtype), x, scale.reshape(shape).to(x.dtype))
     return torch.relu(y) if relu else y
@@ -162,16 +161,12 @@ def _dot(a: torch.Tensor, b: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
 
 
 def _spatial_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-(n, c) mean and biased variance over the spatial axes, in one pass over x.
+    """Per-(n, c) mean and biased variance over the spatial axes (the tensor-op engine).
 
-    The CPU kernel accumulates in double and returns float64. The tensor-op fallback uses var = E[x^2] - mean^2
-    from one fused dot product (10x faster than torch.var_mean on CPU here); its rounding is
-    relative to mean^2 / var, harmless for conv activations; half precision is accumulated
-    in float32.
+    var = E[x^2] - mean^2 from one fused dot product (10x faster than torch.var_mean on CPU
+    here); its rounding is relative to mean^2 / var, harmless for conv activations; half
+    precision is accumulated in float32. (kernels.cpp accumulates in double.)
     """
-    kernels = _kernels_for(x)
-    if kernels:
-        return tuple(kernels.stats(x))
     acc = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
     count = x.numel() // (x.shape[0] * x.shape[1])
     mean = x.flatten(2).sum(2, dtype=acc) / count
@@ -179,14 +174,83 @@ def _spatial_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return mean, var
 
 
+# How a part pools its per-(n, c) statistics (the same codes as kernels.cpp's Kind)
+FIXED, CELL, SAMPLES, GROUPS = 0, 1, 2, 3
+
+
+class _Pool(NamedTuple):
+    """A layer's recipe for one part: FIXED (given mean and variance: BN's running statistics
+    in eval), CELL (IN: each (sample, channel) alone), SAMPLES (BN: each channel over the
+    batch) or GROUPS (GN/LN: each sample's groups of channels). `running`, for BN in training,
+    is (running_mean, running_var, factor, unbias) to update in place."""
+    kind: int
+    groups: int = 1
+    fixed: tuple | None = None
+    running: tuple | None = None
+
+
 def _over_samples(t: torch.Tensor) -> torch.Tensor:
-    """BN's pooling: one group per channel, over all samples."""
     return t.mean(0, keepdim=True)
 
 
 def _per_cell(t: torch.Tensor) -> torch.Tensor:
-    """IN's pooling: every (sample, channel) is its own group."""
     return t
+
+
+def _over_groups(t: torch.Tensor, groups: int) -> torch.Tensor:
+    """The mean over each group of channels of a sample, broadcast back to (N, C) ((N, 1) for one group)."""
+    n, c = t.shape
+    if groups == 1:
+        return t.mean(1, keepdim=True)
+    return t.view(n, groups, c // groups).mean(2, keepdim=True).expand(n, groups, c // groups).reshape(n, c)
+
+
+def _update_running(running: tuple, m: torch.Tensor, v: torch.Tensor) -> None:
+    """BN's running statistics (unbiased variance, as PyTorch keeps them), updated in place."""
+    running_mean, running_var, factor, unbias = running
+    with torch.no_grad():
+        dtype = running_mean.dtype
+        torch._foreach_lerp_([running_mean, running_var], [m.reshape(-1).to(dtype), (v.reshape(-1) * unbias).to(dtype)],
+                             factor)
+
+
+def _parts(specs: list[_Pool], mean: torch.Tensor, var: torch.Tensor, eps: float) -> list[_Part]:
+    """The layer's parts from per-(n, c) statistics, with tensor ops (kernels.cpp's norm_forward
+    does the same in C++ on CPU)."""
+    parts = []
+    for sp in specs:
+        if sp.kind == FIXED:
+            parts.append(_fixed(*sp.fixed, eps))
+            continue
+        pool = {CELL: _per_cell, SAMPLES: _over_samples}.get(sp.kind) or (lambda t, g=sp.groups: _over_groups(t, g))
+        part, v = _part(mean, var, pool, eps)
+        if sp.running is not None:
+            _update_running(sp.running, part.mean, v)
+        parts.append(part)
+    return parts
+
+
+_EMPTY = torch.empty(0)
+
+
+def _or_empty(t: torch.Tensor | None) -> torch.Tensor:
+    return _EMPTY if t is None else t
+
+
+def _kernel_forward(kernels, layer, x: torch.Tensor, params) -> tuple[torch.Tensor, list]:
+    """The whole forward in kernels.cpp: returns y and what the backward needs (specs, alphas,
+    and the float64 state: scale, shift, each part's mean and rstd)."""
+    specs = layer._spec(x)
+    with torch.no_grad():
+        alphas = layer._alphas(*params)
+    run = next((sp.running for sp in specs if sp.running is not None), None)
+    out = kernels.norm_forward(
+        x, [sp.kind for sp in specs], [sp.groups for sp in specs], [_or_empty(a) for a in alphas],
+        [sp.fixed[0] if sp.fixed else _EMPTY for sp in specs], [sp.fixed[1] if sp.fixed else _EMPTY for sp in specs],
+        [sp.running[0] if sp.running else _EMPTY for sp in specs],
+        [sp.running[1] if sp.running else _EMPTY for sp in specs],
+        run[2] if run else 0.0, run[3] if run else 1.0, _or_empty(params[-1]), layer.eps, layer.fused_relu)
+    return out[0], (specs, alphas, out[1])
 
 
 def _run(layer: nn.Module, x: torch.Tensor, *params) -> torch.Tensor:
@@ -197,12 +261,17 @@ def _run(layer: nn.Module, x: torch.Tensor, *params) -> torch.Tensor:
     if not compiling and torch.is_grad_enabled() and \
             (x.requires_grad or any(p is not None and p.requires_grad for p in params)):
         return _Normalize.apply(x, layer, *params)
+    kernels = _kernels_for(x)
+    if kernels:
+        with torch.no_grad():
+            return _kernel_forward(kernels, layer, x, params)[0]
     if compiling:
         xs = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
         var, mean = torch.var_mean(xs, dim=tuple(range(2, x.dim())), unbiased=False)
     else:
         mean, var = _spatial_stats(x)
-    return _affine(x, *_scale_shift(layer._parts(x, mean, var), layer._alphas(*params), params[-1]), layer.fused_relu)
+    parts = _parts(layer._spec(x), mean, var, layer.eps)
+    return _affine(x, *_scale_shift(parts, layer._alphas(*params), params[-1]), layer.fused_relu)
 
 
 def _check_4d(x: torch.Tensor, module: nn.Module) -> None:
@@ -215,9 +284,10 @@ def _check_4d(x: torch.Tensor, module: nn.Module) -> None:
 class _Norm(nn.Module):
     """Common constructor: `num_channels`, `eps`, `momentum`, `affine` as in torch.nn.
 
-    A scheme says how to normalize by `_parts` (its normalized terms from the per-(n, c)
-    statistics), `_alphas` (each term's per-channel coefficient from the parameters) and
-    `_param_grads` (the parameters' gradients from the coefficients'); the rest is shared.
+    A scheme says how to normalize by `_spec` (how each of its normalized terms pools the
+    per-(n, c) statistics), `_alphas` (each term's per-channel coefficient from the
+    parameters) and `_param_grads` (the parameters' gradients from the coefficients'); the
+    rest is shared, and run by kernels.cpp on CPU or by tensor ops elsewhere.
     """
 
     def __init__(self, num_channels: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True):
@@ -247,6 +317,12 @@ class _Norm(nn.Module):
 
     def _param_grads(self, params, d_alphas, d_bias) -> tuple:
         return d_alphas[0], d_bias
+
+    def _finish_grads(self, ctx, grad_x, d_alphas, d_bias) -> tuple:
+        """_Normalize.backward's return value: grad_x, and the parameters' gradients in their dtype."""
+        grads = self._param_grads(ctx.params, d_alphas, d_bias)
+        return (grad_x, None, *(gr.to(p.dtype) if need else None
+                                for gr, p, need in zip(grads, ctx.params, ctx.needs_input_grad[2:])))
 
     def extra_repr(self) -> str:
         relu = ", fused_relu=True" if self.fused_relu else ""
@@ -280,23 +356,18 @@ class _RunningStats(_Norm):
             raise ValueError(f"{type(self).__name__}: expected more than 1 value per channel when training, "
                              f"got input size {tuple(x.shape)}")
 
-    def _bn_part(self, x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor) -> _Part:
-        """The BN term: batch statistics (updating the running ones) in training, running ones in eval."""
+    def _bn_pool(self, x: torch.Tensor) -> _Pool:
+        """The BN term: batch statistics (counting the batch for the running ones) in training,
+        the running ones in eval."""
         if not self._uses_batch:
-            return _fixed(self.running_mean, self.running_var, self.eps)
-        part, v = _part(mean, var, _over_samples, self.eps)
-        self._update_running(part.mean, v, x.numel() // x.shape[1])
-        return part
-
-    def _update_running(self, m: torch.Tensor, v: torch.Tensor, count: int) -> None:
+            return _Pool(FIXED, fixed=(self.running_mean, self.running_var))
+        running = None
         if self.training and self.track_running_stats:
-            with torch.no_grad():
-                self.num_batches_tracked.add_(1)
-                f = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
-                dtype = self.running_mean.dtype
-                unbiased = v.view(-1) * (count / max(count - 1, 1))
-                torch._foreach_lerp_([self.running_mean, self.running_var],
-                                     [m.view(-1).to(dtype), unbiased.to(dtype)], f)
+            self.num_batches_tracked.add_(1)
+            factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+            count = x.numel() // x.shape[1]
+            running = (self.running_mean, self.running_var, factor, count / max(count - 1, 1))
+        return _Pool(SAMPLES, running=running)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", track_running_stats={self.track_running_stats}"
@@ -312,20 +383,22 @@ class BatchNorm(_RunningStats):
             # per-(n, c) statistics (and the latter hit an inductor assertion on CUDA at 32x64 rows)
             xs = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
             v, m = torch.var_mean(xs, dim=(0, *range(2, x.dim())), unbiased=False)
-            self._update_running(m, v, x.numel() // x.shape[1])
+            pool = self._bn_pool(x)
+            if pool.running is not None:
+                _update_running(pool.running, m, v)
             part = _Part(m.view(1, -1), torch.rsqrt(v.view(1, -1) + self.eps), None)
             return _affine(x, *_scale_shift([part], [self.weight], self.bias), self.fused_relu)
         return _run(self, x, self.weight, self.bias)
 
-    def _parts(self, x, mean, var) -> list[_Part]:
-        return [self._bn_part(x, mean, var)]
+    def _spec(self, x) -> list[_Pool]:
+        return [self._bn_pool(x)]
 
 
 class InstanceNorm(_Norm):
     """IN: per-sample, per-channel statistics over (H, W); the same in train and eval."""
 
-    def _parts(self, x, mean, var) -> list[_Part]:
-        return [_part(mean, var, _per_cell, self.eps)[0]]
+    def _spec(self, x) -> list[_Pool]:
+        return [_Pool(CELL)]
 
 
 class GroupNorm(_Norm):
@@ -338,17 +411,8 @@ class GroupNorm(_Norm):
         super().__init__(num_channels, eps, momentum, affine)
         self.num_groups = num_groups
 
-    def _over_groups(self, t: torch.Tensor) -> torch.Tensor:
-        """GN's pooling: the mean over each group of channels of a sample, broadcast back to (N, C)
-        ((N, 1) for one group, which broadcasts by itself)."""
-        n, c = t.shape
-        g = self.num_groups
-        if g == 1:
-            return t.mean(1, keepdim=True)
-        return t.view(n, g, c // g).mean(2, keepdim=True).expand(n, g, c // g).reshape(n, c)
-
-    def _parts(self, x, mean, var) -> list[_Part]:
-        return [_part(mean, var, self._over_groups, self.eps)[0]]
+    def _spec(self, x) -> list[_Pool]:
+        return [_Pool(GROUPS, self.num_groups)]
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", num_groups={self.num_groups}"
@@ -387,8 +451,8 @@ class BatchInstanceNorm(_RunningStats):
         self._check_batch(x)
         return _run(self, x, self.rho, self.weight, self.bias)
 
-    def _parts(self, x, mean, var) -> list[_Part]:
-        return [self._bn_part(x, mean, var), _part(mean, var, _per_cell, self.eps)[0]]
+    def _spec(self, x) -> list[_Pool]:
+        return [self._bn_pool(x), _Pool(CELL)]
 
     def _alphas(self, rho, weight, bias) -> list:
         r = rho.clamp(0.0, 1.0)

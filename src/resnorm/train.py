@@ -135,7 +135,7 @@ class Schedule:
         self.plateau_factor, self.plateau_best, self.plateau_bad = s["factor"], s["best"], s["bad"]
 
 
-CODE = ("train.py", "model.py", "norms.py", "data.py", "metrics.py")
+CODE = ("train.py", "model.py", "norms.py", "kernels.py", "kernels.cpp", "data.py", "metrics.py")
 
 
 def fingerprint(p: Params, v: Variant, seed: int) -> str:

@@ -1,0 +1,194 @@
+"""Both engines of resnorm.norms (the C++ CPU kernels and the tensor-op path) against references,
+in both memory layouts, with and without the fused ReLU (float64)."""
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import resnorm.kernels as kernels_mod
+import resnorm.norms as norms
+from resnorm.model import ResNet
+from resnorm.norms import make_norm
+
+# (4, 16, 5, 7): 16 channels divide the 64 lanes, 560 values per sample leave a tail of 48;
+# (3, 6, 4, 4): 6 channels do not divide 64 (the plain loop); (2, 8, 32, 32): 1,024-value rows
+SHAPES = [(4, 16, 5, 7), (3, 6, 4, 4), (2, 8, 32, 32)]
+NAMES = ["bn", "in", "bin", "ln", "gn"]
+
+
+class DirectBIN(nn.Module):
+    """rho * BN + (1 - rho) * IN then the affine, written out with torch.var/mean."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.rho, self.weight, self.bias = (nn.Parameter(torch.empty(c)) for _ in range(3))
+
+    def forward(self, x):
+        def norm(dims):
+            return (x - x.mean(dims, keepdim=True)) / torch.sqrt(x.var(dims, unbiased=False, keepdim=True) + 1e-5)
+        r = self.rho.view(1, -1, 1, 1)
+        return (r * norm((0, 2, 3)) + (1 - r) * norm((2, 3))) * self.weight.view(1, -1, 1, 1) + self.bias.view(1, -1, 1, 1)
+
+
+def reference(name, c, groups):
+    return {"bn": lambda: nn.BatchNorm2d(c), "in": lambda: nn.InstanceNorm2d(c, affine=True),
+            "bin": lambda: DirectBIN(c), "ln": lambda: nn.GroupNorm(1, c),
+            "gn": lambda: nn.GroupNorm(groups, c)}[name]()
+
+
+@pytest.fixture(params=["kernels", "tensor-ops"])
+def engine(request, monkeypatch):
+    if request.param == "kernels":
+        assert kernels_mod.cpu_kernels() is not None, "the C++ kernels did not build on this machine"
+    else:
+        monkeypatch.setattr(norms, "cpu_kernels", lambda: None)
+    return request.param
+
+
+def run_pair(name, shape, fmt, relu, steps=2, train=True):
+    c = shape[1]
+    groups = 2 if c % 2 == 0 else 3
+    torch.manual_seed(0)
+    ours = make_norm(name, c, **({"num_groups": groups} if name == "gn" else {})).double()
+    ref = reference(name, c, groups).double()
+    if relu:
+        ours.fuse_relu_()
+    with torch.no_grad():
+        params = {"weight": torch.randn(c), "bias": torch.randn(c), "rho": torch.rand(c) * 0.8 + 0.1}
+        for m in (ours, ref):
+            for k, p in m.named_parameters():
+                p.copy_(params[k])
+    ours.train(train), ref.train(train)
+    for _ in range(steps):
+        x = (torch.randn(shape, dtype=torch.float64) * 3 + 1).contiguous(memory_format=fmt)
+        xs = [x.clone(memory_format=torch.preserve_format).requires_grad_() for _ in range(2)]
+        ys = [ours(xs[0]), ref(xs[1])]
+        if relu:
+            ys[1] = torch.relu(ys[1])
+        g = torch.randn_like(ys[0])
+        for m in (ours, ref):
+            m.zero_grad()
+        for y in ys:
+            (y * g).sum().backward()
+    grads = [[p.grad for _, p in sorted(m.named_parameters())] for m in (ours, ref)]
+    return ours, ref, ys, [t.grad for t in xs], grads
+
+
+@pytest.mark.parametrize("relu", [False, True])
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last], ids=["NCHW", "channels_last"])
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("name", NAMES)
+def test_engines_match_references(engine, name, shape, fmt, relu):
+    ours, ref, ys, gx, gp = run_pair(name, shape, fmt, relu)
+    close = dict(rtol=1e-9, atol=1e-10)
+    torch.testing.assert_close(ys[0], ys[1], **close)
+    torch.testing.assert_close(gx[0], gx[1], **close)
+    for a, b in zip(*gp):
+        torch.testing.assert_close(a, b, **close)
+    assert ys[0].is_contiguous(memory_format=fmt) and gx[0].is_contiguous(memory_format=fmt)
+    if name == "bn":
+        torch.testing.assert_close(ours.running_mean, ref.running_mean, **close)
+        torch.testing.assert_close(ours.running_var, ref.running_var, **close)
+        ours.eval(), ref.eval()
+        x = torch.randn(shape, dtype=torch.float64).contiguous(memory_format=fmt)
+        want = torch.relu(ref(x)) if relu else ref(x)
+        torch.testing.assert_close(ours(x), want, **close)
+
+
+def test_eval_mode_gradients_through_running_statistics(engine):
+    """In eval, BN's statistics are constants: the gradient is that of a fixed affine map."""
+    ours, ref, *_ = run_pair("bn", SHAPES[0], torch.channels_last, relu=True, steps=1)
+    ours.eval(), ref.eval()
+    x = torch.randn(SHAPES[0], dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    xs = [x.clone().requires_grad_() for _ in range(2)]
+    ys = [ours(xs[0]), torch.relu(ref(xs[1]))]
+    for y in ys:
+        y.pow(2).sum().backward()
+    torch.testing.assert_close(xs[0].grad, xs[1].grad, rtol=1e-9, atol=1e-10)
+
+
+def test_engines_agree_on_bin_in_eval(monkeypatch):
+    """BIN in eval mixes running BN statistics with batch IN ones: both engines, same numbers."""
+    def run():
+        m, *_ = run_pair("bin", SHAPES[0], torch.channels_last, relu=True, steps=2)
+        m.eval()
+        x = torch.randn(SHAPES[0], dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+        x = x.contiguous(memory_format=torch.channels_last).requires_grad_()
+        y = m(x)
+        y.pow(2).sum().backward()
+        return y.detach(), x.grad, m.rho.grad, m.running_var
+    a = run()
+    monkeypatch.setattr(norms, "cpu_kernels", lambda: None)
+    b = run()
+    for u, v in zip(a, b):
+        torch.testing.assert_close(u, v, rtol=1e-9, atol=1e-10)
+
+
+def test_engines_agree_in_float32_on_a_network():
+    """The default training setting: float32, channels_last, a whole ResNet step."""
+    def step(enabled):
+        torch.manual_seed(0)
+        model = ResNet(1, 5, norm="bin").to(memory_format=torch.channels_last)
+        x = torch.randn(8, 3, 16, 16).contiguous(memory_format=torch.channels_last)
+        saved = norms.cpu_kernels
+        if not enabled:
+            norms.cpu_kernels = lambda: None
+        try:
+            loss = nn.functional.cross_entropy(model(x), torch.arange(8) % 5)
+            loss.backward()
+        finally:
+            norms.cpu_kernels = saved
+        return loss.detach(), [p.grad for p in model.parameters()]
+    (la, ga), (lb, gb) = step(True), step(False)
+    torch.testing.assert_close(la, lb, rtol=1e-5, atol=1e-6)
+    for a, b in zip(ga, gb):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)
+
+
+def test_kernel_results_do_not_depend_on_thread_count():
+    def run(threads):
+        saved = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            return run_pair("bin", (8, 16, 12, 12), torch.channels_last, relu=True)
+        finally:
+            torch.set_num_threads(saved)
+    _, _, ys1, gx1, gp1 = run(1)
+    _, _, ys2, gx2, gp2 = run(2)
+    assert torch.equal(ys1[0], ys2[0]) and torch.equal(gx1[0], gx2[0])
+    assert all(torch.equal(a, b) for a, b in zip(gp1[0], gp2[0]))
+
+
+def test_model_fuses_relu_into_from_scratch_norms_only():
+    ours, builtin = ResNet(1, 3, norm="gn"), ResNet(1, 3, norm="torch_bn")
+    assert ours.norm1.fused_relu and isinstance(ours.act1, nn.Identity)
+    assert all(b.norm1.fused_relu and not b.norm2.fused_relu for s in (ours.stage1, ours.stage2) for b in s)
+    assert isinstance(builtin.act1, nn.ReLU) and isinstance(builtin.stage1[0].act1, nn.ReLU)
+    assert "fused_relu=True" in repr(ours.norm1)
+
+
+def test_missing_compiler_falls_back_with_one_warning(monkeypatch):
+    import torch.utils.cpp_extension as ext
+
+    def broken(*a, **k):
+        raise RuntimeError("Error building extension 'resnorm_kernels'\nmore lines")
+    monkeypatch.setattr(ext, "load", broken)
+    kernels_mod.cpu_kernels.cache_clear()
+    try:
+        with pytest.warns(RuntimeWarning, match="fused CPU kernels unavailable .*Error building extension"):
+            assert kernels_mod.cpu_kernels() is None
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert kernels_mod.cpu_kernels() is None          # cached: warned once
+        m = make_norm("bn", 4)
+        x = torch.randn(3, 4, 5, 5, requires_grad=True)
+        m(x).sum().backward()                                  # the tensor-op engine still trains
+        assert x.grad is not None
+    finally:
+        kernels_mod.cpu_kernels.cache_clear()
+    monkeypatch.setenv("RESNORM_KERNELS", "0")
+    try:
+        assert kernels_mod.cpu_kernels() is None
+    finally:
+        kernels_mod.cpu_kernels.cache_clear()
