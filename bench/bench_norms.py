@@ -1,6 +1,7 @@
 """Benchmark: one full SGD train step of the n=2 ResNet for every norm, ours beside PyTorch's built-ins.
 
   python bench/bench_norms.py [--batch 32] [--size 64] [--rounds 6] [--block 5] [--formats NCHW,channels_last]
+                              [--before REV]
 
 Prints median ms/step in NCHW and channels_last (the training default), the ratio of each
 from-scratch norm to its built-in counterpart (BIN: to our BN) and to the no-normalization
@@ -8,13 +9,18 @@ floor (nn). The from-scratch norms apply the ReLU that follows them in their own
 in training (`resnorm.model.norm_relu`); the built-ins are followed by nn.ReLU. All variants are
 timed in one run, round-robin, so the ratios are side by side; in each round a variant runs a
 block of consecutive steps after a warm-up, as a training loop does (switching models at every
-step measures cold caches, which training never sees; on this CPU that hid a 5-10% difference).
+step measures cold caches, which training never sees). --before REV adds the norms of an
+earlier git revision as "<norm>@REV" rows, timed in the same run (ratio: before / now).
 """
 from __future__ import annotations
 
 import argparse
 import statistics
+import subprocess
+import sys
 import time
+import types
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -33,14 +39,36 @@ PAIRS = {"bn": "torch_bn", "in": "torch_in", "ln": "torch_ln", "gn": "torch_gn",
 ORDER = ["nn", "torch_bn", "bn", "bin", "torch_in", "in", "torch_ln", "ln", "torch_gn", "gn"]
 
 
+# variants built by putting another class under one of ResNet's norm names: torch_gn (ResNet
+# passes num_groups only to "gn") and "<norm>@<git revision>" (--before)
+SWAPS: dict[str, tuple[str, type]] = {"torch_gn": ("gn", BUILTINS["torch_gn"])}
+
+
+def norms_at(rev: str) -> types.ModuleType:
+    """src/resnorm/norms.py as it was at git revision `rev`, loaded as its own module."""
+    root = Path(__file__).resolve().parents[1]
+    src = subprocess.run(["git", "show", f"{rev}:src/resnorm/norms.py"], cwd=root, check=True,
+                         capture_output=True, text=True).stdout
+    mod = types.ModuleType(f"norms_at_{rev}")
+    sys.modules[mod.__name__] = mod
+    exec(compile(src, f"norms.py@{rev}", "exec"), mod.__dict__)
+    return mod
+
+
+def build(norm: str) -> nn.Module:
+    if norm not in SWAPS:
+        return ResNet(2, 25, norm=norm)
+    name, cls = SWAPS[norm]
+    NORMS[name], saved = cls, NORMS[name]
+    try:
+        return ResNet(2, 25, norm=name)
+    finally:
+        NORMS[name] = saved
+
+
 def make_step(norm: str, fmt: torch.memory_format, batch: int, size: int, device: str):
     torch.manual_seed(0)
-    model = ResNet(2, 25, norm="gn" if norm == "torch_gn" else norm).to(device)
-    if norm == "torch_gn":                       # ResNet passes num_groups only to "gn": rebuild with the built-in
-        NORMS["gn"], saved = BUILTINS["torch_gn"], NORMS["gn"]
-        model = ResNet(2, 25, norm="gn").to(device)
-        NORMS["gn"] = saved
-    model = model.to(memory_format=fmt)
+    model = build(norm).to(device).to(memory_format=fmt)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     x = torch.randn(batch, 3, size, size, device=device).contiguous(memory_format=fmt)
     y = torch.randint(0, 25, (batch,), device=device)
@@ -62,7 +90,15 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--formats", default="NCHW,channels_last", help="comma-separated subset of NCHW,channels_last")
+    ap.add_argument("--before", metavar="REV", help="also time the norms of git revision REV (e.g. 5353712)")
     args = ap.parse_args()
+    order = list(ORDER)
+    if args.before:
+        old = norms_at(args.before)
+        for n in ("bn", "in", "bin", "ln", "gn"):
+            SWAPS[f"{n}@{args.before}"] = (n, old.NORMS[n])
+            PAIRS[f"{n}@{args.before}"] = n
+            order.append(f"{n}@{args.before}")
     torch.set_num_threads(args.threads)
     for name, factory in BUILTINS.items():
         if name != "torch_gn":
@@ -70,7 +106,7 @@ def main() -> None:
     sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
     formats = {f: fmt for f, fmt in {"NCHW": torch.contiguous_format, "channels_last": torch.channels_last}.items()
                if f in args.formats.split(",")}
-    steps = {(n, f): make_step(n, fmt, args.batch, args.size, args.device) for n in ORDER for f, fmt in formats.items()}
+    steps = {(n, f): make_step(n, fmt, args.batch, args.size, args.device) for n in order for f, fmt in formats.items()}
     times = {k: [] for k in steps}
     for _ in range(args.rounds):              # round-robin: every variant sees the same machine state...
         for k, s in steps.items():
@@ -85,14 +121,14 @@ def main() -> None:
     med = {k: statistics.median(v) for k, v in times.items()}
     print(f"one SGD step, n=2 ResNet, batch {args.batch}, {args.size}x{args.size}, {args.device}, "
           f"{args.threads} threads, median of {args.rounds} rounds x {args.block} steps")
-    head = "".join(f" | {f + ' ms':>17} {'vs built-in':>16} {'vs floor':>8}" for f in formats)
-    print(f"{'variant':<10}{head}")
-    for n in ORDER:
+    head = "".join(f" | {f + ' ms':>17} {'vs ref':>16} {'vs floor':>8}" for f in formats)
+    print(f"{'variant':<14}{head}")
+    for n in order:
         ref, row = PAIRS.get(n), ""
         for f in formats:
             vs = f"{med[(n, f)] / med[(ref, f)]:.2f}x vs {ref}" if ref else ""
             row += f" | {med[(n, f)]:17.1f} {vs:>16} {med[(n, f)] / med[('nn', f)]:7.2f}x"
-        print(f"{n:<10}{row}")
+        print(f"{n:<14}{row}")
 
 if __name__ == "__main__":
     main()

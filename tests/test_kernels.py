@@ -192,3 +192,25 @@ def test_missing_compiler_falls_back_with_one_warning(monkeypatch):
         assert kernels_mod.cpu_kernels() is None
     finally:
         kernels_mod.cpu_kernels.cache_clear()
+
+
+def test_bin_gate_learns_from_its_initial_value_of_one(monkeypatch):
+    """rho starts at exactly 1, a bound of the clamp: its gradient must still flow (torch.clamp
+    would pass none there and freeze BIN into BN), the same in every engine."""
+    def rho_grad(path):
+        torch.manual_seed(0)
+        m = make_norm("bin", 4).double()
+        x = torch.randn(3, 4, 5, 5, dtype=torch.float64)
+        if path == "plain":                                   # the autograd path (as under torch.compile)
+            monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+        elif path == "tensor-ops":
+            monkeypatch.setattr(norms, "cpu_kernels", lambda: None)
+        try:
+            (m(x.requires_grad_()) * torch.linspace(-1, 1, 300, dtype=torch.float64).view(3, 4, 5, 5)).sum().backward()
+        finally:
+            monkeypatch.undo()
+        return m.rho.grad
+    grads = {p: rho_grad(p) for p in ("kernels", "tensor-ops", "plain")}
+    assert grads["kernels"].abs().min() > 0
+    torch.testing.assert_close(grads["kernels"], grads["tensor-ops"], rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(grads["kernels"], grads["plain"], rtol=1e-9, atol=1e-12)

@@ -454,16 +454,25 @@ class BatchInstanceNorm(_RunningStats):
     def _spec(self, x) -> list[_Pool]:
         return [self._bn_pool(x), _Pool(CELL)]
 
+    @staticmethod
+    def _gate(rho: torch.Tensor) -> torch.Tensor:
+        """rho clamped to [0, 1], with the gradient passed wherever 0 <= rho <= 1, bounds included.
+
+        torch.clamp passes none at the bounds, and rho starts at exactly 1: with it the gate
+        would never leave 1 and BIN would be BN (what the authors' code avoids by clamping
+        only after the optimizer step)."""
+        return torch.where((rho >= 0) & (rho <= 1), rho, rho.detach().clamp(0.0, 1.0))
+
     def _alphas(self, rho, weight, bias) -> list:
-        r = rho.clamp(0.0, 1.0)
+        r = self._gate(rho)
         return [r, 1 - r] if weight is None else [weight * r, weight * (1 - r)]
 
     def _param_grads(self, params, d_alphas, d_bias) -> tuple:
         rho, weight, _ = params
-        r = rho.clamp(0.0, 1.0)
+        r = self._gate(rho)
         d_bn, d_in = d_alphas
         d_r = d_bn - d_in if weight is None else weight * (d_bn - d_in)
-        d_rho = d_r * ((rho >= 0) & (rho <= 1))           # clamp passes the gradient inside [0, 1]
+        d_rho = d_r * ((rho >= 0) & (rho <= 1))           # as _gate: the gradient inside [0, 1], bounds included
         d_weight = None if weight is None else r * d_bn + (1 - r) * d_in
         return d_rho, d_weight, d_bias
 
