@@ -11,11 +11,13 @@ then applies a per-channel affine `weight * x_hat + bias`:
   NN   identity; torch_bn is PyTorch's own nn.BatchNorm2d (the reference)
 
 None of them calls torch's batch_norm / group_norm / layer_norm / instance_norm kernels.
-All five share one path (`_AffineByStats`): per-(sample, channel) mean and variance in
-one pass, pooled over batch, groups or channels as the scheme asks (exactly, without
-cancellation), then a single fused multiply-add; the backward is written out. On CPU the
-full-size passes run in the fused kernels of kernels.cpp when they could be compiled
-(`resnorm.kernels`), otherwise as tensor ops; the small per-(n, c) arithmetic is the same.
+All five are one computation (`_Normalize`), told apart only by how each of their terms
+pools the per-(sample, channel) statistics (`_Pool`): mean and variance per (n, c) in one
+pass, pooled over samples, channel groups or not at all (exactly, without cancellation),
+then one fused multiply-add (and the following ReLU, where the model fuses it); the
+backward is one closed form for all of them. Two engines run it: the C++ CPU kernels
+(kernels.cpp, `resnorm.kernels`) and tensor ops (GPU, torch.compile, no compiler); tests
+hold both to PyTorch's own layers.
 """
 from __future__ import annotations
 
@@ -237,7 +239,7 @@ def _or_empty(t: torch.Tensor | None) -> torch.Tensor:
     return _EMPTY if t is None else t
 
 
-def _kernel_forward(kernels, layer, x: torch.Tensor, params) -> tuple[torch.Tensor, list]:
+def _kernel_forward(kernels, layer, x: torch.Tensor, params) -> tuple[torch.Tensor, tuple]:
     """The whole forward in kernels.cpp: returns y and what the backward needs (specs, alphas,
     and the float64 state: scale, shift, each part's mean and rstd)."""
     specs = layer._spec(x)
@@ -254,9 +256,9 @@ def _kernel_forward(kernels, layer, x: torch.Tensor, params) -> tuple[torch.Tens
 
 
 def _run(layer: nn.Module, x: torch.Tensor, *params) -> torch.Tensor:
-    """Run a layer: the hand-written Function in eager mode when a gradient is needed; plain
-    differentiable ops when none is, or under torch.compile (which then fuses statistics,
-    affine and their backward into a few kernels itself)."""
+    """Run a layer: the hand-written Function in eager mode when a gradient is needed; without
+    one, the CPU kernels' forward alone, or plain tensor ops (on GPU, and under torch.compile,
+    which then fuses statistics, affine and their backward into a few kernels itself)."""
     compiling = torch.compiler.is_compiling()
     if not compiling and torch.is_grad_enabled() and \
             (x.requires_grad or any(p is not None and p.requires_grad for p in params)):
