@@ -201,9 +201,9 @@ struct LaneCoef {
   }
 };
 
-// out[i] = f(i, lane coefficients of i) over a run; vectorised kLanes at a time when the period
-// divides kLanes, else a plain loop over (value, channel)
-template <typename T, typename F>
+// calls f(i, k) for every value i of a run: k >= 0 is i's lane (kLanes at a time, vectorised) when
+// the period divides kLanes; otherwise a plain loop with k = -1 - (i's channel)
+template <typename F>
 inline void map_run(int64_t len, int64_t period, F f) {
   if (kLanes % period == 0) {
     int64_t i = 0;
@@ -221,9 +221,9 @@ void affine_pass(const T* x, const Layout& l, const Coef<T>& scale, const Coef<T
   for_runs(l, [&](int64_t off, int64_t len, int64_t n, int64_t c, int64_t period) {
     const T *s = scale.at(n) + c, *b = shift.at(n) + c, *px = x + off;
     T* py = y + off;
-    const bool lanes = kLanes % period == 0;
-    const LaneCoef<T> ls(lanes ? s : s, lanes ? period : 1), lb(b, lanes ? period : 1);
-    map_run<T>(len, period, [&](int64_t i, int64_t k) {
+    const int64_t lp = kLanes % period == 0 ? period : 1;
+    const LaneCoef<T> ls(s, lp), lb(b, lp);
+    map_run(len, period, [&](int64_t i, int64_t k) {
       const T ks = k >= 0 ? ls.v[k] : s[-1 - k], kb = k >= 0 ? lb.v[k] : b[-1 - k];
       const T o = px[i] * ks + kb;
       py[i] = Relu ? std::max(o, T(0)) : o;
@@ -241,7 +241,7 @@ void grad_input_pass(const T* g, const T* x, const Layout& l, const Coef<T>& sca
     T* po = out + off;
     const int64_t lp = kLanes % period == 0 ? period : 1;
     const LaneCoef<T> ls(s, lp), lb(b, lp), l1(k1, lp), l0(k0, lp);
-    map_run<T>(len, period, [&](int64_t i, int64_t k) {
+    map_run(len, period, [&](int64_t i, int64_t k) {
       const int64_t j = -1 - k;
       const T ks = k >= 0 ? ls.v[k] : s[j], kb = k >= 0 ? lb.v[k] : b[j];
       const T kk1 = k >= 0 ? l1.v[k] : k1[j], kk0 = k >= 0 ? l0.v[k] : k0[j];
@@ -249,7 +249,6 @@ void grad_input_pass(const T* g, const T* x, const Layout& l, const Coef<T>& sca
     });
   });
 }
-
 
 // A part's statistics are pooled by kind (the codes of resnorm.norms FIXED, CELL, SAMPLES, GROUPS)
 enum Kind : int64_t { kFixed = 0, kCell = 1, kSamples = 2, kGroups = 3 };
