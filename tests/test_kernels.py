@@ -1,5 +1,6 @@
-"""Both engines of resnorm.norms (the C++ CPU kernels and the tensor-op path) against references,
-in both memory layouts, with and without the fused ReLU (float64)."""
+"""Both engines of resnorm.norms (the C++ CPU kernels and the tensor-op path) against references
+(PyTorch's own layers, and the textbook modules of resnorm.reference), in both memory layouts,
+with and without the fused ReLU (float64)."""
 import shutil
 import warnings
 
@@ -9,6 +10,7 @@ from torch import nn
 
 import resnorm.kernels as kernels_mod
 import resnorm.norms as norms
+import resnorm.reference as textbook
 from resnorm.model import ResNet
 from resnorm.norms import make_norm
 
@@ -18,24 +20,12 @@ SHAPES = [(4, 16, 5, 7), (3, 6, 4, 4), (2, 8, 32, 32)]
 NAMES = ["bn", "in", "bin", "ln", "gn"]
 
 
-class DirectBIN(nn.Module):
-    """rho * BN + (1 - rho) * IN then the affine, written out with torch.var/mean."""
-
-    def __init__(self, c):
-        super().__init__()
-        self.rho, self.weight, self.bias = (nn.Parameter(torch.empty(c)) for _ in range(3))
-
-    def forward(self, x):
-        def norm(dims):
-            return (x - x.mean(dims, keepdim=True)) / torch.sqrt(x.var(dims, unbiased=False, keepdim=True) + 1e-5)
-        r = self.rho.view(1, -1, 1, 1)
-        return (r * norm((0, 2, 3)) + (1 - r) * norm((2, 3))) * self.weight.view(1, -1, 1, 1) + self.bias.view(1, -1, 1, 1)
-
-
-def reference(name, c, groups):
+def reference(name, c, groups, source="torch"):
+    """PyTorch's layer for the scheme (BIN has none), or the textbook module of resnorm.reference."""
+    if source == "textbook" or name == "bin":
+        return textbook.REFERENCE[name](c, **({"num_groups": groups} if name == "gn" else {}))
     return {"bn": lambda: nn.BatchNorm2d(c), "in": lambda: nn.InstanceNorm2d(c, affine=True),
-            "bin": lambda: DirectBIN(c), "ln": lambda: nn.GroupNorm(1, c),
-            "gn": lambda: nn.GroupNorm(groups, c)}[name]()
+            "ln": lambda: nn.GroupNorm(1, c), "gn": lambda: nn.GroupNorm(groups, c)}[name]()
 
 
 @pytest.fixture(params=["kernels", "tensor-ops"])
@@ -49,12 +39,12 @@ def engine(request, monkeypatch):
     return request.param
 
 
-def run_pair(name, shape, fmt, relu, steps=2, train=True):
+def run_pair(name, shape, fmt, relu, steps=2, train=True, source="torch"):
     c = shape[1]
     groups = 2 if c % 2 == 0 else 3
     torch.manual_seed(0)
     ours = make_norm(name, c, **({"num_groups": groups} if name == "gn" else {})).double()
-    ref = reference(name, c, groups).double()
+    ref = reference(name, c, groups, source).double()
     if relu:
         ours.fuse_relu_()
     with torch.no_grad():
@@ -78,12 +68,15 @@ def run_pair(name, shape, fmt, relu, steps=2, train=True):
     return ours, ref, ys, [t.grad for t in xs], grads
 
 
+@pytest.mark.parametrize("source", ["torch", "textbook"])
 @pytest.mark.parametrize("relu", [False, True])
 @pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last], ids=["NCHW", "channels_last"])
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 @pytest.mark.parametrize("name", NAMES)
-def test_engines_match_references(engine, name, shape, fmt, relu):
-    ours, ref, ys, gx, gp = run_pair(name, shape, fmt, relu)
+def test_engines_match_references(engine, name, shape, fmt, relu, source):
+    if source == "textbook" and name == "bin":
+        pytest.skip("BIN's only reference is the textbook one (run under source=torch)")
+    ours, ref, ys, gx, gp = run_pair(name, shape, fmt, relu, source=source)
     close = dict(rtol=1e-9, atol=1e-10)
     torch.testing.assert_close(ys[0], ys[1], **close)
     torch.testing.assert_close(gx[0], gx[1], **close)

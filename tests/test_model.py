@@ -7,15 +7,16 @@ from resnorm.norms import NORMS
 from resnorm.summary import model_summary
 
 
-def hand_count(n: int, r: int) -> int:
-    """Count by hand: 3x3 convs without bias, 2 affine params per channel per norm, 1x1 projections."""
+def hand_count(n: int, r: int, shortcut: str = "A") -> int:
+    """Count by hand: 3x3 convs without bias, 2 affine params per channel per norm, 1x1 projections (B only)."""
     conv = lambda cin, cout, k=3: cin * cout * k * k
     norm = lambda c: 2 * c
     total = conv(3, 16) + norm(16)                                    # first layer
     total += n * 2 * (conv(16, 16) + norm(16))                        # stage 1
     for cin, c in ((16, 32), (32, 64)):                               # stages 2 and 3
         total += conv(cin, c) + norm(c) + conv(c, c) + norm(c)        # first block, stride 2
-        total += conv(cin, c, 1) + norm(c)                            # projection shortcut
+        if shortcut == "B":
+            total += conv(cin, c, 1) + norm(c)                        # projection shortcut
         total += (n - 1) * 2 * (conv(c, c) + norm(c))
     return total + 64 * r + r                                         # linear layer
 
@@ -25,13 +26,39 @@ def params(m):
 
 
 def test_parameter_counts_by_hand():
-    assert hand_count(2, 25) == 176_233
+    assert hand_count(3, 10) == 269_722                    # He et al.'s option-A ResNet-20: "0.27M"
+    assert params(ResNet(3, 10, norm="bn")) == 269_722
+    assert params(ResNet(3, 10, norm="torch_bn")) == 269_722
     assert params(ResNet(2, 25, norm="bn")) == hand_count(2, 25)
-    assert params(ResNet(3, 10, norm="bn")) == hand_count(3, 10)
-    assert params(ResNet(3, 10, norm="torch_bn")) == hand_count(3, 10)
-    # BIN adds one gate per channel per norm; NN has no norms but conv biases
-    s = model_summary(2, 25, 32)
-    assert s["params"] == 176_233 and s["weighted_layers"] == 14
+    assert hand_count(2, 25, "B") == 176_233
+    assert params(ResNet(2, 25, norm="bn", shortcut="B")) == 176_233
+    assert params(ResNet(3, 10, norm="bn", shortcut="B")) == hand_count(3, 10, "B") == 272_474
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 5])
+def test_option_a_has_exactly_6n_plus_2_weighted_layers(n):
+    weighted = lambda m: sum(isinstance(x, (torch.nn.Conv2d, torch.nn.Linear)) for x in m.modules())
+    a, b = ResNet(n, 10), ResNet(n, 10, shortcut="B")
+    assert weighted(a) == a.depth == 6 * n + 2
+    assert weighted(b) == b.depth == 6 * n + 4              # two 1x1 projection convs
+    assert model_summary(n, 10, 32)["weighted_layers"] == 6 * n + 2
+    assert model_summary(n, 10, 32, shortcut="B")["weighted_layers"] == 6 * n + 4
+    assert model_summary(3, 10, 32)["params"] == 269_722
+
+
+def test_option_a_shortcut_is_identity_subsampled_and_zero_padded():
+    from resnorm.model import ZeroPadShortcut
+    x = torch.randn(2, 16, 8, 8, requires_grad=True)
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        xs = x.detach().contiguous(memory_format=fmt).requires_grad_()
+        out = ZeroPadShortcut(16, 32, 2)(xs)
+        assert out.shape == (2, 32, 4, 4) and out.is_contiguous(memory_format=fmt)
+        assert torch.equal(out[:, :16], xs[:, :, ::2, ::2]) and not out[:, 16:].any()
+        out.sum().backward()
+        assert torch.equal(xs.grad[:, :, ::2, ::2], torch.ones(2, 16, 4, 4)) and xs.grad.sum() == 2 * 16 * 16
+    assert not list(ZeroPadShortcut(16, 32, 2).parameters())
+    with pytest.raises(ValueError, match="shortcut"):
+        ResNet(2, 10, shortcut="C")
 
 
 @pytest.mark.parametrize("size", [32, 64, 256])

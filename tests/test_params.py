@@ -9,7 +9,24 @@ def test_repo_params_load():
     p = load_params(REPO / "params.yaml")
     assert p.experiment().name == f"{p.norm}-bs{p.batch_size}"
     assert {v.norm for v in p.variants()} == {"bn", "in", "bin", "ln", "gn", "nn", "torch_bn"}
-    assert p.variant("gn-bs8").batch_size == 8 and p.variant("gn-bs8").train.early_stopping_patience > 0
+    assert p.norm == "torch_bn"                      # Section 1.1's model: nn.BatchNorm2d
+    assert p.model.shortcut == "A"
+    batch = p.variants("batch")
+    assert {(v.norm, v.batch_size) for v in batch} == {(n, b) for n in ("bn", "gn") for b in (8, 32, 128)}
+    # one protocol for the whole batch-size study: everything but norm, batch size and name agrees
+    assert len({v.train for v in batch}) == 1 and batch[0].train.early_stopping_patience > 0
+    assert batch[0].train.schedule == "plateau"
+    assert batch[0].train.early_stopping_patience > batch[0].train.plateau_patience + 1   # anneals before it stops
+    assert {v.batch_size for v in p.variants("norms")} == {32}
+
+
+def test_linear_lr_scaling(workdir):
+    write_params(workdir, {"train": {"lr": 0.1, "lr_scaling": "linear", "lr_reference_batch": 32}})
+    p = load_params()
+    lrs = {b: p.variant(n).lr for n, b in (("bn-bs8-es", 8), ("bn-bs32-es", 32), ("bn-bs128-es", 128))}
+    assert lrs == {8: pytest.approx(0.025), 32: pytest.approx(0.1), 128: pytest.approx(0.4)}
+    write_params(workdir, {"train": {"lr": 0.1, "lr_scaling": "none"}})
+    assert {load_params().variant(n).lr for n in ("bn-bs8-es", "bn-bs128-es")} == {0.1}
 
 
 @pytest.mark.parametrize("override, words", [
@@ -28,6 +45,11 @@ def test_repo_params_load():
     ({"train": {"augment": "yes"}}, ["train.augment", "true or false"]),
     ({"train": {"device": "tpu"}}, ["train.device"]),
     ({"model": {"gn_groups": 5}}, ["model.gn_groups", "divide"]),
+    ({"model": {"shortcut": "C"}}, ["model.shortcut", "one of A, B"]),
+    ({"model": {"bin_gate_lr": 0}}, ["model.bin_gate_lr", "> 0"]),
+    ({"train": {"lr_scaling": "sqrt"}}, ["train.lr_scaling", "none, linear"]),
+    ({"gradcam": {"split": "train"}}, ["gradcam.split", "val, test"]),
+    ({"study": {"variants": {"x": {"norm": "bn", "batch_size": 8, "group": "misc"}}}}, ["study.variants.x.group"]),
     ({"study": {"seeds": [1, 1]}}, ["study.seeds", "distinct"]),
     ({"study": {"variants": {"x": {"norm": "bn"}}}}, ["study.variants.x.batch_size", "missing"]),
     ({"study": {"variants": {"x": {"norm": "qq", "batch_size": 8}}}}, ["study.variants.x.norm"]),

@@ -1,4 +1,5 @@
 """End to end: the whole DVC pipeline on a tiny generated data set in a temporary repository."""
+import json
 import os
 import re
 import statistics
@@ -11,8 +12,9 @@ import yaml
 
 from conftest import copy_repo, make_dataset, write_params
 
-VARIANTS = {"bn-bs8": {"norm": "bn", "batch_size": 8}, "gn-bs8": {"norm": "gn", "batch_size": 8},
-            "bn-bs4": {"norm": "bn", "batch_size": 4}, "gn-bs4": {"norm": "gn", "batch_size": 4}}
+VARIANTS = {"bn-bs8": {"norm": "bn", "batch_size": 8}, "bin-bs8": {"norm": "bin", "batch_size": 8},
+            "bn-bs4": {"norm": "bn", "batch_size": 4, "group": "batch"},
+            "gn-bs4": {"norm": "gn", "batch_size": 4, "group": "batch"}}
 SEEDS = [0, 1]
 
 
@@ -42,6 +44,7 @@ def repo(tmp_path_factory):
         "train": {"epochs": 1, "warmup_epochs": 0, "threads": 1},
         "study": {"seeds": SEEDS, "variants": VARIANTS},
         "gradcam": {"classes": ["class_0", "class_2"], "per_kind": 2},
+        "sanity": {"steps": 3},
     })
     log = dvc(repo, "repro")
     return repo, log
@@ -61,7 +64,14 @@ def test_every_declared_output_exists(repo):
     for f in ("report.md", "report.html", "gradcam/index.json", "gradcam/class_0.png", "curves/norms.csv",
               "curves/batch.csv", "figures/curves_norms.png"):
         assert (repo / "plots" / f).exists(), f
-    assert "data:image/png;base64," in (repo / "plots/report.html").read_text()
+    html = (repo / "plots/report.html").read_text()
+    assert "data:image/png;base64," in html and "<strong>differs</strong>" in html
+    md = (repo / "plots/report.md").read_text()
+    for heading in ("## Settings: assignment / this run", "## The norms compared", "## Sanity check",
+                    "## BIN: the learned gates", "## Batch size: BN against GN", "## Grad-CAM", "### Overall"):
+        assert heading in md, heading
+    sanity = json.loads((repo / "metrics/sanity.json").read_text())
+    assert sanity["steps"] == 3 and sanity["max_loss_difference"] < 1e-8
     assert (repo / "data/raw/ifct/NOT_USED.txt").exists()       # another data.root: nothing fetched
 
 

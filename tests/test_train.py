@@ -74,7 +74,8 @@ def test_changed_params_start_over(prepared):
                             "train": {**TINY["train"], "lr": 0.01}})
     state = train(load_params())
     assert [h["epoch"] for h in state["history"]] == [1, 2]
-    assert state["history"][0]["lr"] == pytest.approx(0.0375 * 0.01 / 0.05)   # same schedule, new base lr
+    # same schedule, new base lr, scaled linearly from batch 32 to the tiny batch 8
+    assert state["history"][0]["lr"] == pytest.approx(0.0375 * 0.01 / 0.05 * 8 / 32)
 
 
 def test_absurd_learning_rate_is_marked_diverged(prepared):
@@ -148,3 +149,41 @@ def test_fingerprint_covers_params_data_and_code(prepared, monkeypatch):
         overrides={"train": {"lr": 0.2}}).experiment(), 0) != base
     monkeypatch.setattr(tr, "CODE", tr.CODE[:-1])        # as if one source file changed
     assert tr.fingerprint(p, v, 0) != base
+
+
+def test_bin_gates_learn_at_their_own_rate_and_the_schedule_scales_every_group():
+    from resnorm.model import ResNet
+    from resnorm.norms import bin_layers
+    from resnorm.params import TrainParams
+    from resnorm.train import make_optimizer, set_lr
+
+    torch.manual_seed(0)
+    model = ResNet(1, 3, norm="bin")
+    t = TrainParams(lr=0.1, momentum=0.0, nesterov=False, weight_decay=0.5)
+    opt = make_optimizer(model, t, 0.1, gate_lr=10.0)
+    gates = [m.rho for m in bin_layers(model)]
+    assert [g["lr_scale"] for g in opt.param_groups] == [1.0, 1.0, 10.0]
+    gate_group = opt.param_groups[2]
+    assert [id(q) for q in gate_group["params"]] == [id(r) for r in gates] and gate_group["weight_decay"] == 0
+    assert sum(len(g["params"]) for g in opt.param_groups) == len(list(model.parameters()))
+    set_lr(opt, 0.01)                                          # what the schedule does every step
+    assert [g["lr"] for g in opt.param_groups] == [0.01, 0.01, pytest.approx(0.1)]
+    with torch.no_grad():
+        for r in gates:
+            r.fill_(0.5)                                       # inside [0, 1]: no clamp in the way
+    before = {id(q): q.detach().clone() for q in model.parameters()}
+    x, y = torch.randn(8, 3, 16, 16), torch.arange(8) % 3
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+    opt.step()
+    for q in model.parameters():
+        lr = 0.1 if any(q is r for r in gates) else 0.01
+        decay = 0.5 if q.dim() > 1 else 0.0
+        torch.testing.assert_close(q.detach(), before[id(q)] - lr * (q.grad + decay * before[id(q)]))
+
+
+def test_a_bin_run_keeps_the_gate_rate_through_training(prepared):
+    write_params(prepared, {**TINY, "data": load_params().data.__dict__ | {"split": TINY["data"]["split"]},
+                            "norm": "bin", "model": {"n": 1, "bin_gate_lr": 10.0}})
+    train(load_params())
+    groups = load_checkpoint(run_paths(None, None).last)["optimizer"]["param_groups"]
+    assert groups[2]["lr"] == pytest.approx(10 * groups[0]["lr"]) and groups[0]["lr"] > 0

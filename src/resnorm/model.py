@@ -4,9 +4,13 @@
   -> global mean pool -> linear(r)
 
 Each block is two 3x3 convs with a residual connection; the first block of stages
-2 and 3 downsamples with a stride-2 conv and a 1x1 stride-2 projection on the
-shortcut. A normalization layer follows every conv; where a ReLU follows the norm directly,
-the from-scratch norms apply it in the same pass over the activation.
+2 and 3 downsamples with a stride-2 conv. Its shortcut is, as in section 4.2, option A:
+the identity subsampled with stride 2 and zero-padded to the new channel count, with
+no parameters, so the net has exactly 6n+2 weighted layers (ResNet-20: 0.27M parameters).
+Option B (a 1x1 stride-2 projection conv and a norm, 2 more weighted layers) stays
+available as `shortcut="B"`. A normalization layer follows every conv; where a ReLU
+follows the norm directly, the from-scratch norms apply it in the same pass over the
+activation.
 """
 from __future__ import annotations
 
@@ -14,6 +18,7 @@ import torch
 from torch import nn
 
 from .norms import make_norm
+from .params import SHORTCUTS
 
 WIDTHS = (16, 32, 64)
 
@@ -31,8 +36,31 @@ def norm_relu(norm: str, channels: int, gn_groups: int) -> tuple[nn.Module, nn.M
     return layer, nn.ReLU(inplace=True)
 
 
+class ZeroPadShortcut(nn.Module):
+    """Option A: x subsampled with `stride`, its channels kept and zeros appended up to `out_channels`."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int):
+        super().__init__()
+        if out_channels < in_channels:
+            raise ValueError(f"ZeroPadShortcut: cannot shrink {in_channels} channels to {out_channels}")
+        self.in_channels, self.out_channels, self.stride = in_channels, out_channels, stride
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        fmt = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+        x = x[:, :, ::self.stride, ::self.stride]
+        out = torch.empty((x.shape[0], self.out_channels, *x.shape[2:]), dtype=x.dtype, device=x.device,
+                          memory_format=fmt)      # keep the block's layout (channels_last stays so)
+        out[:, :self.in_channels] = x
+        out[:, self.in_channels:] = 0
+        return out
+
+    def extra_repr(self) -> str:
+        return f"{self.in_channels}, {self.out_channels}, stride={self.stride}"
+
+
 class BasicBlock(nn.Module):
-    def __init__(self, in_channels: int, out_channels: int, stride: int, norm: str, gn_groups: int):
+    def __init__(self, in_channels: int, out_channels: int, stride: int, norm: str, gn_groups: int,
+                 shortcut: str = "A"):
         super().__init__()
         opts = _norm_options(norm, gn_groups)
         bias = norm == "nn"            # without a norm's affine shift, convs keep their own bias
@@ -41,11 +69,13 @@ class BasicBlock(nn.Module):
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, 1, 1, bias=bias)
         self.norm2 = make_norm(norm, out_channels, **opts)
         self.relu = nn.ReLU(inplace=True)
-        if stride != 1 or in_channels != out_channels:
+        if stride == 1 and in_channels == out_channels:
+            self.shortcut = nn.Identity()
+        elif shortcut == "A":
+            self.shortcut = ZeroPadShortcut(in_channels, out_channels, stride)
+        else:
             self.shortcut = nn.Sequential(nn.Conv2d(in_channels, out_channels, 1, stride, bias=bias),
                                           make_norm(norm, out_channels, **opts))
-        else:
-            self.shortcut = nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.act1(self.norm1(self.conv1(x)))
@@ -54,22 +84,25 @@ class BasicBlock(nn.Module):
 
 
 class ResNet(nn.Module):
-    """ResNet with 6n+2 weighted layers and `num_classes` outputs; any input size divisible by 4."""
+    """ResNet with 6n+2 weighted layers (option A) and `num_classes` outputs; any input size divisible by 4."""
 
-    def __init__(self, n: int, num_classes: int, norm: str = "bn", in_channels: int = 3, gn_groups: int = 4):
+    def __init__(self, n: int, num_classes: int, norm: str = "bn", shortcut: str = "A", in_channels: int = 3,
+                 gn_groups: int = 4):
         super().__init__()
+        if shortcut not in SHORTCUTS:
+            raise ValueError(f"ResNet: shortcut must be one of {', '.join(SHORTCUTS)}, got {shortcut!r}")
         if n < 1:
             raise ValueError(f"ResNet: n must be >= 1, got {n}")
         if num_classes < 1:
             raise ValueError(f"ResNet: num_classes must be >= 1, got {num_classes}")
-        self.n, self.num_classes, self.norm = n, num_classes, norm
+        self.n, self.num_classes, self.norm, self.shortcut = n, num_classes, norm, shortcut
         bias = norm == "nn"
         self.conv1 = nn.Conv2d(in_channels, WIDTHS[0], 3, 1, 1, bias=bias)
         self.norm1, self.act1 = norm_relu(norm, WIDTHS[0], gn_groups)
         stages, cin = [], WIDTHS[0]
         for i, width in enumerate(WIDTHS):
-            blocks = [BasicBlock(cin if b == 0 else width, width, 2 if (i > 0 and b == 0) else 1, norm, gn_groups)
-                      for b in range(n)]
+            blocks = [BasicBlock(cin if b == 0 else width, width, 2 if (i > 0 and b == 0) else 1, norm, gn_groups,
+                                 shortcut) for b in range(n)]
             stages.append(nn.Sequential(*blocks))
             cin = width
         self.stage1, self.stage2, self.stage3 = stages
@@ -86,7 +119,8 @@ class ResNet(nn.Module):
 
     @property
     def depth(self) -> int:
-        return 6 * self.n + 2
+        """Weighted layers (convs and the linear layer): 6n+2 with option A, 6n+4 with option B."""
+        return sum(isinstance(m, (nn.Conv2d, nn.Linear)) for m in self.modules())
 
     def gradcam_layers(self) -> list[nn.Module]:
         """The last 2n conv layers (stage 3, a quarter of the input size): Grad-CAM's targets."""

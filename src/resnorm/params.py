@@ -18,6 +18,10 @@ NORM_NAMES = ("bn", "in", "bin", "ln", "gn", "nn", "torch_bn")
 OPTIMIZERS = ("sgd", "adam")
 SCHEDULES = ("constant", "cosine", "step", "plateau")
 DEVICES = ("auto", "cpu", "cuda")
+SHORTCUTS = ("A", "B")
+LR_SCALINGS = ("none", "linear")
+GROUPS = ("norms", "batch")             # which part of the study a variant belongs to
+GRADCAM_SPLITS = ("val", "test")
 PRECISIONS = ("fp32", "bf16", "fp16")
 EMBEDDED_ROOT = "data/raw/ifct"
 
@@ -48,6 +52,8 @@ class DataParams:
 class ModelParams:
     n: int = 2
     gn_groups: int = 4
+    shortcut: str = "A"                 # A: identity + zero-padding (He et al. 4.2, 6n+2 layers); B: 1x1 projection
+    bin_gate_lr: float = 10.0           # BIN's rho gates learn at this multiple of the learning rate (Nam & Kim's code)
 
 
 @dataclass(frozen=True)
@@ -58,6 +64,8 @@ class TrainParams:
     momentum: float = 0.9
     nesterov: bool = True
     weight_decay: float = 5e-4
+    lr_scaling: str = "linear"          # none | linear: lr * batch_size / lr_reference_batch (Goyal et al. 2017)
+    lr_reference_batch: int = 32        # the batch size at which `lr` applies as given
     schedule: str = "cosine"
     step_size: int = 5
     gamma: float = 0.1
@@ -83,6 +91,13 @@ class Variant:
     norm: str
     batch_size: int
     train: TrainParams
+    group: str = "norms"
+
+    @property
+    def lr(self) -> float:
+        """The base learning rate at this batch size (before warm-up and schedule)."""
+        t = self.train
+        return t.lr * self.batch_size / t.lr_reference_batch if t.lr_scaling == "linear" else t.lr
 
 
 @dataclass(frozen=True)
@@ -95,11 +110,17 @@ class StudyParams:
 class GradcamParams:
     classes: tuple[str, ...] = ()
     per_kind: int = 5
+    split: str = "test"                 # val | test: where the examples come from (val picked the model)
+
+
+@dataclass(frozen=True)
+class SanityParams:
+    steps: int = 30                     # float64 lock-step SGD steps of BN against nn.BatchNorm2d
 
 
 @dataclass(frozen=True)
 class Params:
-    norm: str = "bn"
+    norm: str = "torch_bn"
     batch_size: int = 32
     seed: int = 0
     data: DataParams = field(default_factory=DataParams)
@@ -107,6 +128,7 @@ class Params:
     train: TrainParams = field(default_factory=TrainParams)
     study: StudyParams = field(default_factory=StudyParams)
     gradcam: GradcamParams = field(default_factory=GradcamParams)
+    sanity: SanityParams = field(default_factory=SanityParams)
 
     def experiment(self) -> Variant:
         """The single variant chosen by top-level `norm` and `batch_size` (`dvc exp run -S ...`)."""
@@ -117,11 +139,12 @@ class Params:
         if name not in self.study.variants:
             raise ParamError(f"study.variants: no variant {name!r}; known: {', '.join(self.study.variants)}")
         over = dict(self.study.variants[name])
-        norm, batch_size = over.pop("norm"), over.pop("batch_size")
-        return Variant(name, norm, batch_size, dataclasses.replace(self.train, **over))
+        norm, batch_size, group = over.pop("norm"), over.pop("batch_size"), over.pop("group", "norms")
+        return Variant(name, norm, batch_size, dataclasses.replace(self.train, **over), group)
 
-    def variants(self) -> list[Variant]:
-        return [self.variant(name) for name in self.study.variants]
+    def variants(self, group: str | None = None) -> list[Variant]:
+        """Every study variant in params order, or those of one group (norms | batch)."""
+        return [v for v in map(self.variant, self.study.variants) if group is None or v.group == group]
 
 
 # --------------------------------------------------------------------------- loading
@@ -196,6 +219,8 @@ def _validate_train(t: TrainParams, prefix: str) -> None:
     _check_min(f"{prefix}epochs", t.epochs, 1)
     _check_choice(f"{prefix}optimizer", t.optimizer, OPTIMIZERS)
     _check_min(f"{prefix}lr", t.lr, 0, inclusive=False)
+    _check_choice(f"{prefix}lr_scaling", t.lr_scaling, LR_SCALINGS)
+    _check_min(f"{prefix}lr_reference_batch", t.lr_reference_batch, 1)
     _check_min(f"{prefix}momentum", t.momentum, 0)
     if t.momentum >= 1:
         raise _fail(f"{prefix}momentum", t.momentum, "must be < 1")
@@ -244,6 +269,8 @@ def validate(p: Params) -> Params:
     _check_min("data.seed", d.seed, 0)
     _check_min("model.n", p.model.n, 1)
     _check_min("model.gn_groups", p.model.gn_groups, 1)
+    _check_choice("model.shortcut", p.model.shortcut, SHORTCUTS)
+    _check_min("model.bin_gate_lr", p.model.bin_gate_lr, 0, inclusive=False)
     for width in (16, 32, 64):
         if width % p.model.gn_groups:
             raise _fail("model.gn_groups", p.model.gn_groups, "must divide the channel counts 16, 32 and 64")
@@ -263,8 +290,11 @@ def validate(p: Params) -> Params:
             if k not in over:
                 raise ParamError(f"params: {key}{k} is missing; every variant names its norm and batch_size")
         for k in over:
-            if k not in train_keys | {"norm", "batch_size"}:
-                raise ParamError(f"params: unknown key {key}{k}; allowed: norm, batch_size, {', '.join(sorted(train_keys))}")
+            if k not in train_keys | {"norm", "batch_size", "group"}:
+                raise ParamError(f"params: unknown key {key}{k}; allowed: norm, batch_size, group, "
+                                 f"{', '.join(sorted(train_keys))}")
+        if "group" in over:
+            _check_choice(f"{key}group", _coerce(f"{key}group", over["group"], str), GROUPS)
         hints = get_type_hints(TrainParams)
         for k, v in over.items():
             if k in train_keys:
@@ -273,6 +303,8 @@ def validate(p: Params) -> Params:
         _check_variant(key, over["norm"], over["batch_size"])
         _validate_train(p.variant(name).train, key)
     _check_min("gradcam.per_kind", p.gradcam.per_kind, 1)
+    _check_choice("gradcam.split", p.gradcam.split, GRADCAM_SPLITS)
+    _check_min("sanity.steps", p.sanity.steps, 1)
     return p
 
 

@@ -10,13 +10,17 @@ from __future__ import annotations
 import base64
 import html
 import math
+import re
 import statistics
 from collections import defaultdict
 from pathlib import Path
 
+from .assignment import DIFFERS, settings
 from .data import PREPARED
+from .gradcam import analysis as gradcam_analysis
 from .io import console, read_csv, read_json, run_cli, save_figure, write_csv, write_text
 from .params import Params, load_params
+from .stats import Comparison, binomial_se, compare, mean_interval
 from .summary import model_summary
 
 SPLITS = ("train", "val", "test")
@@ -134,90 +138,200 @@ def plot_bars(path: Path, runs: dict[str, list[dict]], variants: list[str]) -> N
     save_figure(fig, path)
 
 
-# --------------------------------------------------------------------------- observations
+# --------------------------------------------------------------------------- statistics
 
-def noise(a: list[float], b: list[float]) -> float:
-    """Two standard errors of the difference of two means (seed noise); nan with one seed each."""
-    if len(a) < 2 or len(b) < 2:
-        return math.nan
-    return 2 * math.sqrt(statistics.variance(a) / len(a) + statistics.variance(b) / len(b))
+def by_seed(runs: list[dict], split: str, key: str = "accuracy") -> dict[int, float]:
+    return {int(r["seed"]): r[split][key] for r in runs if r.get(split)}
 
 
-def verdict(diff: float, band: float) -> str:
-    if math.isnan(band):
-        return "cannot be told from seed noise with one seed"
-    return "beyond seed noise" if abs(diff) > band else "within seed noise"
+def ranking(runs: dict[str, list[dict]], variants: list[str]) -> list[str]:
+    """Variants with test scores, best mean test accuracy first (test: the split nothing was selected on)."""
+    have = [v for v in variants if score(runs[v], "test", "accuracy")]
+    return sorted(have, key=lambda v: -statistics.fmean(score(runs[v], "test", "accuracy")))
 
 
-def observations(runs: dict[str, list[dict]], base: list[str], p: Params) -> list[str]:
-    out = []
-    val = {v: score(runs[v], "val", "accuracy") for v in runs}
-    ranked = sorted((v for v in base if val[v]), key=lambda v: -statistics.fmean(val[v]))
-    if len(ranked) >= 2:
-        a, b = ranked[0], ranked[1]
-        d = statistics.fmean(val[a]) - statistics.fmean(val[b])
-        out.append(f"On validation accuracy {a} ranks first ({statistics.fmean(val[a]):.3f}), ahead of {b} "
-                   f"by {d:+.3f}; the gap is {verdict(d, noise(val[a], val[b]))} "
-                   f"(2 standard errors: {noise(val[a], val[b]):.3f}).")
-        last = ranked[-1]
-        out.append("Ranking by mean val accuracy: " + " > ".join(
-            f"{v} ({statistics.fmean(val[v]):.3f})" for v in ranked) + f"; {last} is last.")
-    nn = next((v for v in base if v.startswith("nn-") and val[v]), None)
-    if nn and ranked:
-        normed = [v for v in ranked if v != nn]
-        beat = [v for v in normed if statistics.fmean(val[v]) > statistics.fmean(val[nn])]
-        out.append(f"{len(beat)} of {len(normed)} normalized variants beat no normalization ({nn}, "
-                   f"{statistics.fmean(val[nn]):.3f}) on mean val accuracy.")
-    gaps = {v: statistics.fmean(score(runs[v], "train", "accuracy")) - statistics.fmean(score(runs[v], "test", "accuracy"))
-            for v in base if score(runs[v], "train", "accuracy") and score(runs[v], "test", "accuracy")}
-    if gaps:
-        worst = max(gaps, key=gaps.get)
-        out.append(f"The largest train-test accuracy gap is {worst} ({gaps[worst]:+.3f}), the smallest "
-                   f"{min(gaps, key=gaps.get)} ({gaps[min(gaps, key=gaps.get)]:+.3f}).")
-    diverged = [r["run"] for v in runs for r in runs[v] if r.get("status") == "diverged"]
-    if diverged:
-        out.append(f"Diverged (no scores): {', '.join(diverged)}.")
-    return out
+def cell(c: Comparison | None) -> str:
+    if c is None:
+        return "n/a (fewer than 2 runs)"
+    return f"{c.interval()}, p = {c.p:.2g}" + (" *" if c.significant else "")
 
 
-def batch_study(runs: dict[str, list[dict]], p: Params) -> tuple[list[list[str]], list[str]]:
-    """Table rows and observations for the norms that were trained at several batch sizes."""
-    by_norm: dict[str, dict[int, str]] = defaultdict(dict)
-    for name, spec in p.study.variants.items():
-        by_norm[spec["norm"]][spec["batch_size"]] = name
+def test_verdict(c: Comparison | None) -> tuple[str, str]:
+    if c is None:
+        return "n/a", "n/a"
+    return c.test, "significant" if c.significant else "not significant"
+
+
+def ranking_section(runs: dict[str, list[dict]], variants: list[str], n_test: int,
+                    nn: str | None) -> tuple[list[list[str]], list[str], int]:
+    """The test-accuracy ranking table, its observations, and how many tests it made.
+    `nn` is the no-normalization variant every other is tested against (None: none in the study)."""
+    order = ranking(runs, variants)
+    if not order:
+        return [], ["No variant has test scores."], 0
+    best = order[0]
+    tests = 0
     rows, obs = [], []
-    drops = {}
-    for norm, sizes in by_norm.items():
-        if len(sizes) < 2:
-            continue
-        for bs in sorted(sizes):
-            v = sizes[bs]
-            ep = [r["epochs_trained"] for r in runs[v]]
-            rows.append([norm, str(bs), v, fmt(score(runs[v], "val", "accuracy")),
-                         fmt(score(runs[v], "test", "accuracy")), fmt(score(runs[v], "test", "macro_f1")),
-                         f"{statistics.fmean(ep):.1f}" if ep else "n/a",
-                         str(sum(r.get("status") == "early_stopped" for r in runs[v]))])
-        small, large = min(sizes), sorted(sizes)[len(sizes) // 2] if len(sizes) > 2 else max(sizes)
-        a, b = score(runs[sizes[small]], "val", "accuracy"), score(runs[sizes[large]], "val", "accuracy")
-        if a and b:
-            drops[norm] = (statistics.fmean(b) - statistics.fmean(a), noise(a, b), small, large)
-    for norm, (d, band, small, large) in drops.items():
-        obs.append(f"{norm}: going from batch {large} to batch {small} changes mean val accuracy by {-d:+.3f} "
-                   f"({verdict(d, band)}).")
-    if "bn" in drops and "gn" in drops and drops["bn"][2] == drops["gn"][2]:
-        (bn_loss, bn_band, small, _), (gn_loss, gn_band, _, _) = drops["bn"], drops["gn"]
-        more = "BN" if bn_loss > gn_loss else "GN"
-        gap_band = math.hypot(bn_band, gn_band)
-        text = f"At batch {small} BN loses {bn_loss:.3f} and GN {gn_loss:.3f} of mean val accuracy: "
-        if verdict(bn_loss - gn_loss, gap_band) == "beyond seed noise":
-            text += f"{more} loses {abs(bn_loss - gn_loss):.3f} more, beyond seed noise. "
-        else:
-            text += f"the gap ({abs(bn_loss - gn_loss):.3f}) is within seed noise, so neither is shown to be less sensitive. "
-        gn_own = verdict(gn_loss, gn_band)
-        text += (f"GN's own change is {gn_own}" + (", as Wu & He's batch-size insensitivity predicts."
-                 if gn_own == "within seed noise" else ", so GN is not batch-size insensitive on this data and budget."))
+    for i, v in enumerate(order, 1):
+        test, val = score(runs[v], "test", "accuracy"), score(runs[v], "val", "accuracy")
+        m, lo, hi = mean_interval(test)
+        vs_best = None if v == best else compare(by_seed(runs[v], "test"), by_seed(runs[best], "test"))
+        vs_nn = None if nn is None or v == nn else compare(by_seed(runs[v], "test"), by_seed(runs[nn], "test"))
+        tests += (vs_best is not None) + (vs_nn is not None)
+        rows.append([str(i), v, fmt(test), "n/a" if math.isnan(lo) else f"[{lo:.3f}, {hi:.3f}]",
+                     f"{binomial_se(m, n_test):.3f}", fmt(val), f"{statistics.fmean(val) - m:+.3f}" if val else "n/a",
+                     "—" if v == best else cell(vs_best), "—" if nn is None or v == nn else cell(vs_nn)])
+    if len(order) >= 2:
+        second = order[1]
+        c = compare(by_seed(runs[best], "test"), by_seed(runs[second], "test"))
+        obs.append(f"On test accuracy {best} ranks first ({statistics.fmean(score(runs[best], 'test', 'accuracy')):.3f}) "
+                   f"and {second} second; first minus second = " + (c.describe() if c else "n/a (one run each)") + ".")
+    if nn in order:
+        others = [v for v in order if v != nn]
+        beat = [v for v in others if (c := compare(by_seed(runs[v], "test"), by_seed(runs[nn], "test")))
+                and c.significant and c.diff > 0]
+        text = (f"{len(beat)} of {len(others)} normalized variants beat no normalization ({nn}) on test accuracy at "
+                f"the 5% level" + (f" ({', '.join(beat)})" if beat else "") + ".")
+        if len(beat) < len(others):
+            text += (f" For {', '.join(v for v in others if v not in beat)} the runs cannot tell them apart from "
+                     f"{nn} (or they are worse).")
         obs.append(text)
-    return rows, obs
+    gaps = {v: statistics.fmean(score(runs[v], "val", "accuracy")) - statistics.fmean(score(runs[v], "test", "accuracy"))
+            for v in order if score(runs[v], "val", "accuracy")}
+    if gaps:
+        pos = sum(g > 0 for g in gaps.values())
+        obs.append(f"Val accuracy exceeds test accuracy for {pos} of {len(gaps)} variants (by {min(gaps.values()):+.3f} "
+                   f"to {max(gaps.values()):+.3f}). Val picked each run's checkpoint (its best epoch), so val scores "
+                   "are biased upward; that is why the ranking uses test.")
+    se = binomial_se(statistics.fmean(score(runs[best], "test", "accuracy")), n_test)
+    obs.append(f"Test-set sampling error: one run's test accuracy on {n_test} images has a binomial standard error of "
+               f"about {se:.3f} (column 'test s.e.'). The seed spread and the paired tests above hold the test set "
+               "fixed, so they do not include it: a difference smaller than about 2 x that s.e. may not carry over to "
+               "new images even where it is significant over seeds.")
+    train_gap = {v: statistics.fmean(score(runs[v], "train", "accuracy")) - statistics.fmean(score(runs[v], "test", "accuracy"))
+                 for v in order if score(runs[v], "train", "accuracy")}
+    if train_gap:
+        hi_v, lo_v = max(train_gap, key=train_gap.get), min(train_gap, key=train_gap.get)
+        obs.append(f"The largest train-test accuracy gap is {hi_v} ({train_gap[hi_v]:+.3f}), the smallest {lo_v} "
+                   f"({train_gap[lo_v]:+.3f}).")
+    diverged = [r["run"] for v in variants for r in runs[v] if r.get("status") == "diverged"]
+    if diverged:
+        obs.append(f"Diverged (no scores): {', '.join(diverged)}.")
+    return rows, obs, tests
+
+
+def batch_protocol(p: Params) -> str:
+    vs = p.variants("batch")
+    if not vs:
+        return ""
+    t = vs[0].train
+    rule = {"linear": f"scaled linearly with the batch size (lr x batch / {t.lr_reference_batch}; Goyal et al. 2017)",
+            "none": "the same at every batch size"}[t.lr_scaling]
+    lrs = ", ".join(f"{v.batch_size}: {v.lr:g}" for v in sorted({(v.batch_size, v.lr): v for v in vs}.values(),
+                                                               key=lambda v: v.batch_size))
+    sched = {"plateau": f"reduced x{t.gamma:g} after {t.plateau_patience + 1} epochs without a better val accuracy",
+             "cosine": f"cosine over {t.epochs} epochs", "step": f"x{t.gamma:g} every {t.step_size} epochs",
+             "constant": "constant"}[t.schedule]
+    text = (f"One protocol for every run of this section: at most {t.epochs} epochs, {t.warmup_epochs} warm-up "
+            f"epoch(s), learning rate {rule} (batch: lr = {lrs}), {sched}, and early stopping after "
+            f"{t.early_stopping_patience} epochs without a better val accuracy; the checkpoint with the best val accuracy "
+            "is evaluated. ")
+    if t.schedule == "plateau" and t.early_stopping_patience > t.plateau_patience + 1:
+        text += ("Since the rate is cut before the patience runs out, every run that stops early has annealed first "
+                 "(a cosine over the full budget would still be near its peak rate when an early stop cuts it off). ")
+    if t.lr_scaling == "linear":
+        text += ("Why scale: with the same epoch budget, batch 128 takes 16x fewer steps than batch 8; at one learning "
+                 "rate, batch size would change the total distance travelled as well as the noise of each step. Linear "
+                 "scaling keeps lr/batch, the size of the per-sample update, the same, so what remains is the effect of "
+                 "the batch itself, including the batch statistics that BN depends on.")
+    else:
+        text += ("The learning rate is not scaled with the batch (train.lr_scaling: none), so larger batches also "
+                 "take fewer and not larger steps: part of any batch-size effect here is that.")
+    return text
+
+
+def batch_study(runs: dict[str, list[dict]], p: Params) -> tuple[list[list[str]], list[list[str]], list[str], int]:
+    """Table rows, comparison rows and observations for the batch-size group (BN vs GN, one protocol)."""
+    by_norm: dict[str, dict[int, str]] = defaultdict(dict)
+    for v in p.variants("batch"):
+        by_norm[v.norm][v.batch_size] = v.name
+    rows, comps, obs = [], [], []
+    for norm, sizes in sorted(by_norm.items()):
+        for bs in sorted(sizes):
+            v = p.variant(sizes[bs])
+            rs = runs[v.name]
+            ep = [r["epochs_trained"] for r in rs]
+            best_ep = [r["best_epoch"] for r in rs]
+            rows.append([norm, str(bs), v.name, f"{v.lr:g}", fmt(score(rs, "val", "accuracy")),
+                         fmt(score(rs, "test", "accuracy")), fmt(score(rs, "test", "macro_f1")),
+                         f"{statistics.fmean(ep):.1f}" if ep else "n/a",
+                         f"{statistics.fmean(best_ep):.1f}" if best_ep else "n/a",
+                         f"{sum(r.get('status') == 'early_stopped' for r in rs)} of {len(rs)}"])
+    change: dict[str, tuple[dict[int, float], Comparison | None]] = {}
+    tests = 0
+    for norm, sizes in sorted(by_norm.items()):
+        bss = sorted(sizes)
+        pairs = [(bss[0], bss[-1])] + [(a, b) for a, b in zip(bss, bss[1:]) if (a, b) != (bss[0], bss[-1])]
+        for small, large in pairs if len(bss) >= 2 else []:
+            a, b = by_seed(runs[sizes[small]], "test"), by_seed(runs[sizes[large]], "test")
+            c = compare(a, b)
+            tests += c is not None
+            comps.append([f"{norm.upper()}: batch {small} minus batch {large}", cell(c), *test_verdict(c)])
+            if (small, large) == (bss[0], bss[-1]):
+                change[norm] = ({s: a[s] - b[s] for s in a if s in b}, c)
+                obs.append(f"{norm.upper()}: test accuracy at batch {small} minus batch {large} = "
+                           + (c.describe() if c else "n/a (fewer than 2 runs)") + ".")
+    if "bn" in change and "gn" in change:
+        (d_bn, c_bn), (d_gn, c_gn) = change["bn"], change["gn"]
+        c = compare(d_bn, d_gn)
+        tests += c is not None
+        small, large = min(by_norm["bn"]), max(by_norm["bn"])
+        comps.append([f"sensitivity: BN's change minus GN's ({small} vs {large})", cell(c), *test_verdict(c)])
+        if c is None:
+            obs.append("BN's and GN's sensitivity to batch size cannot be compared with fewer than 2 seeds.")
+        else:
+            text = (f"Sensitivity (BN's change from batch {large} to {small} minus GN's) = {c.describe()}. ")
+            if c.significant and c.diff < 0:
+                text += ("BN loses more accuracy at the small batch than GN, beyond seed noise: consistent with Wu & "
+                         "He's claim that GN is less sensitive to batch size, on this data and budget.")
+            elif c.significant:
+                text += "GN loses more accuracy at the small batch than BN here: against Wu & He's claim, on this data and budget."
+            else:
+                text += ("So these runs neither support nor refute Wu & He's claim that GN is less sensitive to batch "
+                         "size than BN; it would take more seeds or a larger data set to tell.")
+            obs.append(text)
+        if c_gn is not None and not c_gn.significant:
+            obs.append("GN's own change is not significant; that is a failure to detect a change, not a demonstration "
+                       "that GN is insensitive to batch size.")
+    return rows, comps, obs, tests
+
+
+def gate_stats(p: Params) -> list[list[str]]:
+    """BIN's learned gates, per layer over every seed's best checkpoint: mean, min, share at 0 and at 1."""
+    import torch
+
+    from .train import load_checkpoint, run_paths
+
+    by_layer: dict[str, list] = defaultdict(list)
+    for v in p.variants():
+        if v.norm != "bin":
+            continue
+        for seed in p.study.seeds:
+            best = run_paths(v.name, seed).best
+            if best.exists():
+                for k, t in load_checkpoint(best)["model"].items():
+                    if k.endswith(".rho"):
+                        by_layer[k.removesuffix(".rho")].append(t.clamp(0, 1))
+    rows = []
+    for layer, ts in by_layer.items():
+        x = torch.cat(ts)
+        rows.append([layer, str(x.numel()), f"{x.mean():.3f}", f"{x.min():.3f}", f"{(x <= 0).float().mean():.0%}",
+                     f"{(x >= 1).float().mean():.0%}"])
+    if by_layer:
+        x = torch.cat([t for ts in by_layer.values() for t in ts])
+        rows.append(["all layers", str(x.numel()), f"{x.mean():.3f}", f"{x.min():.3f}",
+                     f"{(x <= 0).float().mean():.0%}", f"{(x >= 1).float().mean():.0%}"])
+    return rows
 
 
 # --------------------------------------------------------------------------- rendering
@@ -250,6 +364,12 @@ class Doc:
                 out.append(f"![{b[2]}]({b[1]})")
         return "\n\n".join(out) + "\n"
 
+    @staticmethod
+    def inline(text: str) -> str:
+        """Escaped HTML with the two Markdown marks the report uses: **bold** and `code`."""
+        out = re.sub(r"\*\*(.+?)\*\*", r"<strong>\1</strong>", html.escape(text))
+        return re.sub(r"`(.+?)`", r"<code>\1</code>", out)
+
     def html(self, base: Path) -> str:
         out = ["<!doctype html><html><head><meta charset='utf-8'><title>ResNet normalization study</title>"
                "<style>body{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
@@ -259,12 +379,12 @@ class Doc:
             if b[0] == "h":
                 out.append(f"<h{b[1]}>{html.escape(b[2])}</h{b[1]}>")
             elif b[0] == "p":
-                out.append(f"<p>{html.escape(b[1])}</p>")
+                out.append(f"<p>{self.inline(b[1])}</p>")
             elif b[0] == "ul":
-                out.append("<ul>" + "".join(f"<li>{html.escape(i)}</li>" for i in b[1]) + "</ul>")
+                out.append("<ul>" + "".join(f"<li>{self.inline(i)}</li>" for i in b[1]) + "</ul>")
             elif b[0] == "table":
                 out.append("<table><tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in b[1]) + "</tr>"
-                           + "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>"
+                           + "".join("<tr>" + "".join(f"<td>{self.inline(c)}</td>" for c in r) + "</tr>"
                                      for r in b[2]) + "</table>")
             elif b[0] == "img":
                 data = base64.b64encode((base / b[1]).read_bytes()).decode()
@@ -277,23 +397,41 @@ def study_table(runs: dict[str, list[dict]], variants: list[str]) -> list[list[s
             for v in variants]
 
 
+def settings_rows(p: Params, data: dict) -> tuple[list[list[str]], list[str]]:
+    """The settings table's rows (a differing status in bold) and the names of the differing settings."""
+    rows, differ = [], []
+    for r in settings(p, data):
+        if r.status == DIFFERS:
+            differ.append(r.name)
+        rows.append([r.name, r.assignment, r.this_run, f"**{r.status}**" if r.status == DIFFERS else r.status])
+    return rows, differ
+
+
 def report(p: Params) -> Doc:
     runs = load_runs(p)
     names = list(p.study.variants)
-    bs_count: dict[int, int] = defaultdict(int)
-    for spec in p.study.variants.values():
-        bs_count[spec["batch_size"]] += 1
-    base_bs = max(bs_count, key=lambda b: (bs_count[b], -b))
-    base = [v for v in names if p.study.variants[v]["batch_size"] == base_bs]
+    base = [v.name for v in p.variants("norms")]
+    batch = [v.name for v in p.variants("batch")]
     data = read_json(PREPARED / "report.json")
     classes = read_json(PREPARED / "classes.json")
-    summ = model_summary(p.model.n, len(classes), p.data.image_size, "bn", p.model.gn_groups)
+    summ = model_summary(p.model.n, len(classes), p.data.image_size, "bn", p.model.gn_groups, p.model.shortcut)
+    n_tests = 0
     doc = Doc()
     doc.h(1, "ResNet with different normalization schemes: study report")
     doc.p(f"Generated by `dvc repro` from metrics/study/*.json ({sum(map(len, runs.values()))} runs: "
           f"{len(names)} variants x seeds {list(p.study.seeds)}). Scores are mean ± sample standard deviation "
           f"over seeds. Micro-F1 equals accuracy for single-label classification; both are listed as the "
-          f"assignment asks.")
+          f"assignment asks. Comparisons: a paired t-test over seeds where two variants share their seeds (same "
+          f"initialisation and data order), Welch's t otherwise, each with its 95% confidence interval from the t "
+          f"distribution for its degrees of freedom (with 3 seeds the critical value is 4.30, not 2). \"Not "
+          f"significant\" means these runs cannot tell two variants apart, never that they are equal.")
+
+    doc.h(2, "Settings: assignment / this run")
+    rows, differ = settings_rows(p, data)
+    doc.table(["setting", "assignment", "this run", "status"], rows)
+    doc.p(f"{len(differ)} setting(s) differ from the assignment" + (f": {', '.join(differ)}." if differ else ".")
+          + " 'not stated' rows are this run's own choices where the assignment leaves the knob open. The README's "
+          "paper-setting command reproduces the assignment (no row differs).")
 
     doc.h(2, "Data set")
     reasons: dict[str, int] = defaultdict(int)
@@ -309,12 +447,13 @@ def report(p: Params) -> Doc:
     doc.table(["class", *SPLITS], [[c, *(str(v[s]) for s in SPLITS)] for c, v in data["per_class"].items()])
 
     doc.h(2, "Model")
-    doc.p(f"ResNet-{6 * p.model.n + 2} (n = {p.model.n}): {summ['weighted_layers']} weighted layers, "
-          f"{summ['params']:,} parameters with BN ({len(classes)} classes), "
+    doc.p(f"ResNet-{6 * p.model.n + 2} (n = {p.model.n}): {summ['weighted_layers']} weighted layers (every conv and "
+          f"the linear layer counted), {summ['params']:,} parameters with BN ({len(classes)} classes), "
           f"{summ['macs'] / 1e6:,.1f} M multiply-accumulates per {p.data.image_size}x{p.data.image_size} image; "
-          f"widths 16/32/64 at full, half and quarter resolution; a norm after every conv; GN uses "
-          f"{p.model.gn_groups} groups. Training: {p.train.optimizer} lr {p.train.lr}, schedule "
-          f"{p.train.schedule}, {p.train.epochs} epochs, augmentation {'on' if p.train.augment else 'off'}.")
+          f"widths 16/32/64 at full, half and quarter resolution; a norm after every conv; "
+          + ("identity shortcuts, subsampled with stride 2 and zero-padded where the width doubles (option A, no "
+             "parameters)" if p.model.shortcut == "A" else "1x1 stride-2 projection shortcuts with a norm where the "
+             "width doubles (option B)") + f"; GN uses {p.model.gn_groups} groups.")
 
     doc.h(2, "All variants")
     head = ["variant", "seeds"] + [f"{s} {k.replace('_', '-')}" for s in SPLITS for k in SCORES]
@@ -322,67 +461,110 @@ def report(p: Params) -> Doc:
     figs = OUT / "figures"
     plot_bars(figs / "accuracy_bars.png", runs, names)
     doc.img("figures/accuracy_bars.png", "accuracy per variant and split")
-    plot_curves(figs / "curves_norms.png", runs, base, f"Norms at batch {base_bs}")
+
+    doc.h(2, "The norms compared")
+    doc.p(f"Ranked on test accuracy, the split that selected nothing; val beside it. 'test s.e.' is the binomial "
+          f"sampling error of one run's test accuracy on {data['images']['test']} images. 'vs best' and 'vs nn' give "
+          f"the difference in test accuracy with its 95% confidence interval and p-value (* = significant at 5%).")
+    nn = next((v for v in base if p.variant(v).norm == "nn"), None)
+    rows, obs, k = ranking_section(runs, base, data["images"]["test"], nn)
+    n_tests += k
+    doc.table(["rank", "variant", "test accuracy", "95% CI of mean", "test s.e.", "val accuracy", "val - test",
+               "vs best", "vs nn"], rows)
+    plot_curves(figs / "curves_norms.png", runs, base, "Norms")
     doc.img("figures/curves_norms.png", "curves of every norm")
     doc.h(3, "Observations")
-    doc.ul(observations(runs, base, p))
+    doc.ul(obs)
 
-    sanity = [v for v in base if p.study.variants[v]["norm"] in ("bn", "torch_bn")]
-    if len(sanity) == 2:
+    sanity = [v for v in base if p.variant(v).norm in ("bn", "torch_bn")]
+    sanity_file = Path("metrics/sanity.json")
+    if len(sanity) == 2 or sanity_file.exists():
         doc.h(2, "Sanity check: from-scratch BN against PyTorch's nn.BatchNorm2d")
-        a, b = sanity
-        rows, obs = [], []
-        for split in ("val", "test"):
-            x, y = score(runs[a], split, "accuracy"), score(runs[b], split, "accuracy")
-            if x and y:
-                d = statistics.fmean(x) - statistics.fmean(y)
-                rows.append([split, fmt(x), fmt(y), f"{d:+.4f}", f"{noise(x, y):.4f}", verdict(d, noise(x, y))])
-        doc.table(["split", a, b, "difference", "2 s.e. (seed noise)", "verdict"], rows)
-        pairs = {r["seed"]: r for r in runs[a]}
-        for r in runs[b]:
-            if r["seed"] in pairs and r["history"] and pairs[r["seed"]]["history"]:
-                ha, hb = pairs[r["seed"]]["history"], r["history"]
-                k = min(len(ha), len(hb))
-                dl = max(abs(ha[i]["train_loss"] - hb[i]["train_loss"]) for i in range(k))
-                obs.append(f"seed {r['seed']}: same initialisation and data order; largest per-epoch train-loss "
-                           f"difference {dl:.2e} over {k} epochs.")
-        doc.ul(obs)
-        plot_curves(figs / "curves_sanity.png", runs, sanity, "BN (from scratch) vs torch_bn")
-        doc.img("figures/curves_sanity.png", "BN vs torch_bn curves")
+        if sanity_file.exists():
+            sc = read_json(sanity_file)
+            doc.p(f"Direct evidence (stage `sanity`): both models from one initialisation, on the same "
+                  f"{sc['steps']} training batches (batch {sc['batch_size']}, the real data order and augmentation), "
+                  f"SGD at lr {sc['lr']:g}, in {sc['dtype']}. The loss went from {sc['first_loss']:.3f} to "
+                  f"{sc['last_loss']:.3f}; the largest differences between the two over all steps were:")
+            doc.table(["quantity", "largest difference"],
+                      [["loss", f"{sc['max_loss_difference']:.1e}"], ["logits", f"{sc['max_logit_difference']:.1e}"],
+                       ["parameters (largest is " + f"{sc['largest_parameter']:.2f})", f"{sc['max_parameter_difference']:.1e}"],
+                       ["running mean / variance", f"{sc['max_running_stat_difference']:.1e}"]])
+            doc.p("Differences at the level of float64 rounding (about 1e-16 per operation, grown by the steps) mean "
+                  "the two layers compute the same function and the same gradients. The float32 runs below diverge "
+                  "slowly through rounding order alone, so their curves are close, not identical.")
+        if len(sanity) == 2:
+            a, b = sanity
+            rows, obs = [], []
+            for split in ("val", "test"):
+                c = compare(by_seed(runs[a], split), by_seed(runs[b], split))
+                if c is not None:
+                    n_tests += 1
+                    rows.append([split, fmt(score(runs[a], split, "accuracy")), fmt(score(runs[b], split, "accuracy")),
+                                 cell(c), c.test])
+            doc.table(["split", a, b, f"{a} - {b} [95% CI]", "test"], rows)
+            pairs = {r["seed"]: r for r in runs[a]}
+            for r in runs[b]:
+                if r["seed"] in pairs and r["history"] and pairs[r["seed"]]["history"]:
+                    ha, hb = pairs[r["seed"]]["history"], r["history"]
+                    k = min(len(ha), len(hb))
+                    dl = max(abs(ha[i]["train_loss"] - hb[i]["train_loss"]) for i in range(k))
+                    obs.append(f"seed {r['seed']} (float32, same initialisation and data order): largest per-epoch "
+                               f"train-loss difference {dl:.2e} over {k} epochs.")
+            doc.ul(obs)
+            plot_curves(figs / "curves_sanity.png", runs, sanity, "BN (from scratch) vs torch_bn")
+            doc.img("figures/curves_sanity.png", "BN vs torch_bn curves")
 
-    rows, obs = batch_study(runs, p)
-    if rows:
+    gates = gate_stats(p)
+    if gates:
+        doc.h(2, "BIN: the learned gates")
+        doc.p(f"rho mixes BN (rho = 1) and IN (rho = 0) per channel. It starts at 1, learns at {p.model.bin_gate_lr:g}x "
+              f"the learning rate without weight decay, and is clamped to [0, 1] after each step. Per layer, over "
+              f"every seed's best checkpoint:")
+        doc.table(["layer", "gates", "mean", "min", "share at 0", "share at 1"], gates)
+        tot = gates[-1]
+        doc.p(f"Over all layers the mean gate is {tot[2]} and {tot[5]} of the gates are still exactly 1 (pure BN); "
+              f"{tot[4]} reached 0 (pure IN).")
+
+    brows, comps, bobs, k = batch_study(runs, p)
+    n_tests += k
+    if brows:
         doc.h(2, "Batch size: BN against GN")
-        doc.table(["norm", "batch", "variant", "val accuracy", "test accuracy", "test macro-F1",
-                   "epochs trained", "early-stopped runs"], rows)
-        doc.ul(obs)
-        batch_variants = [r[2] for r in rows]
-        plot_curves(figs / "curves_batch.png", runs, batch_variants, "Batch-size study")
+        doc.p(batch_protocol(p))
+        doc.table(["norm", "batch", "variant", "lr", "val accuracy", "test accuracy", "test macro-F1",
+                   "epochs trained", "best epoch", "early-stopped"], brows)
+        doc.p("Differences in test accuracy, paired over seeds (* = significant at 5%):")
+        doc.table(["comparison", "difference [95% CI], p", "test", "verdict"], comps)
+        doc.ul(bobs)
+        plot_curves(figs / "curves_batch.png", runs, batch, "Batch-size study")
         doc.img("figures/curves_batch.png", "batch-size curves")
+
+    doc.p(f"This report makes {n_tests} tests at the 5% level without a correction for multiple comparisons: even "
+          f"with no real differences, about {n_tests * 0.05:.1f} of them would come out significant by chance.")
 
     index_path = OUT / "gradcam" / "index.json"
     if index_path.exists():
         index = read_json(index_path)
+        per_class, overall = gradcam_analysis(index)
         doc.h(2, "Grad-CAM")
-        doc.p(f"Best variant by mean val accuracy: {index['variant']} ({index['mean_val_accuracy']:.3f}); maps "
-              f"from its best seed, {index['run']}, for the true class over {len(index['target_layers'])} "
-              f"conv layers ({', '.join(index['target_layers'])}), mean-aggregated by pytorch-grad-cam.")
-        for name, entry in index["classes"].items():
+        doc.p(f"Best variant by mean val accuracy (the selection split): {index['variant']} "
+              f"({index['mean_val_accuracy']:.3f}); maps from its best seed, {index['run']}, on {index['split']} images, "
+              f"for the true class over {len(index['target_layers'])} conv layers "
+              f"({', '.join(index['target_layers'])}), mean-aggregated by pytorch-grad-cam. Concentration is the "
+              f"share of a map's mass in its top 10% of pixels (0.10 for a flat map); central-quarter mass the share "
+              f"inside the middle half of each axis (0.25 for a flat map). Wrong examples also get the map of the "
+              f"class they were taken for.")
+        doc.h(3, "Overall")
+        doc.ul(overall)
+        for name, text in per_class.items():
             doc.h(3, name)
-            conf = [i["confidence"] for i in entry["wrong"]]
-            wrong_as = defaultdict(int)
-            for i in entry["wrong"]:
-                wrong_as[i["predicted"]] += 1
-            doc.p(f"{len(entry['correct'])} correct, {len(entry['wrong'])} wrong shown"
-                  + (f" ({entry['note']})" if entry["note"] else "") + "."
-                  + (" Wrong ones were taken for " + ", ".join(f"{c} ({n})" for c, n in wrong_as.items())
-                     + f", with mean confidence {statistics.fmean(conf):.2f}." if conf else ""))
+            doc.p(text)
             doc.img(f"gradcam/{name}.png", f"Grad-CAM {name}")
 
     curves = OUT / "curves"
     write_csv(curves / "norms.csv", curve_rows(runs, base))
     write_csv(curves / "sanity.csv", curve_rows(runs, sanity))
-    write_csv(curves / "batch.csv", curve_rows(runs, [r[2] for r in rows]))
+    write_csv(curves / "batch.csv", curve_rows(runs, batch))
     return doc
 
 

@@ -37,19 +37,19 @@ def summarize(model: nn.Module, size: int) -> dict:
         model(torch.zeros(1, 3, size, size))
     for h in hooks:
         h.remove()
-    convs = sum(1 for r in rows if r["type"] == "Conv2d" and "shortcut" not in r["layer"])
     return {
         "rows": rows,
         "params": sum(p.numel() for p in model.parameters()),
         "macs": sum(r["macs"] for r in rows),
-        "weighted_layers": convs + sum(1 for r in rows if r["type"] == "Linear"),
+        "weighted_layers": sum(1 for r in rows if r["type"] in ("Conv2d", "Linear")),   # shortcut convs included
         "input": [3, size, size],
     }
 
 
-def model_summary(n: int, num_classes: int, size: int, norm: str = "bn", gn_groups: int = 4) -> dict:
-    s = summarize(ResNet(n, num_classes, norm=norm, gn_groups=gn_groups), size)
-    s.update({"n": n, "num_classes": num_classes, "norm": norm})
+def model_summary(n: int, num_classes: int, size: int, norm: str = "bn", gn_groups: int = 4,
+                  shortcut: str = "A") -> dict:
+    s = summarize(ResNet(n, num_classes, norm=norm, shortcut=shortcut, gn_groups=gn_groups), size)
+    s.update({"n": n, "num_classes": num_classes, "norm": norm, "shortcut": shortcut})
     return s
 
 
@@ -69,11 +69,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--classes", type=int, default=25)
     ap.add_argument("--size", type=int, default=defaults.data.image_size if defaults else 256)
     ap.add_argument("--norm", default=defaults.norm if defaults else "bn")
+    ap.add_argument("--shortcut", choices=("A", "B"), default=defaults.model.shortcut if defaults else "A",
+                    help="A: identity + zero-padding (6n+2 layers); B: 1x1 projections (6n+4)")
     ap.add_argument("--all", action="store_true", help="every layer, not just the totals")
     args = ap.parse_args(argv)
     if args.size % 4:
         ap.error("--size must be divisible by 4")
-    s = model_summary(args.n, args.classes, args.size, args.norm)
+    s = model_summary(args.n, args.classes, args.size, args.norm, shortcut=args.shortcut)
     con = Console()
     if args.all:
         t = Table(title=f"ResNet-{6 * args.n + 2} ({args.norm}) at {args.size}x{args.size}")
@@ -82,8 +84,8 @@ def main(argv: list[str] | None = None) -> None:
         for r in s["rows"]:
             t.add_row(r["layer"], r["type"], "x".join(map(str, r["output"])), f"{r['params']:,}", f"{r['macs']:,}")
         con.print(t)
-    con.print(f"ResNet-{6 * args.n + 2}: {s['weighted_layers']} weighted layers (6n+2, n={args.n}; "
-              f"shortcut projections not counted), {s['params']:,} parameters, "
+    con.print(f"ResNet-{6 * args.n + 2}: {s['weighted_layers']} weighted layers (n={args.n}, shortcut option "
+              f"{args.shortcut}; every conv and linear layer counted), {s['params']:,} parameters, "
               f"{s['macs'] / 1e6:,.1f} M multiply-accumulates per {args.size}x{args.size} image, "
               f"{args.classes} classes, norm {args.norm}")
 

@@ -83,39 +83,63 @@ def pick_device(name: str) -> torch.device:
 
 
 def build_model(p: Params, norm: str, num_classes: int) -> ResNet:
-    return ResNet(p.model.n, num_classes, norm=norm, gn_groups=p.model.gn_groups)
+    return ResNet(p.model.n, num_classes, norm=norm, shortcut=p.model.shortcut, gn_groups=p.model.gn_groups)
 
 
-def make_optimizer(model: nn.Module, t: TrainParams) -> torch.optim.Optimizer:
-    # no weight decay on norm affines, biases and BIN gates (1-d parameters), as is standard
+def model_config(p: Params, norm: str, num_classes: int) -> dict:
+    """What rebuilds the model without params.yaml: the ResNet arguments, and the input size it was trained at."""
+    return {"n": p.model.n, "num_classes": num_classes, "norm": norm, "shortcut": p.model.shortcut,
+            "gn_groups": p.model.gn_groups, "image_size": p.data.image_size}
+
+
+def make_optimizer(model: nn.Module, t: TrainParams, lr: float | None = None,
+                   gate_lr: float = 1.0) -> torch.optim.Optimizer:
+    """SGD (or Adam) over three parameter groups, each with an `lr_scale` that the schedule multiplies:
+    conv/linear weights (weight decay), 1-d parameters (norm affines, biases; no decay, as is
+    standard) and BIN's rho gates (no decay, `gate_lr` times the rate, as in Nam & Kim's code)."""
+    lr = t.lr if lr is None else lr
+    gates = {id(m.rho) for m in bin_layers(model)}
     decay = [q for q in model.parameters() if q.dim() > 1]
-    rest = [q for q in model.parameters() if q.dim() <= 1]
-    groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": rest, "weight_decay": 0.0}]
+    rest = [q for q in model.parameters() if q.dim() <= 1 and id(q) not in gates]
+    groups = [{"params": decay, "weight_decay": t.weight_decay, "lr_scale": 1.0},
+              {"params": rest, "weight_decay": 0.0, "lr_scale": 1.0}]
+    if gates:
+        groups.append({"params": [m.rho for m in bin_layers(model)], "weight_decay": 0.0, "lr_scale": gate_lr})
+    for g in groups:
+        g["lr"] = lr * g["lr_scale"]
     if t.optimizer == "adam":
-        return torch.optim.Adam(groups, lr=t.lr)
-    return torch.optim.SGD(groups, lr=t.lr, momentum=t.momentum, nesterov=t.nesterov)
+        return torch.optim.Adam(groups, lr=lr)
+    return torch.optim.SGD(groups, lr=lr, momentum=t.momentum, nesterov=t.nesterov)
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """The scheduled rate into every parameter group, times that group's `lr_scale`."""
+    for g in optimizer.param_groups:
+        g["lr"] = lr * g.get("lr_scale", 1.0)
 
 
 class Schedule:
-    """Learning rate as a function of (epoch, step), plus reduce-on-plateau state; checkpointable."""
+    """Learning rate as a function of (epoch, step), plus reduce-on-plateau state; checkpointable.
 
-    def __init__(self, t: TrainParams, steps_per_epoch: int):
-        self.t, self.steps = t, steps_per_epoch
+    `lr` is the base rate (the variant's, after any batch-size scaling; default `t.lr`)."""
+
+    def __init__(self, t: TrainParams, steps_per_epoch: int, lr: float | None = None):
+        self.t, self.steps, self.base = t, steps_per_epoch, t.lr if lr is None else lr
         self.plateau_factor, self.plateau_best, self.plateau_bad = 1.0, -math.inf, 0
 
     def lr(self, epoch: int, step: int) -> float:
-        t = self.t
+        t, base = self.t, self.base
         if epoch < t.warmup_epochs:
-            return t.lr * (epoch * self.steps + step + 1) / (t.warmup_epochs * self.steps)
+            return base * (epoch * self.steps + step + 1) / (t.warmup_epochs * self.steps)
         e = epoch - t.warmup_epochs
         if t.schedule == "cosine":
             span = max(t.epochs - t.warmup_epochs, 1)
-            return t.lr * 0.5 * (1 + math.cos(math.pi * (e * self.steps + step) / (span * self.steps)))
+            return base * 0.5 * (1 + math.cos(math.pi * (e * self.steps + step) / (span * self.steps)))
         if t.schedule == "step":
-            return t.lr * t.gamma ** (e // t.step_size)
+            return base * t.gamma ** (e // t.step_size)
         if t.schedule == "plateau":
-            return t.lr * self.plateau_factor
-        return t.lr
+            return base * self.plateau_factor
+        return base
 
     def end_epoch(self, val_accuracy: float) -> None:
         if self.t.schedule != "plateau":
@@ -135,7 +159,7 @@ class Schedule:
         self.plateau_factor, self.plateau_best, self.plateau_bad = s["factor"], s["best"], s["bad"]
 
 
-CODE = ("train.py", "model.py", "norms.py", "kernels.py", "kernels.cpp", "data.py", "metrics.py")
+CODE = ("train.py", "model.py", "norms.py", "kernels.py", "kernels.cpp", "data.py", "metrics.py", "params.py")
 
 
 def fingerprint(p: Params, v: Variant, seed: int) -> str:
@@ -226,11 +250,11 @@ def train(p: Params, variant: str | None = None, seed: int | None = None,
     model = build_model(p, v.norm, len(classes)).to(device)
     if t.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    optimizer = make_optimizer(model, t)
+    optimizer = make_optimizer(model, t, v.lr, p.model.bin_gate_lr)
     steps = len(EpochBatches(train_split, v.batch_size, None, None, shuffle=True))
-    schedule = Schedule(t, steps)
+    schedule = Schedule(t, steps, v.lr)
     state = {"fingerprint": fp, "name": paths.name, "variant": v.name, "norm": v.norm,
-             "batch_size": v.batch_size, "seed": seed, "classes": classes, "epoch": 0, "history": [],
+             "batch_size": v.batch_size, "model_config": model_config(p, v.norm, len(classes)), "seed": seed, "classes": classes, "epoch": 0, "history": [],
              "best_epoch": 0, "best_val_accuracy": -1.0, "bad_epochs": 0, "status": "running",
              "message": "", "train_seconds": 0.0, "mean": None, "std": None}
 
@@ -278,8 +302,7 @@ def train(p: Params, variant: str | None = None, seed: int | None = None,
                 for step, batch in enumerate(batches(ds, t.workers, pin)):
                     x, y = ds.to(batch, device, t.channels_last)
                     lr = schedule.lr(epoch, step)
-                    for g in optimizer.param_groups:
-                        g["lr"] = lr
+                    set_lr(optimizer, lr)
                     with (autocast() if autocast else contextlib.nullcontext()):
                         logits = step_model(x)
                         loss = loss_fn(logits.float(), y)
@@ -361,7 +384,7 @@ def _save(paths: RunPaths, state: dict, model, optimizer, schedule, improved: bo
 
 def _public(state: dict) -> dict:
     return {k: state[k] for k in ("fingerprint", "name", "variant", "norm", "batch_size", "seed", "classes",
-                                  "epoch", "mean", "std")}
+                                  "epoch", "mean", "std", "model_config")}
 
 
 def write_history(path: Path, history: list[dict]) -> None:

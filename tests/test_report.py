@@ -1,0 +1,98 @@
+"""The report's settings table and batch-size statistics, on fixed inputs."""
+import re
+import shlex
+import shutil
+
+import pytest
+from scipy import stats as sps
+
+from resnorm.assignment import DIFFERS, OPEN, SAME, settings
+from resnorm.params import load_params
+from conftest import REPO, write_params
+
+BIRDS_DATA = {"root": "/data/indian-birds", "layout": "given splits", "classes": 25,
+              "images": {"train": 27_000, "val": 7_500, "test": 3_000}}
+FOOD_DATA = {"root": "data/raw/ifct", "layout": "class folders", "classes": 10,
+             "images": {"train": 284, "val": 62, "test": 60}}
+
+
+def readme_paper_overrides() -> list[str]:
+    """The -S arguments of the README's paper-setting command, as a shell would pass them."""
+    text = (REPO / "README.md").read_text()
+    section = text[text.index("### The paper setting"):]
+    block = section[section.index("```bash"):].split("```")[1]
+    command = next(line for line in block.replace("\\\n", " ").splitlines() if "dvc exp run" in line)
+    args = shlex.split(command[command.index("dvc exp run"):])
+    return [args[i + 1] for i, a in enumerate(args) if a == "-S"]
+
+
+def status(rows) -> dict[str, str]:
+    return {r.name: r.status for r in rows}
+
+
+def test_readme_paper_setting_reproduces_the_assignment(workdir):
+    from dvc.utils.hydra import apply_overrides
+
+    overrides = readme_paper_overrides()
+    assert any(o.startswith("train.lr=") for o in overrides) and len(overrides) >= 10
+    shutil.copy(REPO / "params.yaml", workdir / "params.yaml")
+    apply_overrides(workdir / "params.yaml", overrides)      # what `dvc exp run -S` does to params.yaml
+    p = load_params()
+    assert p.train.lr == 1e-4 and p.data.image_size == 256 and len(p.gradcam.classes) == 7
+    rows = settings(p, BIRDS_DATA)
+    assert [r.name for r in rows if r.status == DIFFERS] == []
+    assert status(rows)["shortcut"] == SAME and status(rows)["batch-size study"] == SAME
+    assert status(rows)["momentum"] == OPEN
+
+
+def test_default_cpu_setting_marks_each_deviation():
+    rows = settings(load_params(REPO / "params.yaml"), FOOD_DATA)
+    assert {r.name for r in rows if r.status == DIFFERS} == {
+        "data set", "image size", "Nesterov", "learning rate", "warm-up", "weight decay", "augmentation",
+        "epochs", "Grad-CAM split", "Grad-CAM classes"}
+    assert len({r.name for r in rows}) == len(rows)
+
+
+@pytest.mark.parametrize("override, row", [
+    ({"model": {"shortcut": "B"}}, "shortcut"),
+    ({"model": {"n": 3}}, "depth"),
+    ({"train": {"optimizer": "adam", "nesterov": False}}, "optimizer"),
+    ({"train": {"label_smoothing": 0.1}}, "label smoothing"),
+    ({"study": {"variants": {"gn-bs32": {"norm": "gn", "batch_size": 32, "early_stopping_patience": 3}}}},
+     "norm comparison: early stopping"),
+    ({"study": {"variants": {"bn-bs8": {"norm": "bn", "batch_size": 8, "group": "batch",
+                                        "early_stopping_patience": 5}}}}, "batch-size study"),
+])
+def test_a_deviation_is_marked(workdir, override, row):
+    write_params(workdir, override)
+    assert status(settings(load_params(), BIRDS_DATA))[row] == DIFFERS
+
+
+def fake_runs(values: dict[str, list[float]]) -> dict[str, list[dict]]:
+    return {v: [{"run": f"{v}-{s}", "seed": s, "status": "finished", "epochs_trained": 10, "best_epoch": 6,
+                 "history": [], **{sp: {"accuracy": x, "macro_f1": x / 2} for sp in ("train", "val", "test")}}
+                for s, x in enumerate(xs)] for v, xs in values.items()}
+
+
+def test_batch_study_is_paired_over_seeds_with_intervals(workdir):
+    write_params(workdir, {})
+    p = load_params()
+    from resnorm.report import batch_study
+    acc = {"bn-bs8-es": [0.40, 0.45, 0.43], "bn-bs32-es": [0.55, 0.56, 0.50], "bn-bs128-es": [0.52, 0.58, 0.55],
+           "gn-bs8-es": [0.50, 0.49, 0.52], "gn-bs32-es": [0.51, 0.50, 0.53], "gn-bs128-es": [0.48, 0.52, 0.50]}
+    rows, comps, obs, tests = batch_study(fake_runs(acc), p)
+    assert len(rows) == 6 and tests == 7
+    bn = next(c for c in comps if c[0] == "BN: batch 8 minus batch 128")
+    ref = sps.ttest_rel(acc["bn-bs8-es"], acc["bn-bs128-es"])
+    ci = ref.confidence_interval()
+    diff = (sum(acc["bn-bs8-es"]) - sum(acc["bn-bs128-es"])) / 3
+    assert bn[1].startswith(f"{diff:+.3f} [{ci.low:+.3f}, {ci.high:+.3f}], p = {ref.pvalue:.2g}")
+    assert bn[2] == "paired t"
+    d_bn = [a - b for a, b in zip(acc["bn-bs8-es"], acc["bn-bs128-es"])]
+    d_gn = [a - b for a, b in zip(acc["gn-bs8-es"], acc["gn-bs128-es"])]
+    sens = next(c for c in comps if c[0].startswith("sensitivity"))
+    assert f"p = {sps.ttest_rel(d_bn, d_gn).pvalue:.2g}" in sens[1]
+    text = " ".join(obs)
+    assert "confirm" not in text and "predicts" not in text
+    if "not significant" in sens[3]:
+        assert "neither support nor refute" in text
