@@ -76,3 +76,41 @@ def test_targets_are_the_last_2n_convs():
     m = ResNet(3, 5)
     layers = m.gradcam_layers()
     assert len(layers) == 6 and all(isinstance(l, torch.nn.Conv2d) and l.out_channels == 64 for l in layers)
+
+
+def test_map_stats_on_known_maps():
+    from resnorm.gradcam import correlation, map_stats
+    flat = np.ones((32, 32))
+    s = map_stats(flat)
+    assert s["top10_mass"] == pytest.approx(102 / 1024, abs=1e-3) and s["centre_mass"] == pytest.approx(0.25)
+    assert s["centroid_row"] == pytest.approx(0.5) and s["centroid_col"] == pytest.approx(0.5)
+    spot = np.zeros((32, 32))
+    spot[2:4, 28:30] = 1                                     # top right corner
+    s = map_stats(spot)
+    assert s["top10_mass"] == 1.0 and s["centre_mass"] == 0.0
+    assert s["centroid_row"] < 0.15 and s["centroid_col"] > 0.85
+    assert map_stats(np.zeros((8, 8)))["top10_mass"] is None
+    assert correlation(spot, spot) == pytest.approx(1.0) and correlation(spot, flat) is None
+    assert correlation(spot, 1 - spot) == pytest.approx(-1.0)
+
+
+def test_analysis_is_computed_from_the_numbers():
+    from resnorm.gradcam import analysis
+
+    def ex(kind, top, centre, r=None, pred="b"):
+        e = {"kind": kind, "predicted": pred if kind == "wrong" else "a", "confidence": 0.6,
+             "top10_mass": top, "centre_mass": centre}
+        if kind == "wrong":
+            e["true_vs_predicted_map_correlation"] = r
+        return e
+    index = {"split": "test", "image_size": 32, "map_resolution": 8, "classes": {"a": {
+        "available": {"images": 9},
+        "examples": [ex("correct", 0.2, 0.6), ex("correct", 0.22, 0.62), ex("correct", 0.21, 0.58),
+                     ex("wrong", 0.4, 0.1, 0.9), ex("wrong", 0.42, 0.12, 0.8), ex("wrong", 0.41, 0.11, -0.2)]}}}
+    per_class, overall = analysis(index)
+    text = " ".join(overall)
+    assert "8x8" in text and "within 4 pixels" in text
+    assert "Correct answers draw more of their evidence from the centre" in text
+    assert "Wrong answers' maps are more concentrated" in text
+    assert "In 2 of them (r >= 0.5)" in text and "In 1 (r <= 0)" in text
+    assert "3 correct and 3 wrong of 9 test images" in per_class["a"] and "b (3)" in per_class["a"]

@@ -87,6 +87,12 @@ def crop_flip(x: torch.Tensor, aug: torch.Tensor, padding: int) -> torch.Tensor:
     return x[b, rows[:, :, None], cols[:, None, :]]                       # (n, h, w, C)
 
 
+def batch_count(n: int, batch_size: int, training: bool = True) -> int:
+    """Batches in one pass over n images. In training a last batch of one sample would break
+    batch statistics, so it is folded away."""
+    return n // batch_size + (1 if n % batch_size > (1 if training else 0) else 0)
+
+
 class EpochBatches(torch.utils.data.Dataset):
     """The batches of one epoch; item i is batch i, fixed by (seed, epoch, i).
 
@@ -105,8 +111,7 @@ class EpochBatches(torch.utils.data.Dataset):
             self.order = torch.randperm(n, generator=g).numpy()
         else:
             self.order = np.arange(n)
-        # a last batch of one sample would break batch statistics in training: fold it away
-        self.n_batches = n // batch_size + (1 if n % batch_size > (1 if shuffle else 0) else 0)
+        self.n_batches = batch_count(n, batch_size, shuffle)
 
     def __len__(self) -> int:
         return self.n_batches

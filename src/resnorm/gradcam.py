@@ -131,7 +131,7 @@ def class_figure(path: Path, title: str, examples: list[tuple[dict, np.ndarray, 
                 ax.axis("off")
             if r >= len(by_kind[kind]):
                 if r == len(by_kind[kind]):
-                    axes[1].text(0.5, 0.5, f"{kind}: {len(by_kind[kind])} of {per_kind} in this split",
+                    axes[1].text(0.5, 0.5, f"only {len(by_kind[kind])} {kind} in this split ({per_kind} asked)",
                                  ha="center", va="center", fontsize=11, transform=axes[1].transAxes)
                 continue
             item, image, cam = by_kind[kind][r]

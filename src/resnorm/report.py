@@ -16,7 +16,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from .assignment import DIFFERS, settings
-from .data import PREPARED
+from .data import PREPARED, batch_count
 from .gradcam import analysis as gradcam_analysis
 from .io import console, read_csv, read_json, run_cli, save_figure, write_csv, write_text
 from .params import Params, load_params
@@ -220,7 +220,7 @@ def ranking_section(runs: dict[str, list[dict]], variants: list[str], n_test: in
     return rows, obs, tests
 
 
-def batch_protocol(p: Params) -> str:
+def batch_protocol(p: Params, n_train: int) -> str:
     vs = p.variants("batch")
     if not vs:
         return ""
@@ -236,6 +236,11 @@ def batch_protocol(p: Params) -> str:
             f"epoch(s), learning rate {rule} (batch: lr = {lrs}), {sched}, and early stopping after "
             f"{t.early_stopping_patience} epochs without a better val accuracy; the checkpoint with the best val accuracy "
             "is evaluated. ")
+    sizes = sorted({v.batch_size for v in vs})
+    text += (f"On {n_train} training images an epoch is " + ", ".join(
+        f"{batch_count(n_train, b)} steps at batch {b}" for b in sizes) + f", so the budget allows at most "
+        f"{batch_count(n_train, sizes[-1]) * t.epochs} steps at batch {sizes[-1]} against "
+        f"{batch_count(n_train, sizes[0]) * t.epochs} at batch {sizes[0]}. ")
     if t.schedule == "plateau" and t.early_stopping_patience > t.plateau_patience + 1:
         text += ("Since the rate is cut before the patience runs out, every run that stops early has annealed first "
                  "(a cosine over the full budget would still be near its peak rate when an early stop cuts it off). ")
@@ -530,7 +535,7 @@ def report(p: Params) -> Doc:
     n_tests += k
     if brows:
         doc.h(2, "Batch size: BN against GN")
-        doc.p(batch_protocol(p))
+        doc.p(batch_protocol(p, data["images"]["train"]))
         doc.table(["norm", "batch", "variant", "lr", "val accuracy", "test accuracy", "test macro-F1",
                    "epochs trained", "best epoch", "early-stopped"], brows)
         doc.p("Differences in test accuracy, paired over seeds (* = significant at 5%):")
