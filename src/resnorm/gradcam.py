@@ -262,8 +262,8 @@ def analysis(index: dict) -> tuple[dict[str, str], list[str]]:
                    f"evidence only to within {index['image_size'] // res} pixels.")
     meaning = {"top10_mass": ("Correct answers' maps are more concentrated than wrong ones'.",
                               "Wrong answers' maps are more concentrated than correct ones': they fix on a small patch."),
-               "centre_mass": ("Correct answers draw more of their evidence from the centre of the image, where "
-                               "these photos put the subject; wrong ones look more towards the edges and background.",
+               "centre_mass": ("Correct answers draw more of their evidence from the centre of the image; wrong "
+                               "ones look more towards the edges.",
                                "Wrong answers draw more of their evidence from the centre than correct ones.")}
     for key, label, flat in (("top10_mass", "top-10% mass (concentration)", 0.10),
                              ("centre_mass", "central-quarter mass", 0.25)):

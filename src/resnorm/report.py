@@ -371,9 +371,10 @@ class Doc:
 
     @staticmethod
     def inline(text: str) -> str:
-        """Escaped HTML with the two Markdown marks the report uses: **bold** and `code`."""
+        """Escaped HTML with the two Markdown marks the report uses, **bold** and `code`."""
         out = re.sub(r"\*\*(.+?)\*\*", r"<strong>\1</strong>", html.escape(text))
-        return re.sub(r"`(.+?)`", r"<code>\1</code>", out)
+        out = re.sub(r"`(.+?)`", r"<code>\1</code>", out)
+        return out.replace(" ± ", "&nbsp;±&nbsp;")        # a mean and its spread never wrap apart
 
     def html(self, base: Path) -> str:
         out = ["<!doctype html><html><head><meta charset='utf-8'><title>ResNet normalization study</title>"

@@ -50,7 +50,7 @@ class Comparison:
                 f"t({self.df:.3g}) = {self.t:.2f}, p = {self.p:.3g})")
         if self.significant:
             return core + ": significant at the 5% level"
-        return core + ": not significant, so these runs cannot tell the two apart (which is not evidence that they are equal)"
+        return core + ": not significant, so these data cannot tell the two apart (which is not evidence that they are equal)"
 
 
 def _t_result(test: str, diff: float, se: float, df: float, n: int, confidence: float) -> Comparison:
