@@ -125,6 +125,16 @@ def test_workers_give_the_same_batches(prepared):
         assert (xa == xb).all() and (ya == yb).all() and (aa == ab).all()
     x, y = ds.to(a[0])
     assert x.shape == (4, 3, 16, 16) and x.dtype == torch.float32
+    # the GPU path: the whole split held on the device, batches gathered there (here: a CPU copy)
+    import numpy as np
+    from resnorm.data import on_device
+    held = (torch.from_numpy(np.asarray(split.x).copy()), torch.from_numpy(split.y))
+    c = list(batches(ds, 0, resident=held))
+    assert len(c) == len(a)
+    for (xa, ya, aa), (xc, yc, ac) in zip(a, c):
+        assert torch.equal(xa, xc) and torch.equal(ya, yc) and torch.equal(aa, ac)
+        torch.testing.assert_close(ds.to((xa, ya, aa))[0], ds.to((xc, yc, ac))[0], rtol=0, atol=0)
+    assert on_device(split, torch.device("cpu")) is None      # on CPU the memory map is already there
 
 
 def test_crop_flip_matches_a_direct_crop():
@@ -187,3 +197,21 @@ def test_a_bin_run_keeps_the_gate_rate_through_training(prepared):
     train(load_params())
     groups = load_checkpoint(run_paths(None, None).last)["optimizer"]["param_groups"]
     assert groups[2]["lr"] == pytest.approx(10 * groups[0]["lr"]) and groups[0]["lr"] > 0
+
+
+def test_epoch_tally_checks_in_windows_and_names_the_first_bad_step():
+    from resnorm.train import EpochTally
+    tally = EpochTally(n=12, steps=6, device=torch.device("cpu"))
+    losses = [1.0, 0.9, float("nan"), float("inf"), 0.5, 0.4]
+    for step, value in enumerate(losses[:2]):
+        tally.record_loss(step, torch.tensor(value))
+        tally.add(torch.eye(3)[[0, 1]] * 5, torch.tensor([0, 2]), torch.tensor(value))
+    assert tally.first_non_finite(2) is None
+    for step in range(2, 6):
+        tally.record_loss(step, torch.tensor(losses[step]))
+    assert tally.first_non_finite(6) == 2                     # a window of 4 steps: still the exact step
+    assert tally.first_non_finite(6) is None                  # each step is checked once
+    assert tally.mean_loss() == pytest.approx((1.0 * 2 + 0.9 * 2) / 4)
+    assert tally.accuracy() == 0.5 and tally.seen == 4
+    y, p = tally.labels()
+    assert list(y) == [0, 2, 0, 2] and list(p) == [0, 1, 0, 1]

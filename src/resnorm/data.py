@@ -116,17 +116,29 @@ class EpochBatches(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return self.n_batches
 
+    def indices(self, i: int) -> np.ndarray:
+        """The rows of batch i, sorted (sequential memory-mapped reads; the same rows in any path)."""
+        return np.sort(self.order[i * self.batch_size:(i + 1) * self.batch_size])
+
+    def augmentation(self, i: int, n: int) -> torch.Tensor | None:
+        """Per-sample (dy, dx, flip) of batch i, a function of (seed, epoch, i) only; None without augmentation."""
+        if not self.aug:
+            return None
+        g = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) * 100_003 + i)
+        offs = torch.randint(0, 2 * self.padding + 1, (n, 2), generator=g)
+        flip = (torch.rand(n, generator=g) < 0.5) & self.hflip
+        return torch.cat([offs, flip.long()[:, None]], 1)
+
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        idx = np.sort(self.order[i * self.batch_size:(i + 1) * self.batch_size])  # sorted: sequential mmap reads
+        idx = self.indices(i)
         x = torch.from_numpy(np.ascontiguousarray(self.split.x[idx]))
-        y = torch.from_numpy(self.split.y[idx])
-        aug = None
-        if self.aug:
-            g = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) * 100_003 + i)
-            offs = torch.randint(0, 2 * self.padding + 1, (len(idx), 2), generator=g)
-            flip = (torch.rand(len(idx), generator=g) < 0.5) & self.hflip
-            aug = torch.cat([offs, flip.long()[:, None]], 1)
-        return x, y, aug
+        return x, torch.from_numpy(self.split.y[idx]), self.augmentation(i, len(idx))
+
+    def resident_item(self, i: int, images: torch.Tensor, labels: torch.Tensor):
+        """Batch i gathered from a copy of the whole split already on the training device (`on_device`):
+        the same rows and augmentation as __getitem__, with no host read or transfer."""
+        idx = torch.from_numpy(self.indices(i)).to(images.device, non_blocking=True)
+        return images[idx], labels[idx], self.augmentation(i, len(idx))
 
     def to(self, batch, device: torch.device | str = "cpu", channels_last: bool = False):
         """A batch from __getitem__ -> (normalized float images, labels) on `device`."""
@@ -137,8 +149,29 @@ class EpochBatches(torch.utils.data.Dataset):
         return to_tensor(x, self.mean, self.std, device, channels_last), y.to(device, non_blocking=True)
 
 
-def batches(ds: EpochBatches, workers: int = 0, pin_memory: bool = False):
-    """Iterate the batches of an epoch, in worker processes when `workers` > 0."""
+def on_device(split: Split, device: torch.device, share: float = 0.25) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The whole uint8 split and its labels on a CUDA device, when they take at most `share` of its
+    free memory (30,000 images at 256 px are 5.9 GB); None on CPU (the memory map is already there)
+    or when the split does not fit."""
+    if device.type != "cuda":
+        return None
+    free, _ = torch.cuda.mem_get_info(device)
+    if split.x.nbytes > share * free:
+        return None
+    images = torch.empty(split.x.shape, dtype=torch.uint8, device=device)
+    for i in range(0, len(split), 4096):                       # in chunks: host memory stays flat
+        images[i:i + 4096] = torch.from_numpy(np.ascontiguousarray(split.x[i:i + 4096])).to(device)
+    return images, torch.from_numpy(np.asarray(split.y)).to(device)
+
+
+def batches(ds: EpochBatches, workers: int = 0, pin_memory: bool = False,
+            resident: tuple[torch.Tensor, torch.Tensor] | None = None):
+    """Iterate the batches of an epoch: from a split already on the device (`resident`, see
+    `on_device`), in worker processes when `workers` > 0, or in this process."""
+    if resident is not None:
+        for i in range(len(ds)):
+            yield ds.resident_item(i, *resident)
+        return
     if workers == 0:
         for i in range(len(ds)):
             yield ds[i]

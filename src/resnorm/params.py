@@ -82,6 +82,7 @@ class TrainParams:
     precision: str = "fp32"
     channels_last: bool = False
     compile: bool = False
+    data_on_device: bool = True         # CUDA: hold the uint8 train split on the GPU when it fits in a quarter of free memory
 
 
 @dataclass(frozen=True)

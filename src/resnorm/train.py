@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .data import EpochBatches, batches, channel_stats, load_classes, load_split, PREPARED
+from .data import EpochBatches, batches, channel_stats, load_classes, load_split, on_device, PREPARED
 from .io import UserError, atomic_path, console, run_cli, write_csv
 from .metrics import predict, scores
 from .model import ResNet
@@ -205,6 +205,59 @@ def autocast_for(t: TrainParams, device: torch.device):
 
 # --------------------------------------------------------------------------- the loop
 
+SYNC_EVERY = 50      # on a GPU the loop waits for the device only every this many steps (and at epoch end)
+
+
+class EpochTally:
+    """One epoch's loss sum, correct count, predictions and targets, kept on the training device.
+
+    The loop then never waits for the GPU inside an epoch except at the checks it chooses
+    (`first_non_finite`, every SYNC_EVERY steps on CUDA, every step on CPU). The loss sum is
+    accumulated in float64 in step order, so it equals the old `loss.item() * len(y)` sum bit
+    for bit, and the per-step losses are kept so a divergence still names its exact step.
+    """
+
+    def __init__(self, n: int, steps: int, device: torch.device):
+        self.loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        self.correct = torch.zeros((), dtype=torch.long, device=device)
+        self.preds = torch.empty(n, dtype=torch.long, device=device)
+        self.targets = torch.empty(n, dtype=torch.long, device=device)
+        self.losses = torch.empty(steps, dtype=torch.float32, device=device)
+        self.seen = self.checked = self.pending = 0
+
+    def record_loss(self, step: int, loss: torch.Tensor) -> None:
+        self.losses[step] = loss.detach()
+
+    def first_non_finite(self, upto: int) -> int | None:
+        """The first step below `upto`, not checked before, whose loss is not finite (one host sync)."""
+        start, self.checked = self.checked, upto
+        bad = torch.nonzero(~torch.isfinite(self.losses[start:upto]))
+        return start + int(bad[0, 0]) if len(bad) else None
+
+    def loss_at(self, step: int) -> float:
+        return float(self.losses[step])
+
+    def add(self, logits: torch.Tensor, y: torch.Tensor, loss: torch.Tensor) -> None:
+        n = len(y)
+        pred = logits.detach().argmax(1)
+        self.loss_sum += loss.detach().double() * n
+        self.correct += (pred == y).sum()
+        self.preds[self.seen:self.seen + n] = pred
+        self.targets[self.seen:self.seen + n] = y
+        self.seen += n
+        self.pending += 1
+
+    def mean_loss(self) -> float:
+        return float(self.loss_sum) / max(self.seen, 1)
+
+    def accuracy(self) -> float:
+        return int(self.correct) / max(self.seen, 1)
+
+    def labels(self):
+        """(targets, predictions) of the epoch as numpy arrays (one transfer)."""
+        return self.targets[:self.seen].cpu().numpy(), self.preds[:self.seen].cpu().numpy()
+
+
 class Progress:
     """A rich bar on a terminal; on a pipe (CI, dvc queue) just the per-epoch lines."""
 
@@ -218,9 +271,13 @@ class Progress:
             self.task = self.bar.add_task("", total=steps, info="")
             self.bar.start()
 
-    def update(self, info: str) -> None:
+    @property
+    def active(self) -> bool:
+        return self.bar is not None
+
+    def update(self, info: str, advance: int = 1) -> None:
         if self.bar:
-            self.bar.update(self.task, advance=1, info=info)
+            self.bar.update(self.task, advance=advance, info=info)
 
     def close(self) -> None:
         if self.bar:
@@ -287,6 +344,10 @@ def train(p: Params, variant: str | None = None, seed: int | None = None,
     gates = bin_layers(model)
     loss_fn = nn.CrossEntropyLoss(label_smoothing=t.label_smoothing)
     pin = device.type == "cuda"
+    resident = on_device(train_split, device) if t.data_on_device else None
+    if resident is not None:
+        console.print(f"{paths.name}: the train split ({train_split.x.nbytes / 2**30:.1f} GiB uint8) is held on "
+                      f"{device}; batches are gathered there")
     start_all = time.perf_counter()
 
     try:
@@ -296,19 +357,27 @@ def train(p: Params, variant: str | None = None, seed: int | None = None,
                               augment=t.augment, padding=t.crop_padding, hflip=t.hflip)
             bar = Progress(paths.name, len(ds), epoch, t.epochs)
             t0 = time.perf_counter()
-            total_loss, seen, correct, preds, targets = 0.0, 0, 0, [], []
+            tally = EpochTally(len(train_split), len(ds), device)
+            every = 1 if device.type == "cpu" else SYNC_EVERY
             lr = t.lr
             try:
-                for step, batch in enumerate(batches(ds, t.workers, pin)):
+                for step, batch in enumerate(batches(ds, t.workers, pin, resident)):
                     x, y = ds.to(batch, device, t.channels_last)
                     lr = schedule.lr(epoch, step)
                     set_lr(optimizer, lr)
                     with (autocast() if autocast else contextlib.nullcontext()):
                         logits = step_model(x)
                         loss = loss_fn(logits.float(), y)
-                    if not torch.isfinite(loss):
-                        raise Diverged(f"loss is {loss.item()} at epoch {epoch + 1}, step {step + 1} "
-                                       f"(lr {lr:.3g}); lower train.lr")
+                    tally.record_loss(step, loss)
+                    if (step + 1) % every == 0 or step + 1 == len(ds):      # the only host syncs of the epoch
+                        bad = tally.first_non_finite(step + 1)
+                        if bad is not None:
+                            raise Diverged(f"loss is {tally.loss_at(bad)} at epoch {epoch + 1}, step {bad + 1} "
+                                           f"(lr {schedule.lr(epoch, bad):.3g}); lower train.lr")
+                        if bar.active:
+                            bar.update(f"loss {tally.mean_loss():.3f}  acc {tally.accuracy():.3f}  "
+                                       f"{tally.seen / max(time.perf_counter() - t0, 1e-9):.0f} img/s", tally.pending)
+                            tally.pending = 0
                     optimizer.zero_grad(set_to_none=True)
                     if scaler:
                         scaler.scale(loss).backward()
@@ -318,25 +387,19 @@ def train(p: Params, variant: str | None = None, seed: int | None = None,
                         loss.backward()
                         optimizer.step()
                     clamp_gates_(gates)
-                    total_loss += loss.item() * len(y)
-                    seen += len(y)
-                    preds.append(logits.argmax(1).cpu())
-                    targets.append(y.cpu())
-                    correct += int((preds[-1] == targets[-1]).sum())
-                    elapsed = time.perf_counter() - t0
-                    bar.update(f"loss {total_loss / seen:.3f}  acc {correct / seen:.3f}  "
-                               f"{seen / max(elapsed, 1e-9):.0f} img/s")
+                    tally.add(logits, y, loss)
             finally:
                 bar.close()
+            seen = tally.seen
             train_time = time.perf_counter() - t0
-            tr = scores(torch.cat(targets).numpy(), torch.cat(preds).numpy(), len(classes))
+            tr = scores(*tally.labels(), len(classes))
             val_loss, val_pred, _ = predict(model, val_split, mean, std, max(v.batch_size, 64), device,
                                             autocast, t.channels_last)
             va = scores(val_split.y, val_pred, len(classes))
             if not math.isfinite(val_loss):
                 raise Diverged(f"validation loss is {val_loss} after epoch {epoch + 1}; lower train.lr")
             schedule.end_epoch(va["accuracy"])
-            row = {"epoch": epoch + 1, "lr": lr, "train_loss": total_loss / seen,
+            row = {"epoch": epoch + 1, "lr": lr, "train_loss": tally.mean_loss(),
                    "train_error": 1 - tr["accuracy"], **{f"train_{k}": x for k, x in tr.items()},
                    "val_loss": val_loss, "val_error": 1 - va["accuracy"], **{f"val_{k}": x for k, x in va.items()},
                    "epoch_seconds": time.perf_counter() - t0, "images_per_second": seen / train_time}
