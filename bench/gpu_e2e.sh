@@ -110,7 +110,9 @@ for _ in $(seq 3000); do            # the epoch line is printed after that epoch
     grep -q "experiment epoch 1/" "$OUT/killed.log" 2>/dev/null && break
     sleep 0.2
 done
-pkill -9 -f "resnorm.train" || true
+for pid in $(pgrep -f "resnorm.train" || true); do          # only this repository's training
+    [ "$(readlink "/proc/$pid/cwd" 2>/dev/null)" = "$REPO" ] && kill -9 "$pid" || true
+done
 wait || true
 tail -3 "$OUT/killed.log"
 "$PY" -m dvc repro train > "$OUT/resumed.log" 2>&1 || { tail -20 "$OUT/resumed.log"; exit 1; }
