@@ -170,31 +170,32 @@ def ranking_section(runs: dict[str, list[dict]], variants: list[str], n_test: in
     if not order:
         return [], ["No variant has test scores."], 0
     best = order[0]
-    tests = 0
+    test_of = {v: by_seed(runs[v], "test") for v in order}
+    vs_best = {v: compare(test_of[v], test_of[best]) for v in order if v != best}
+    vs_nn = {v: compare(test_of[v], test_of[nn]) for v in order if nn in order and v != nn}
+    tests = sum(c is not None for c in (*vs_best.values(), *vs_nn.values()))
     rows, obs = [], []
     for i, v in enumerate(order, 1):
         test, val = score(runs[v], "test", "accuracy"), score(runs[v], "val", "accuracy")
         m, lo, hi = mean_interval(test)
-        vs_best = None if v == best else compare(by_seed(runs[v], "test"), by_seed(runs[best], "test"))
-        vs_nn = None if nn is None or v == nn else compare(by_seed(runs[v], "test"), by_seed(runs[nn], "test"))
-        tests += (vs_best is not None) + (vs_nn is not None)
         rows.append([str(i), v, fmt(test), "n/a" if math.isnan(lo) else f"[{lo:.3f}, {hi:.3f}]",
                      f"{binomial_se(m, n_test):.3f}", fmt(val), f"{statistics.fmean(val) - m:+.3f}" if val else "n/a",
-                     "—" if v == best else cell(vs_best), "—" if nn is None or v == nn else cell(vs_nn)])
+                     cell(vs_best[v]) if v in vs_best else "—", cell(vs_nn[v]) if v in vs_nn else "—"])
     if len(order) >= 2:
         second = order[1]
-        c = compare(by_seed(runs[best], "test"), by_seed(runs[second], "test"))
+        c = compare(test_of[best], test_of[second])
         obs.append(f"On test accuracy {best} ranks first ({statistics.fmean(score(runs[best], 'test', 'accuracy')):.3f}) "
                    f"and {second} second; first minus second = " + (c.describe() if c else "n/a (one run each)") + ".")
-    if nn in order:
-        others = [v for v in order if v != nn]
-        beat = [v for v in others if (c := compare(by_seed(runs[v], "test"), by_seed(runs[nn], "test")))
-                and c.significant and c.diff > 0]
-        text = (f"{len(beat)} of {len(others)} normalized variants beat no normalization ({nn}) on test accuracy at "
+    if vs_nn:
+        beat = [v for v, c in vs_nn.items() if c and c.significant and c.diff > 0]
+        worse = [v for v, c in vs_nn.items() if c and c.significant and c.diff < 0]
+        unclear = [v for v in vs_nn if v not in beat + worse]
+        text = (f"{len(beat)} of {len(vs_nn)} normalized variants beat no normalization ({nn}) on test accuracy at "
                 f"the 5% level" + (f" ({', '.join(beat)})" if beat else "") + ".")
-        if len(beat) < len(others):
-            text += (f" For {', '.join(v for v in others if v not in beat)} the runs cannot tell them apart from "
-                     f"{nn} (or they are worse).")
+        if worse:
+            text += f" {', '.join(worse)} did significantly worse than {nn}."
+        if unclear:
+            text += f" For {', '.join(unclear)} the runs cannot tell them apart from {nn}."
         obs.append(text)
     gaps = {v: statistics.fmean(score(runs[v], "val", "accuracy")) - statistics.fmean(score(runs[v], "test", "accuracy"))
             for v in order if score(runs[v], "val", "accuracy")}
@@ -205,9 +206,9 @@ def ranking_section(runs: dict[str, list[dict]], variants: list[str], n_test: in
                    "are biased upward; that is why the ranking uses test.")
     se = binomial_se(statistics.fmean(score(runs[best], "test", "accuracy")), n_test)
     obs.append(f"Test-set sampling error: one run's test accuracy on {n_test} images has a binomial standard error of "
-               f"about {se:.3f} (column 'test s.e.'). The seed spread and the paired tests above hold the test set "
-               "fixed, so they do not include it: a difference smaller than about 2 x that s.e. may not carry over to "
-               "new images even where it is significant over seeds.")
+               f"about {se:.3f} (column 'test s.e.'), a 95% interval of about ±{1.96 * se:.3f} for a new test set of that "
+               "size. The seed spread and the paired tests above hold the test set fixed, so they do not include this "
+               "error: a difference that is significant over seeds may still not carry over to new images.")
     train_gap = {v: statistics.fmean(score(runs[v], "train", "accuracy")) - statistics.fmean(score(runs[v], "test", "accuracy"))
                  for v in order if score(runs[v], "train", "accuracy")}
     if train_gap:
