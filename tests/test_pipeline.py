@@ -2,6 +2,7 @@
 import json
 import os
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -122,3 +123,30 @@ def test_dvc_exp_run_trains_the_chosen_variant(repo):
     assert "metrics/experiment.json" in diff
     shown = dvc(repo, "plots", "show", "-o", "dvc_plots")
     assert (repo / "dvc_plots" / "index.html").exists(), shown
+
+
+def test_parallel_training_is_recorded_as_dvc_repro_would(repo, tmp_path):
+    """`resnorm.parallel` trains stale runs concurrently and commits them: afterwards DVC sees them as
+    up to date, and evaluating them gives the very metrics of the sequential `dvc repro`."""
+    repo, _ = repo
+    twin = copy_repo(tmp_path / "twin")
+    shutil.copy(repo / "params.yaml", twin / "params.yaml")
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    r = subprocess.run([sys.executable, "-m", "resnorm.parallel", "-j", "2", "--train-only", "study-train@bn-bs8-*"],
+                       cwd=twin, env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "2 training stages, 2 to run, 2 at a time" in r.stderr, r.stderr
+    assert r.stderr.count("recorded in dvc.lock") == 2
+    status = dvc(twin, "status", "study-train@bn-bs8-0", "study-train@bn-bs8-1")
+    assert "up to date" in status, status
+    stages = ran(dvc(twin, "repro", "study-evaluate@bn-bs8-0", "study-evaluate@bn-bs8-1"))
+    assert stages == {"study-evaluate@bn-bs8-0", "study-evaluate@bn-bs8-1"}       # training is not redone
+    for seed in SEEDS:
+        name = f"metrics/study/bn-bs8-{seed}.json"
+        assert (twin / name).read_bytes() == (repo / name).read_bytes()
+    again = subprocess.run([sys.executable, "-m", "resnorm.parallel", "--train-only", "study-train@bn-bs8-*"],
+                           cwd=twin, env=env, capture_output=True, text=True)
+    assert "2 training stages, 0 to run" in again.stderr, again.stderr
+    bad = subprocess.run([sys.executable, "-m", "resnorm.parallel", "study-train@nothing-*"],
+                         cwd=twin, env=env, capture_output=True, text=True)
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1, bad.stderr

@@ -136,9 +136,28 @@ class EpochBatches(torch.utils.data.Dataset):
 
     def resident_item(self, i: int, images: torch.Tensor, labels: torch.Tensor):
         """Batch i gathered from a copy of the whole split already on the training device (`on_device`):
-        the same rows and augmentation as __getitem__, with no host read or transfer."""
-        idx = torch.from_numpy(self.indices(i)).to(images.device, non_blocking=True)
+        the same rows and augmentation as __getitem__, with no image read or transfer. The plain
+        version of `resident_epoch`, which the tests hold it to."""
+        idx = torch.from_numpy(self.indices(i)).to(images.device)
         return images[idx], labels[idx], self.augmentation(i, len(idx))
+
+    def resident_epoch(self, images: torch.Tensor, labels: torch.Tensor):
+        """Every batch of the epoch from a split on the device, as `resident_item` gives them.
+
+        The epoch's rows and augmentation parameters go to the device in one copy each, at the
+        start: a small host-to-device copy per step (from pageable memory) would make the CPU
+        wait for the GPU at every step, which is what the loop avoids.
+        """
+        sizes = [len(self.indices(i)) for i in range(len(self))]
+        rows = torch.from_numpy(np.concatenate([self.indices(i) for i in range(len(self))]))
+        augs = [self.augmentation(i, n) for i, n in enumerate(sizes)]
+        rows = rows.to(images.device)
+        aug = torch.cat(augs).to(images.device) if self.aug and augs else None
+        start = 0
+        for n in sizes:
+            idx = rows[start:start + n]
+            yield images[idx], labels[idx], None if aug is None else aug[start:start + n]
+            start += n
 
     def to(self, batch, device: torch.device | str = "cpu", channels_last: bool = False):
         """A batch from __getitem__ -> (normalized float images, labels) on `device`."""
@@ -169,8 +188,7 @@ def batches(ds: EpochBatches, workers: int = 0, pin_memory: bool = False,
     """Iterate the batches of an epoch: from a split already on the device (`resident`, see
     `on_device`), in worker processes when `workers` > 0, or in this process."""
     if resident is not None:
-        for i in range(len(ds)):
-            yield ds.resident_item(i, *resident)
+        yield from ds.resident_epoch(*resident)
         return
     if workers == 0:
         for i in range(len(ds)):

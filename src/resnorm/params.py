@@ -23,6 +23,7 @@ LR_SCALINGS = ("none", "linear")
 GROUPS = ("norms", "batch")             # which part of the study a variant belongs to
 GRADCAM_SPLITS = ("val", "test")
 PRECISIONS = ("fp32", "bf16", "fp16")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")   # torch.compile modes
 EMBEDDED_ROOT = "data/raw/ifct"
 
 
@@ -81,7 +82,7 @@ class TrainParams:
     device: str = "auto"
     precision: str = "fp32"
     channels_last: bool = False
-    compile: bool = False
+    compile: bool | str = False         # false | true (= default) | reduce-overhead (CUDA graphs) | max-autotune...
     data_on_device: bool = True         # CUDA: hold the uint8 train split on the GPU when it fits in a quarter of free memory
 
 
@@ -166,6 +167,10 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
         if not isinstance(value, dict):
             raise _fail(key, value, "expected a mapping")
         return dict(value)
+    if hint == (bool | str):            # a switch that can also name its mode (train.compile)
+        if isinstance(value, bool) or (isinstance(value, str) and value):
+            return value
+        raise _fail(key, value, "expected true, false or a mode name")
     if hint is bool:
         if not isinstance(value, bool):
             raise _fail(key, value, "expected true or false")
@@ -244,6 +249,8 @@ def _validate_train(t: TrainParams, prefix: str) -> None:
     _check_min(f"{prefix}threads", t.threads, 1)
     _check_choice(f"{prefix}device", t.device, DEVICES)
     _check_choice(f"{prefix}precision", t.precision, PRECISIONS)
+    if isinstance(t.compile, str):
+        _check_choice(f"{prefix}compile", t.compile, COMPILE_MODES)
 
 
 def _check_variant(key: str, norm: str, batch_size: int) -> None:

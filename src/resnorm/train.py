@@ -196,6 +196,22 @@ def configure(t: TrainParams, device: torch.device) -> None:
         torch.use_deterministic_algorithms(True)
 
 
+def compiled(model: nn.Module, t: TrainParams) -> nn.Module:
+    """`torch.compile` as `train.compile` asks (false: the model itself).
+
+    Static shapes (`dynamic=False`): a run has one batch size, so it compiles at most four
+    graphs (train and eval, full and last batch) instead of a slower shape-generic one.
+    `reduce-overhead` adds CUDA graphs, which pay off at small batches, where launching
+    kernels costs more than running them. Inductor caches what it compiles on disk
+    (/tmp/torchinductor_$USER by default, `TORCHINDUCTOR_CACHE_DIR` to move it), so the
+    second stage on a machine compiles the same graphs from that cache, not from scratch.
+    """
+    if t.compile is False:
+        return model
+    mode = None if t.compile in (True, "default") else t.compile
+    return torch.compile(model, mode=mode, dynamic=False)
+
+
 def autocast_for(t: TrainParams, device: torch.device):
     if device.type != "cuda" or t.precision == "fp32":
         return None
@@ -340,7 +356,8 @@ def train(p: Params, variant: str | None = None, seed: int | None = None,
     mean, std = state["mean"], state["std"]
     autocast = autocast_for(t, device)
     scaler = torch.amp.GradScaler("cuda") if autocast and t.precision == "fp16" else None
-    step_model = torch.compile(model) if t.compile else model
+    step_model = compiled(model, t)
+    graphs = t.compile == "reduce-overhead" and device.type == "cuda"
     gates = bin_layers(model)
     loss_fn = nn.CrossEntropyLoss(label_smoothing=t.label_smoothing)
     pin = device.type == "cuda"
@@ -365,6 +382,8 @@ def train(p: Params, variant: str | None = None, seed: int | None = None,
                     x, y = ds.to(batch, device, t.channels_last)
                     lr = schedule.lr(epoch, step)
                     set_lr(optimizer, lr)
+                    if graphs:                    # a new training step: CUDA graph outputs of the last one may be reused
+                        torch.compiler.cudagraph_mark_step_begin()
                     with (autocast() if autocast else contextlib.nullcontext()):
                         logits = step_model(x)
                         loss = loss_fn(logits.float(), y)
@@ -393,7 +412,7 @@ def train(p: Params, variant: str | None = None, seed: int | None = None,
             seen = tally.seen
             train_time = time.perf_counter() - t0
             tr = scores(*tally.labels(), len(classes))
-            val_loss, val_pred, _ = predict(model, val_split, mean, std, max(v.batch_size, 64), device,
+            val_loss, val_pred, _ = predict(step_model, val_split, mean, std, max(v.batch_size, 64), device,
                                             autocast, t.channels_last)
             va = scores(val_split.y, val_pred, len(classes))
             if not math.isfinite(val_loss):

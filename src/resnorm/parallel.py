@@ -1,0 +1,195 @@
+"""Train the pipeline's stale runs several at a time, then let `dvc repro` do the rest.
+
+  python -m resnorm.parallel -j 4                  # every stale training stage, 4 at once
+  python -m resnorm.parallel -j 8 'study-train@gn-*'   # only those (fnmatch patterns)
+  python -m resnorm.parallel -j 4 --dry            # what would run, and where
+
+`dvc repro` runs one stage at a time (DVC has no parallel repro: treeverse/dvc#755), and
+one 6n+2 ResNet leaves most of a GPU idle. This module keeps `dvc.yaml` and `dvc.lock` the
+single truth and only adds concurrency:
+
+1. it holds DVC's repository lock throughout, so no other `dvc repro` interleaves;
+2. it brings the training stages' upstream stages up to date (`prepare`, ...) with DVC itself;
+3. it asks DVC which training stages (those whose command runs `resnorm.train`) are stale,
+   and runs exactly their `cmd` from `dvc.yaml`, `-j` at a time, each pinned to one GPU
+   (slot k on GPU k mod the GPU count; every GPU of a multi-GPU machine is used);
+4. as each run ends well, it records it with `dvc commit` (deps, params and outputs
+   hashed into `dvc.lock`, outputs cached), exactly what `dvc repro` would have written;
+5. then it runs `dvc repro` for everything else (evaluate, gradcam, report), where the
+   committed training stages are up to date and are skipped.
+
+A run that fails is not committed and is named with the end of its log; the others go on.
+Killed midway, nothing is lost: committed runs stay committed, and a training started again
+resumes from its last epoch. Each run's output goes to `.dvc/tmp/parallel/<stage>.log`.
+"""
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from .io import UserError, console, run_cli
+
+LOGS = Path(".dvc/tmp/parallel")
+
+
+@dataclass
+class Job:
+    stage: str         # DVC address, e.g. study-train@gn-bs8-es-1
+    cmd: str
+    wdir: str
+    log: Path
+    gpu: str | None = None
+    process: subprocess.Popen | None = None
+    started: float = 0.0
+
+
+def is_training(stage) -> bool:
+    cmd = stage.cmd if isinstance(stage.cmd, str) else " ".join(stage.cmd or [])
+    return "resnorm.train" in cmd
+
+
+def visible_gpus() -> list[str]:
+    """The GPUs this process may use: CUDA_VISIBLE_DEVICES when set, else every one torch sees."""
+    env = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if env is not None:
+        return [g for g in env.split(",") if g.strip() and g.strip() != "-1"]
+    try:
+        import torch
+        return [str(i) for i in range(torch.cuda.device_count())]
+    except Exception:
+        return []
+
+
+def plan(repo, patterns: list[str]) -> tuple[list, list]:
+    """(upstream stages to bring up to date first, the training stages the patterns select)."""
+    import networkx as nx
+    stages = [s for s in repo.index.stages if is_training(s)]
+    if patterns:
+        stages = [s for s in stages if any(fnmatch.fnmatchcase(s.addressing, p) for p in patterns)]
+        if not stages:
+            raise UserError(f"no training stage matches {' '.join(patterns)}; "
+                            f"see `dvc stage list` for the names")
+    graph = repo.index.graph                 # edges run from a stage to the stages it depends on
+    upstream = set().union(*(nx.descendants(graph, s) for s in stages)) - set(stages) if stages else set()
+    return sorted(upstream, key=lambda s: s.addressing), stages
+
+
+def run_jobs(jobs: list[Job], slots: int, on_done) -> list[Job]:
+    """Run the jobs `slots` at a time; `on_done(job, returncode)` as each ends. Returns the failed ones."""
+    pending, running, failed = list(jobs), {}, []
+    gpus = visible_gpus()
+    free = list(range(slots))
+    try:
+        while pending or running:
+            while pending and free:
+                job, slot = pending.pop(0), free.pop(0)
+                env = dict(os.environ)
+                if gpus:
+                    job.gpu = gpus[slot % len(gpus)]
+                    env["CUDA_VISIBLE_DEVICES"] = job.gpu
+                job.log.parent.mkdir(parents=True, exist_ok=True)
+                with open(job.log, "wb") as log:
+                    job.process = subprocess.Popen(job.cmd, shell=True, cwd=job.wdir, env=env, stdout=log,
+                                                   stderr=subprocess.STDOUT, start_new_session=True)
+                job.started, running[slot] = time.time(), job
+                console.print(f"start {job.stage}" + (f" on GPU {job.gpu}" if job.gpu else "") +
+                              f"  (log: {job.log})", soft_wrap=True)
+            time.sleep(0.2)
+            for slot, job in list(running.items()):
+                rc = job.process.poll()
+                if rc is None:
+                    continue
+                del running[slot]
+                free.append(slot)
+                free.sort()
+                if rc != 0:
+                    failed.append(job)
+                on_done(job, rc)
+    finally:
+        for job in running.values():          # Ctrl-C or an error here: stop the children with us
+            if job.process.poll() is None:
+                os.killpg(job.process.pid, signal.SIGTERM)
+    return failed
+
+
+def last_line(log: Path) -> str:
+    try:
+        lines = [x for x in log.read_text(errors="replace").splitlines() if x.strip()]
+    except OSError:
+        return ""
+    return lines[-1].strip() if lines else ""
+
+
+def main(argv: list[str]) -> None:
+    ap = argparse.ArgumentParser(prog="python -m resnorm.parallel", description=__doc__.split("\n")[0])
+    ap.add_argument("patterns", nargs="*", help="training stages to consider (fnmatch, default: all)")
+    ap.add_argument("-j", "--jobs", type=int, default=2, help="runs at once (default 2)")
+    ap.add_argument("--dry", action="store_true", help="print what would run and stop")
+    ap.add_argument("--train-only", action="store_true", help="stop after the training stages (no `dvc repro`)")
+    args = ap.parse_args(argv)
+    if args.jobs < 1:
+        raise UserError(f"-j/--jobs = {args.jobs} is not allowed: at least 1")
+    if not Path("dvc.yaml").exists():
+        raise UserError("dvc.yaml not found: run from the repository root")
+
+    from dvc.lock import LockError
+    from dvc.repo import Repo, lock_repo
+
+    repo = Repo()
+    start = time.time()
+    try:
+        with lock_repo(repo):
+            upstream, stages = plan(repo, args.patterns)
+            stale_upstream = [s for s in upstream if s.changed()]
+            if stale_upstream and not args.dry:
+                for s in stale_upstream:          # DVC runs them (and their own upstream) in order
+                    console.print(f"dvc repro {s.addressing}")
+                    repo.reproduce(s.addressing)
+                upstream, stages = plan(repo, args.patterns)
+            stale = [s for s in stages if s.changed()]
+            jobs = [Job(s.addressing, s.cmd, s.wdir, LOGS / f"{s.addressing.replace('@', '_')}.log")
+                    for s in stale]
+            gpus = visible_gpus()
+            console.print(f"{len(stages)} training stages, {len(stale)} to run, {args.jobs} at a time"
+                          + (f" on GPU {', '.join(gpus)}" if gpus else " on the CPU")
+                          + (f" (first: {', '.join(s.addressing for s in stale_upstream)})"
+                             if stale_upstream and args.dry else ""), soft_wrap=True)
+            if args.dry:
+                for j in jobs:
+                    console.print(f"  {j.stage}: {j.cmd}", soft_wrap=True)
+                return
+
+            def record(job: Job, rc: int) -> None:
+                took = time.time() - job.started
+                if rc != 0:
+                    console.print(f"[red]failed[/red] {job.stage} (exit {rc}, {took:.0f} s): "
+                                  f"{last_line(job.log)}  (log: {job.log})", soft_wrap=True, markup=True)
+                    return
+                repo.commit(job.stage, force=True)
+                console.print(f"done  {job.stage} in {took:.0f} s, recorded in dvc.lock", soft_wrap=True)
+
+            failed = run_jobs(jobs, args.jobs, record)
+    except LockError as e:
+        raise UserError(f"the DVC repository is locked ({e}); is another `dvc repro` running?") from None
+    finally:
+        repo.close()
+    took = time.time() - start
+    console.print(f"{len(jobs) - len(failed)} of {len(jobs)} runs trained in {took:.0f} s wall, {args.jobs} at a time")
+    if failed:
+        raise UserError(f"{len(failed)} run(s) failed: {', '.join(j.stage for j in failed)}; "
+                        f"see their logs in {LOGS}/")
+    if not args.train_only:
+        r = subprocess.run([sys.executable, "-m", "dvc", "repro"])
+        if r.returncode:
+            sys.exit(r.returncode)
+
+
+if __name__ == "__main__":
+    run_cli(main)
