@@ -5,7 +5,7 @@
 #   DEVICE=cpu SIZE=32 TRAIN=12 VALID=4 BENCH=0 bash bench/gpu_e2e.sh     the same steps on a CPU
 #
 # Settings (environment): DEVICE (cuda), SIZE (256), EPOCHS (3), TRAIN / VALID images per class
-# (160 / 40), SEEDS ([0]), KEEP (the study variants kept), WORK (/tmp/resnorm-e2e), OUT (results;
+# (160 / 40), SEEDS ([0]), JOBS (4 trainings at once), KEEP (the study variants kept), WORK (/tmp/resnorm-e2e), OUT (results;
 # $OUT of the device tool when set), WHEELS (.gpu-wheels), BENCH (1: run bench/gpu_paper_epoch.py).
 #
 # The GPU machine reaches no registry and its torch differs from the pin (../shared/notes/gpu-facts.md):
@@ -13,7 +13,8 @@
 # carry the folder), and the pipeline runs with PYTHONPATH pointing at the copied src/.
 #
 # Steps: 1 tools  2 a birds-like JPEG set  3 a fresh git + DVC copy of this pipeline  4 the README's
-# paper-setting command through `dvc exp run`, epochs cut short, every stage  5 every declared output
+# paper-setting command (`resnorm.parallel -S ...`: params edited as `dvc exp run -S` does, the
+# training stages JOBS at a time and recorded with `dvc commit`, then `dvc repro`), epochs cut short  5 every declared output
 # exists  6 kill -9 a training, rerun it: it resumes  7 per-stage times, the train loop's images/s,
 # the bench's images/s.
 set -euo pipefail
@@ -24,6 +25,7 @@ EPOCHS=${EPOCHS:-3}
 TRAIN=${TRAIN:-160}
 VALID=${VALID:-40}
 SEEDS=${SEEDS:-[0]}
+JOBS=${JOBS:-4}
 KEEP=${KEEP:-bn-bs32 gn-bs32 torch_bn-bs32 bn-bs8-es gn-bs8-es bn-bs128-es gn-bs128-es}
 WORK=${WORK:-/tmp/resnorm-e2e}
 OUT=${OUT:-$WORK/out}
@@ -50,8 +52,7 @@ mkdir -p "$REPO"
 cd "$REPO"
 export PYTHONPATH=$REPO/src GIT_AUTHOR_NAME=e2e GIT_AUTHOR_EMAIL=e2e@local GIT_COMMITTER_NAME=e2e \
        GIT_COMMITTER_EMAIL=e2e@local DVC_NO_ANALYTICS=1
-git init -q
-"$PY" -m dvc init -q
+if command -v git >/dev/null; then git init -q; "$PY" -m dvc init -q; else "$PY" -m dvc init -q --no-scm; fi
 cp "$HERE/dvc.yaml" "$HERE/params.yaml" "$HERE/.gitignore" "$HERE/.dvcignore" "$REPO/"
 cp -r "$HERE/src" "$REPO/src"
 cp -r "$HERE/.dvc/plots" "$REPO/.dvc/plots"
@@ -63,7 +64,7 @@ p["study"]["variants"] = {k: v for k, v in p["study"]["variants"].items() if k i
 open("params.yaml", "w").write(yaml.safe_dump(p, sort_keys=False))
 print("study variants kept:", ", ".join(p["study"]["variants"]))
 EOF
-git add -A && git commit -qm "baseline: $KEEP"
+if command -v git >/dev/null; then git add -A && git commit -qm "baseline: $KEEP"; fi
 
 step "4. the README's paper-setting command, epochs cut to $EPOCHS"
 mapfile -t S < <("$PY" - "$HERE/README.md" <<'EOF'
@@ -71,8 +72,8 @@ import shlex, sys
 text = open(sys.argv[1]).read()
 section = text[text.index("### The paper setting"):]
 block = section[section.index("```bash"):].split("```")[1].replace("\\\n", " ")
-command = next(line for line in block.splitlines() if "dvc exp run" in line)
-args = shlex.split(command[command.index("dvc exp run"):])
+command = next(line for line in block.splitlines() if " -S " in line)
+args = shlex.split(command)
 for a in (args[i + 1] for i, x in enumerate(args) if x == "-S"):
     if not a.startswith("data.root="):
         print(a)
@@ -80,18 +81,19 @@ EOF
 )
 S+=("data.root=$WORK/birds" "data.image_size=$SIZE" "train.epochs=$EPOCHS" "train.device=$DEVICE" "study.seeds=$SEEDS")
 if [ "$DEVICE" = cpu ]; then
-    S+=("train.precision=fp32" "train.compile=false" "train.workers=0" "train.threads=2")
+    S+=("train.precision=fp32" "train.compile=false" "train.workers=0" "train.threads=1")
 fi
 ARGS=()
 for s in "${S[@]}"; do ARGS+=(-S "$s"); done
-echo "dvc exp run ${ARGS[*]}"
+echo "python -m resnorm.parallel -j $JOBS ${ARGS[*]}"
 start=$(date +%s)
-if ! "$PY" -m dvc exp run "${ARGS[@]}" > "$OUT/exp_run.log" 2>&1; then
-    tail -30 "$OUT/exp_run.log"; echo "dvc exp run failed: see $OUT/exp_run.log"; exit 1
+if ! "$PY" -m resnorm.parallel -j "$JOBS" "${ARGS[@]}" > "$OUT/parallel.log" 2>&1; then
+    tail -30 "$OUT/parallel.log"; echo "resnorm.parallel failed: see $OUT/parallel.log"; exit 1
 fi
-grep -E "Running stage|: (finished|early_stopped) in|error" "$OUT/exp_run.log" || true
+grep -E "training stages|^(start|done|failed) |runs trained|Running stage|error" "$OUT/parallel.log" || true
 echo "stage wall times:"
 "$PY" -m resnorm.times "$start" | tee "$OUT/stage_times.txt"
+"$PY" -m dvc status | tail -1
 
 step "5. every declared output exists"
 "$PY" - <<'EOF'

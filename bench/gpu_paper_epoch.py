@@ -108,6 +108,10 @@ def main() -> None:
     ap.add_argument("--eager", action=argparse.BooleanOptionalAction, default=False, help="also time eager mode")
     ap.add_argument("--extra", action=argparse.BooleanOptionalAction, default=True,
                     help="batch 8/128 runs, projection and the data path")
+    ap.add_argument("--extra-norms", default="torch_bn,bn,gn", help="variants timed at the extra batch sizes")
+    ap.add_argument("--extra-batches", default="8,128", help="the extra batch sizes (8 with CUDA graphs)")
+    ap.add_argument("--data-path", action=argparse.BooleanOptionalAction, default=True,
+                    help="also time the CPU data path")
     args = ap.parse_args()
     torch.backends.cudnn.benchmark = True
     torch.backends.cuda.matmul.allow_tf32 = True
@@ -118,7 +122,7 @@ def main() -> None:
     results = {"device": torch.cuda.get_device_name(), "rates": {}}
     modes = ([False] if args.eager else []) + ([] if args.no_compile else [True])
     for compile_ in modes:
-        for name in args.only.split(","):
+        for name in [n for n in args.only.split(",") if n]:
             try:
                 rate, warm = images_per_second(name, data, labels, 32, compile_, args.seconds)
             except Exception as e:          # report and carry on: one failure must not lose the rest
@@ -130,8 +134,9 @@ def main() -> None:
             Path(args.out, "gpu_results.json").write_text(json.dumps(results, indent=2))
     if not args.extra:
         return
-    for bs, mode in ((8, "reduce-overhead"), (128, True)):
-        for name in ("torch_bn", "bn", "gn"):
+    for bs in (int(b) for b in args.extra_batches.split(",") if b):
+        mode = "reduce-overhead" if bs <= 16 else True
+        for name in [n for n in args.extra_norms.split(",") if n]:
             key = f"{name}-bs{bs}"
             for m in ((mode, False) if not args.no_compile else (False,)):
                 try:
@@ -156,7 +161,7 @@ def main() -> None:
         print(f"projected paper study (7 x 50 epochs at batch 32 + BN/GN at 8 and 128, 30,000 images, "
               f"training only): {(base + extra) / 3600:.2f} h; assumed at the slowest rate: "
               f"{results['projection_assumed'] or 'none'}", flush=True)
-    for w in (4, 8):
+    for w in ((4, 8) if args.data_path else ()):
         rate = cpu_data_path(4096, w)
         results["rates"][f"cpu_data_path_{w}_workers"] = round(rate, 1)
         print(f"data path (memory-mapped 256px uint8, {w} workers, crop/flip/normalize on GPU): "

@@ -21,8 +21,8 @@ def readme_paper_overrides() -> list[str]:
     text = (REPO / "README.md").read_text()
     section = text[text.index("### The paper setting"):]
     block = section[section.index("```bash"):].split("```")[1]
-    command = next(line for line in block.replace("\\\n", " ").splitlines() if "dvc exp run" in line)
-    args = shlex.split(command[command.index("dvc exp run"):])
+    command = next(line for line in block.replace("\\\n", " ").splitlines() if " -S " in line)
+    args = shlex.split(command)
     return [args[i + 1] for i, a in enumerate(args) if a == "-S"]
 
 

@@ -6,6 +6,7 @@ a resume in the middle of a run.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,10 +63,18 @@ def to_tensor(x, mean: list[float], std: list[float], device: torch.device | str
     """uint8 NHWC (array or tensor) -> normalized float32 NCHW on `device`."""
     t = torch.from_numpy(np.ascontiguousarray(x)) if isinstance(x, np.ndarray) else x
     t = t.to(device, non_blocking=True).permute(0, 3, 1, 2)       # NCHW view of NHWC memory: channels_last
-    m = torch.tensor(mean, device=t.device).view(1, 3, 1, 1) * 255.0
-    s = torch.tensor(std, device=t.device).view(1, 3, 1, 1) * 255.0
+    m, s = _scale(tuple(mean), tuple(std), t.device)
     t = (t.float() - m) / s
     return t if channels_last else t.contiguous()
+
+
+@functools.lru_cache(maxsize=8)
+def _scale(mean: tuple[float, ...], std: tuple[float, ...], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and std times 255 as (1, 3, 1, 1) tensors on `device`, made once: building them at every
+    step would be a blocking host-to-device copy, a wait for the GPU at every step."""
+    m = torch.tensor(mean, device=device).view(1, 3, 1, 1) * 255.0
+    s = torch.tensor(std, device=device).view(1, 3, 1, 1) * 255.0
+    return m, s
 
 
 def crop_flip(x: torch.Tensor, aug: torch.Tensor, padding: int) -> torch.Tensor:

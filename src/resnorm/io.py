@@ -101,16 +101,19 @@ def read_csv(path: str | Path) -> list[dict[str, str]]:
 STAGE_TIMES = Path("logs/stage_times.tsv")
 
 
-def run_cli(main: Callable[[list[str]], Any]) -> None:
+def run_cli(main: Callable[[list[str]], Any], stage: bool = True) -> None:
     """Run a stage's main; user errors become one red line and exit status 2.
 
     The wall time of each successful stage (from interpreter start, imports included)
-    is appended to logs/stage_times.tsv, which `python -m resnorm.times` prints.
+    is appended to logs/stage_times.tsv, which `python -m resnorm.times` prints; `stage=False`
+    for a command that is not a stage (it would count its stages twice).
     """
     from .params import ParamError
 
     try:
         main(sys.argv[1:])
+        if not stage:
+            return
         spec = getattr(sys.modules["__main__"], "__spec__", None)
         module = spec.name.removeprefix("resnorm.") if spec else Path(sys.argv[0]).stem
         STAGE_TIMES.parent.mkdir(parents=True, exist_ok=True)

@@ -26,12 +26,17 @@ def per_class(y_true: np.ndarray, y_pred: np.ndarray, classes: list[str]) -> lis
 
 @torch.no_grad()
 def predict(model: torch.nn.Module, split: Split, mean, std, batch_size: int, device: torch.device,
-            autocast=None, channels_last: bool = False) -> tuple[float, np.ndarray, np.ndarray]:
-    """Mean cross-entropy, predicted labels and class probabilities over a split, in eval mode."""
+            autocast=None, channels_last: bool = False,
+            resident: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[float, np.ndarray, np.ndarray]:
+    """Mean cross-entropy, predicted labels and class probabilities over a split, in eval mode.
+
+    Losses and probabilities stay on the device until the end (one transfer, no wait per batch);
+    `resident` is the split already on the device (`data.on_device`). The loss is summed in
+    batch order in float64, as a running `float()` sum would."""
     model.eval()
     ds = EpochBatches(split, batch_size, mean, std, shuffle=False)
-    total, probs = 0.0, []
-    for batch in batches(ds):
+    losses, probs = [], []
+    for batch in batches(ds, resident=resident):
         x, y = ds.to(batch, device, channels_last)
         if autocast is not None:
             with autocast():
@@ -39,7 +44,10 @@ def predict(model: torch.nn.Module, split: Split, mean, std, batch_size: int, de
         else:
             logits = model(x)
         logits = logits.float()
-        total += float(torch.nn.functional.cross_entropy(logits, y, reduction="sum"))
-        probs.append(torch.softmax(logits, 1).cpu())
-    p = torch.cat(probs).numpy() if probs else np.zeros((0, 0))
+        losses.append(torch.nn.functional.cross_entropy(logits, y, reduction="sum"))
+        probs.append(torch.softmax(logits, 1))
+    if not probs:
+        return 0.0, np.zeros(0, dtype=np.int64), np.zeros((0, 0))
+    total = sum(torch.stack(losses).double().cpu().tolist())
+    p = torch.cat(probs).cpu().numpy()
     return total / max(len(split), 1), p.argmax(1), p

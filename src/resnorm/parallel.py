@@ -3,6 +3,8 @@
   python -m resnorm.parallel -j 4                  # every stale training stage, 4 at once
   python -m resnorm.parallel -j 8 'study-train@gn-*'   # only those (fnmatch patterns)
   python -m resnorm.parallel -j 4 --dry            # what would run, and where
+  python -m resnorm.parallel -j 8 -S train.device=cuda -S train.epochs=50   # params.yaml edited first,
+                                                   # as `dvc exp run -S` edits it (DVC's own parser)
 
 `dvc repro` runs one stage at a time (DVC has no parallel repro: treeverse/dvc#755), and
 one 6n+2 ResNet leaves most of a GPU idle. This module keeps `dvc.yaml` and `dvc.lock` the
@@ -127,11 +129,27 @@ def last_line(log: Path) -> str:
     return lines[-1].strip() if lines else ""
 
 
+def set_params(overrides: list[str], path: Path = Path("params.yaml")) -> None:
+    """Apply `-S` overrides to params.yaml with DVC's parser, then validate the result; on a bad
+    override or value, params.yaml is left as it was."""
+    from dvc.utils.hydra import apply_overrides
+    from .params import load_params
+    before = path.read_bytes()
+    try:
+        apply_overrides(path, overrides)
+        load_params(path)
+    except Exception as e:
+        path.write_bytes(before)
+        raise UserError(f"-S {' -S '.join(overrides)}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+
+
 def main(argv: list[str]) -> None:
     ap = argparse.ArgumentParser(prog="python -m resnorm.parallel", description=__doc__.split("\n")[0])
     ap.add_argument("patterns", nargs="*", help="training stages to consider (fnmatch, default: all)")
     ap.add_argument("-j", "--jobs", type=int, default=2, help="runs at once (default 2)")
     ap.add_argument("--dry", action="store_true", help="print what would run and stop")
+    ap.add_argument("-S", "--set-param", action="append", default=[], metavar="KEY=VALUE",
+                    help="edit params.yaml first, with the syntax of `dvc exp run -S`")
     ap.add_argument("--train-only", action="store_true", help="stop after the training stages (no `dvc repro`)")
     args = ap.parse_args(argv)
     if args.jobs < 1:
@@ -141,6 +159,9 @@ def main(argv: list[str]) -> None:
 
     from dvc.lock import LockError
     from dvc.repo import Repo, lock_repo
+
+    if args.set_param:
+        set_params(args.set_param)
 
     repo = Repo()
     start = time.time()
@@ -192,4 +213,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    run_cli(main, stage=False)

@@ -362,6 +362,7 @@ def train(p: Params, variant: str | None = None, seed: int | None = None,
     loss_fn = nn.CrossEntropyLoss(label_smoothing=t.label_smoothing)
     pin = device.type == "cuda"
     resident = on_device(train_split, device) if t.data_on_device else None
+    resident_val = on_device(val_split, device) if resident is not None else None
     if resident is not None:
         console.print(f"{paths.name}: the train split ({train_split.x.nbytes / 2**30:.1f} GiB uint8) is held on "
                       f"{device}; batches are gathered there")
@@ -413,7 +414,7 @@ def train(p: Params, variant: str | None = None, seed: int | None = None,
             train_time = time.perf_counter() - t0
             tr = scores(*tally.labels(), len(classes))
             val_loss, val_pred, _ = predict(step_model, val_split, mean, std, max(v.batch_size, 64), device,
-                                            autocast, t.channels_last)
+                                            autocast, t.channels_last, resident_val)
             va = scores(val_split.y, val_pred, len(classes))
             if not math.isfinite(val_loss):
                 raise Diverged(f"validation loss is {val_loss} after epoch {epoch + 1}; lower train.lr")

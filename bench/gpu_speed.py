@@ -1,0 +1,236 @@
+"""The pipeline's own images/s on one GPU, beside the bench loop's, and with several runs at once.
+
+  python bench/gpu_speed.py --phase single         # resnorm.train alone: bn, gn, torch_bn at batch 32
+  python bench/gpu_speed.py --phase bench          # bench/gpu_paper_epoch.py on the same configurations
+  python bench/gpu_speed.py --phase concurrent     # resnorm.parallel -j 4 and -j 8: aggregate images/s
+  python bench/gpu_speed.py --phase single --configs bn:8:reduce-overhead,bn:128
+
+Every figure here comes from the real pipeline: `python -m resnorm.train` (its history.csv:
+train images over train seconds, epochs 2 on, so the epoch-1 compile is apart) and
+`python -m resnorm.parallel` (which runs the DVC training stages and records them with
+`dvc commit`); the bench loop only stands beside them. The work folder is a DVC copy of this
+project whose `data/prepared` arrays are generated (256x256 uint8 noise, 25 classes) and
+recorded with `dvc commit`, so no JPEG set is needed. Results accumulate in
+$OUT/speed.json after each measurement, so a call cut short keeps what it measured.
+Settings: the README's paper setting (bf16, channels_last, compile, lr 1e-4, no augmentation).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+HERE = Path(__file__).resolve().parents[1]
+CLASSES = 25
+
+
+def sh(cmd: list[str], cwd: Path, log: Path | None = None, env: dict | None = None) -> float:
+    """Run a command, its output to `log`; returns its wall seconds; raises with the log's tail."""
+    t0 = time.time()
+    with open(log or os.devnull, "wb") as f:
+        r = subprocess.run(cmd, cwd=cwd, stdout=f, stderr=subprocess.STDOUT, env=env)
+    if r.returncode:
+        tail = log.read_text(errors="replace")[-2000:] if log else ""
+        raise RuntimeError(f"{' '.join(cmd)} failed ({r.returncode}):\n{tail}")
+    return time.time() - t0
+
+
+def setup(work: Path, args) -> Path:
+    """A git + DVC copy of the project with generated prepared arrays, recorded as DVC outputs."""
+    repo = work / "repo"
+    if (repo / "dvc.lock").exists():
+        return repo
+    shutil.rmtree(repo, ignore_errors=True)
+    repo.mkdir(parents=True)
+    git = shutil.which("git") is not None           # a bare GPU image may have no git: DVC works without
+    if git:
+        sh(["git", "init", "-q"], repo)
+    sh([sys.executable, "-m", "dvc", "init", "-q"] + ([] if git else ["--no-scm"]), repo, work / "init.log")
+    for name in ("dvc.yaml", "params.yaml", ".gitignore", ".dvcignore"):
+        shutil.copy(HERE / name, repo / name)
+    shutil.copytree(HERE / "src", repo / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    shutil.copytree(HERE / ".dvc" / "plots", repo / ".dvc" / "plots")
+    rng = np.random.default_rng(0)
+    prepared = repo / "data" / "prepared"
+    prepared.mkdir(parents=True)
+    for split, n in (("train", args.images), ("val", args.val), ("test", 64)):
+        x = np.lib.format.open_memmap(prepared / f"{split}_x.npy", "w+", np.uint8, (n, args.size, args.size, 3))
+        for i in range(0, n, 1024):
+            x[i:i + 1024] = rng.integers(0, 256, x[i:i + 1024].shape, dtype=np.uint8)
+        x.flush()
+        np.save(prepared / f"{split}_y.npy", rng.integers(0, CLASSES, n).astype(np.int64))
+    (prepared / "classes.json").write_text(json.dumps([f"class_{i:02d}" for i in range(CLASSES)]))
+    (prepared / "manifest.csv").write_text("path,sha1,class,split\n")
+    raw = repo / "data" / "raw" / "ifct"
+    raw.mkdir(parents=True)
+    (raw / "README.txt").write_text("stand-in: the arrays in data/prepared were generated\n")
+    p = yaml.safe_load((repo / "params.yaml").read_text())
+    p["data"].update(image_size=args.size, root="data/raw/ifct")
+    p["model"]["n"] = 2
+    p["train"].update(lr=1e-4, nesterov=False, weight_decay=0.0, warmup_epochs=0, augment=False,
+                      device=args.device, precision="bf16" if args.device == "cuda" else "fp32",
+                      channels_last=True, compile=args.device == "cuda",
+                      workers=4 if args.device == "cuda" else 0, threads=2 if args.device == "cuda" else 1,
+                      epochs=args.epochs, schedule="cosine")
+    p["study"] = {"seeds": [0], "variants": {}}
+    (repo / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
+    sh([sys.executable, "-m", "dvc", "commit", "-f", "fetch", "prepare"], repo, work / "commit.log")
+    return repo
+
+
+def edit_params(repo: Path, **top) -> None:
+    p = yaml.safe_load((repo / "params.yaml").read_text())
+    for key, value in top.items():
+        section, _, name = key.partition("__")
+        if name:
+            p[section][name] = value
+        else:
+            p[section] = value
+    (repo / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
+
+
+def history_rates(path: Path) -> tuple[list[float], float]:
+    """(train images/s of epochs 2 on, seconds of epoch 1: compile + cudnn autotuning + one epoch)."""
+    rows = list(csv.DictReader(open(path)))
+    return [float(r["images_per_second"]) for r in rows[1:]], float(rows[0]["epoch_seconds"])
+
+
+def save(out: Path, results: dict) -> None:
+    (out / "speed.json").write_text(json.dumps(results, indent=2))
+
+
+def phase_single(repo: Path, out: Path, args, results: dict, deadline: float) -> None:
+    for cfg in args.configs.split(","):
+        if time.time() > deadline:
+            print(f"skipped {cfg}: past the time budget", flush=True)
+            continue
+        norm, bs, *mode = cfg.split(":")
+        compile_ = mode[0] if mode else (args.device == "cuda")
+        edit_params(repo, norm=norm, batch_size=int(bs), train__compile=compile_)
+        shutil.rmtree(repo / "models" / "experiment", ignore_errors=True)
+        try:
+            wall = sh([sys.executable, "-m", "resnorm.train"], repo, out / f"train_{cfg.replace(':', '_')}.log")
+        except RuntimeError as e:
+            print(f"{cfg}: {e}", flush=True)
+            continue
+        rates, first = history_rates(repo / "plots" / "experiment" / "history.csv")
+        results["single"][cfg] = {"images_per_second": [round(r) for r in rates],
+                                  "median": round(statistics.median(rates)), "epoch1_seconds": round(first, 1),
+                                  "process_seconds": round(wall, 1)}
+        save(out, results)
+        print(f"resnorm.train {cfg:<24} {statistics.median(rates):7.0f} images/s (epochs 2-{len(rates) + 1}: "
+              f"{', '.join(f'{r:.0f}' for r in rates)}); epoch 1 {first:.1f} s; process {wall:.0f} s", flush=True)
+
+
+def phase_bench(repo: Path, out: Path, args, results: dict, deadline: float) -> None:
+    norms = sorted({c.split(":")[0] for c in args.configs.split(",") if c.split(":")[1] == "32"})
+    extra = [c.split(":") for c in args.configs.split(",") if c.split(":")[1] != "32"]
+    cmd = [sys.executable, str(HERE / "bench" / "gpu_paper_epoch.py"), "--images", str(args.images),
+           "--seconds", str(args.bench_seconds), "--only", ",".join(norms), "--out", str(out),
+           "--extra-norms", ",".join(sorted({e[0] for e in extra})) or "bn",
+           "--extra-batches", ",".join(sorted({e[1] for e in extra})), "--no-data-path"]
+    if not extra:
+        cmd.append("--no-extra")
+    try:
+        sh(cmd, repo, out / "bench.log")
+    except RuntimeError as e:
+        print(e, flush=True)
+    print((out / "bench.log").read_text(), flush=True)
+    gr = out / "gpu_results.json"
+    if gr.exists():
+        results["bench"] = json.loads(gr.read_text())
+        save(out, results)
+
+
+def phase_concurrent(repo: Path, out: Path, args, results: dict, deadline: float) -> None:
+    for j in (int(x) for x in args.jobs.split(",")):
+        if time.time() > deadline:
+            print(f"skipped -j {j}: past the time budget", flush=True)
+            continue
+        seeds = list(range(100 * j, 100 * j + j))           # new stages for each j: nothing is up to date
+        edit_params(repo, study={"seeds": seeds, "variants": {"bn-bs32": {"norm": "bn", "batch_size": 32}}},
+                    train__compile=args.device == "cuda")
+        try:
+            wall = sh([sys.executable, "-m", "resnorm.parallel", "-j", str(j), "--train-only", "study-train@*"],
+                      repo, out / f"parallel_j{j}.log")
+        except RuntimeError as e:
+            print(f"-j {j}: {e}", flush=True)
+            continue
+        per_run, overheads, firsts = [], [], []
+        for s in seeds:
+            history = repo / "plots" / "study" / f"bn-bs32-{s}" / "history.csv"
+            rates, first = history_rates(history)
+            per_run.append(statistics.median(rates))
+            firsts.append(first)
+            rows = list(csv.DictReader(open(history)))[1:]
+            overheads.append(sum(float(r["epoch_seconds"]) for r in rows) /
+                             sum(args.images / float(r["images_per_second"]) for r in rows))
+        images = j * args.epochs * args.images
+        # the paper study at this concurrency: 39 runs (13 variants x 3 seeds) x 50 epochs x 30,000 images at
+        # the measured aggregate rate, times the measured epoch/train-time ratio (validation, checkpoints),
+        # plus each wave's epoch-1 extra (start-up, compile)
+        runs, overhead = 39, statistics.mean(overheads)
+        extra = max(firsts) - args.images / min(per_run)
+        hours = (runs * 50 * 30_000 / sum(per_run) * overhead + math.ceil(runs / j) * extra) / 3600
+        results["concurrent"][str(j)] = {"runs": j, "wall_seconds": round(wall, 1),
+                                         "sum_of_steady_rates": round(sum(per_run)),
+                                         "per_run_median": [round(r) for r in per_run],
+                                         "train_images_over_wall": round(images / wall),
+                                         "epoch_over_train_time": round(overhead, 3),
+                                         "epoch1_extra_seconds": round(extra, 1),
+                                         "projected_paper_study_hours": round(hours, 2)}
+        save(out, results)
+        print(f"resnorm.parallel -j {j}: {j} runs x {args.epochs} epochs in {wall:.0f} s wall; steady state "
+              f"{sum(per_run):.0f} images/s together ({min(per_run):.0f}-{max(per_run):.0f} each); "
+              f"{images / wall:.0f} train images/s over the whole wall time (start-up and compile included); "
+              f"validation adds {overhead - 1:.0%} to an epoch; the paper study (39 runs x 50 epochs x 30,000 "
+              f"images, all at this rate) would take {hours:.2f} h",
+              flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--phase", action="append", choices=("single", "bench", "concurrent"), required=True)
+    ap.add_argument("--configs", default="bn:32,gn:32,torch_bn:32", help="norm:batch[:compile mode],...")
+    ap.add_argument("--jobs", default="4,8", help="concurrent runs to measure")
+    ap.add_argument("--images", type=int, default=4096)
+    ap.add_argument("--val", type=int, default=512)
+    ap.add_argument("--size", type=int, default=256)
+    ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--bench-seconds", type=float, default=6.0)
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--budget", type=float, default=1e9, help="seconds; later measurements are skipped past it")
+    ap.add_argument("--work", default="/tmp/resnorm-speed")
+    ap.add_argument("--out", default=os.environ.get("OUT") or "/tmp/resnorm-speed/out")
+    args = ap.parse_args()
+    deadline = time.time() + args.budget
+    work, out = Path(args.work), Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    os.environ["PYTHONPATH"] = str(work / "repo" / "src")
+    os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
+    os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+    results = json.loads((out / "speed.json").read_text()) if (out / "speed.json").exists() else {}
+    results.setdefault("single", {})
+    results.setdefault("concurrent", {})
+    t0 = time.time()
+    repo = setup(work, args)
+    print(f"work copy ready in {time.time() - t0:.0f} s: {args.images} train / {args.val} val images at "
+          f"{args.size} px, {args.epochs} epochs per run", flush=True)
+    for phase in args.phase:
+        {"single": phase_single, "bench": phase_bench, "concurrent": phase_concurrent}[phase](
+            repo, out, args, results, deadline)
+
+
+if __name__ == "__main__":
+    main()
