@@ -5,7 +5,7 @@
 #   DEVICE=cpu SIZE=32 TRAIN=12 VALID=4 BENCH=0 bash bench/gpu_e2e.sh     the same steps on a CPU
 #
 # Settings (environment): DEVICE (cuda), SIZE (256), EPOCHS (3), TRAIN / VALID images per class
-# (160 / 40), SEEDS ([0]), JOBS (4 trainings at once), KEEP (the study variants kept), WORK (/tmp/resnorm-e2e), OUT (results;
+# (160 / 40), SEEDS ([0]), JOBS (4 trainings at once), SANITY_STEPS (3), KEEP (the study variants kept), WORK (/tmp/resnorm-e2e), OUT (results;
 # $OUT of the device tool when set), WHEELS (.gpu-wheels), BENCH (1: run bench/gpu_paper_epoch.py).
 #
 # The GPU machine reaches no registry and its torch differs from the pin (../shared/notes/gpu-facts.md):
@@ -26,6 +26,7 @@ TRAIN=${TRAIN:-160}
 VALID=${VALID:-40}
 SEEDS=${SEEDS:-[0]}
 JOBS=${JOBS:-4}
+SANITY_STEPS=${SANITY_STEPS:-3}
 KEEP=${KEEP:-bn-bs32 gn-bs32 torch_bn-bs32 bn-bs8-es gn-bs8-es bn-bs128-es gn-bs128-es}
 WORK=${WORK:-/tmp/resnorm-e2e}
 OUT=${OUT:-$WORK/out}
@@ -36,9 +37,13 @@ case "$PY" in */*) export PATH="$(dirname "$PY"):$PATH" ;; esac      # stage com
 step() { echo; echo "== $* ($(date +%T))"; }
 
 step "1. tools"
-"$PY" -c "import dvc" 2>/dev/null || "$PY" -m pip install --quiet --no-index --find-links "$WHEELS" dvc==3.67.1
-"$PY" -c "import pytorch_grad_cam" 2>/dev/null || \
-    "$PY" -m pip install --quiet --no-index --find-links "$WHEELS" --no-deps grad-cam==1.5.7 ttach==0.0.3
+if ! command -v python >/dev/null; then           # stage commands in dvc.yaml call `python`
+    mkdir -p /tmp/pyshim && ln -sf "$(command -v python3)" /tmp/pyshim/python && export PATH=/tmp/pyshim:$PATH
+fi
+pip_install() { "$PY" -m pip install --quiet --no-index --find-links "$WHEELS" "$@" 2>/dev/null ||
+                "$PY" -m pip install --quiet --no-index --find-links "$WHEELS" --break-system-packages "$@"; }
+"$PY" -c "import dvc" 2>/dev/null || pip_install dvc==3.67.1
+"$PY" -c "import pytorch_grad_cam" 2>/dev/null || pip_install --no-deps grad-cam==1.5.7 ttach==0.0.3
 "$PY" -c "import torch, dvc; print('torch', torch.__version__, '| cuda', torch.cuda.is_available(), '| dvc', dvc.__version__)"
 
 step "2. data"
@@ -79,7 +84,8 @@ for a in (args[i + 1] for i, x in enumerate(args) if x == "-S"):
         print(a)
 EOF
 )
-S+=("data.root=$WORK/birds" "data.image_size=$SIZE" "train.epochs=$EPOCHS" "train.device=$DEVICE" "study.seeds=$SEEDS")
+S+=("data.root=$WORK/birds" "data.image_size=$SIZE" "train.epochs=$EPOCHS" "train.device=$DEVICE" "study.seeds=$SEEDS"
+   "sanity.steps=$SANITY_STEPS")
 if [ "$DEVICE" = cpu ]; then
     S+=("train.precision=fp32" "train.compile=false" "train.workers=0" "train.threads=1")
 fi
