@@ -127,14 +127,14 @@ tail -3 "$OUT/killed.log"
 grep -E "resuming|starting over|finished" "$OUT/resumed.log" || true
 grep -q "resuming after epoch" "$OUT/resumed.log" && echo "resumed after the kill" || { echo "did not resume"; exit 1; }
 
-step "7. the train loop's images/s (epochs 2 on, from history.csv) and the bench's"
+step "7. the train loop's images/s (epochs 2 on, from logs/timing/) and the bench's"
 "$PY" - <<'EOF' | tee "$OUT/pipeline_images_per_second.txt"
 import csv, glob, statistics
-for f in sorted(glob.glob("plots/study/*/history.csv")) + ["plots/experiment/history.csv"]:
+for f in sorted(glob.glob("logs/timing/*.csv")):
     rows = list(csv.DictReader(open(f)))
     rates = [float(r["images_per_second"]) for r in rows[1:]] or [float(r["images_per_second"]) for r in rows]
     if rates:
-        print(f"{f.split('/')[-2]:<22} {statistics.median(rates):8.0f} images/s (median of {len(rates)} epoch(s))")
+        print(f"{f.split('/')[-1][:-4]:<22} {statistics.median(rates):8.0f} images/s (median of {len(rates)} epoch(s))")
 EOF
 if [ "$BENCH" = 1 ] && [ "$DEVICE" = cuda ]; then
     "$PY" "$HERE/bench/gpu_paper_epoch.py" --only bn,gn,torch_bn --out "$OUT" 2>&1 | tee "$OUT/bench.log" | tail -20

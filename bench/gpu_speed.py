@@ -5,7 +5,8 @@
   python bench/gpu_speed.py --phase concurrent     # resnorm.parallel -j 4 and -j 8: aggregate images/s
   python bench/gpu_speed.py --phase single --configs bn:8:reduce-overhead,bn:128
 
-Every figure here comes from the real pipeline: `python -m resnorm.train` (its history.csv:
+Every figure here comes from the real pipeline: `python -m resnorm.train` (its epoch log,
+logs/timing/<run>.csv:
 train images over train seconds, epochs 2 on, so the epoch-1 compile is apart) and
 `python -m resnorm.parallel` (which runs the DVC training stages and records them with
 `dvc commit`); the bench loop only stands beside them. The work folder is a DVC copy of this
@@ -124,7 +125,7 @@ def phase_single(repo: Path, out: Path, args, results: dict, deadline: float) ->
         except RuntimeError as e:
             print(f"{cfg}: {e}", flush=True)
             continue
-        rates, first = history_rates(repo / "plots" / "experiment" / "history.csv")
+        rates, first = history_rates(repo / "logs" / "timing" / "experiment.csv")
         results["single"][cfg] = {"images_per_second": [round(r) for r in rates],
                                   "median": round(statistics.median(rates)), "epoch1_seconds": round(first, 1),
                                   "process_seconds": round(wall, 1)}
@@ -169,7 +170,7 @@ def phase_concurrent(repo: Path, out: Path, args, results: dict, deadline: float
             continue
         per_run, overheads, firsts = [], [], []
         for s in seeds:
-            history = repo / "plots" / "study" / f"bn-bs32-{s}" / "history.csv"
+            history = repo / "logs" / "timing" / f"bn-bs32-{s}.csv"
             rates, first = history_rates(history)
             per_run.append(statistics.median(rates))
             firsts.append(first)
@@ -180,11 +181,15 @@ def phase_concurrent(repo: Path, out: Path, args, results: dict, deadline: float
         # the paper study at this concurrency: 39 runs (13 variants x 3 seeds) x 50 epochs x 30,000 images at
         # the measured aggregate rate, times the measured epoch/train-time ratio (validation, checkpoints),
         # plus each wave's epoch-1 extra (start-up, compile)
+        # all j together: j times the median run's rate. The sum of the runs' own medians overstates
+        # it, as a run whose steady epochs fall while others still compile runs nearly alone.
+        together = j * statistics.median(per_run)
         runs, overhead = 39, statistics.mean(overheads)
         extra = max(firsts) - args.images / min(per_run)
-        hours = (runs * 50 * 30_000 / sum(per_run) * overhead + math.ceil(runs / j) * extra) / 3600
+        hours = (runs * 50 * 30_000 / together * overhead + math.ceil(runs / j) * extra) / 3600
         results["concurrent"][str(j)] = {"runs": j, "wall_seconds": round(wall, 1),
                                          "sum_of_steady_rates": round(sum(per_run)),
+                                         "together": round(together),
                                          "per_run_median": [round(r) for r in per_run],
                                          "train_images_over_wall": round(images / wall),
                                          "epoch_over_train_time": round(overhead, 3),
@@ -192,7 +197,7 @@ def phase_concurrent(repo: Path, out: Path, args, results: dict, deadline: float
                                          "projected_paper_study_hours": round(hours, 2)}
         save(out, results)
         print(f"resnorm.parallel -j {j}: {j} runs x {args.epochs} epochs in {wall:.0f} s wall; steady state "
-              f"{sum(per_run):.0f} images/s together ({min(per_run):.0f}-{max(per_run):.0f} each); "
+              f"{together:.0f} images/s together ({j} x the median run; {min(per_run):.0f}-{max(per_run):.0f} each); "
               f"{images / wall:.0f} train images/s over the whole wall time (start-up and compile included); "
               f"validation adds {overhead - 1:.0%} to an epoch; the paper study (39 runs x 50 epochs x 30,000 "
               f"images, all at this rate) would take {hours:.2f} h",

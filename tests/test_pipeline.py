@@ -150,3 +150,21 @@ def test_parallel_training_is_recorded_as_dvc_repro_would(repo, tmp_path):
     bad = subprocess.run([sys.executable, "-m", "resnorm.parallel", "study-train@nothing-*"],
                          cwd=twin, env=env, capture_output=True, text=True)
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1, bad.stderr
+
+
+def test_forced_rerun_with_identical_results_changes_no_tracked_file(repo):
+    """Wall-clock figures live in the untracked logs/, checkpoints are byte-stable, so rerunning
+    stages that give the same results leaves dvc.lock and every file git tracks as they were."""
+    repo, _ = repo
+    def snapshot():
+        files = [repo / "dvc.lock", *sorted((repo / "metrics").rglob("*")), *sorted((repo / "plots").rglob("*"))]
+        return {f.relative_to(repo): f.read_bytes() for f in files
+                if f.is_file() and "report.html" not in f.name}   # report.html: a DVC-cached output
+    before = snapshot()
+    for stage in ("study-train@bn-bs8-0", "study-evaluate@bn-bs8-0", "gradcam", "report"):
+        assert ran(dvc(repo, "repro", "-f", "-s", stage)) == {stage}
+    after = snapshot()
+    assert set(after) == set(before)
+    changed = [str(f) for f in before if before[f] != after[f]]
+    assert changed == [], changed
+    assert (repo / "logs" / "timing" / "bn-bs8-0.csv").exists()

@@ -32,7 +32,9 @@ def test_two_epochs_write_every_field(prepared):
         assert m[split]["micro_f1"] == pytest.approx(m[split]["accuracy"], abs=1e-6)
         assert 0 <= m[split]["macro_f1"] <= 1
     assert read_json(paths.metrics) == m
-    assert set(read_json(paths.timing)) == {"run", "train_seconds", "evaluate_seconds"}
+    timing = read_csv(paths.timing)                # wall times: an untracked log, one row per epoch
+    assert [int(r["epoch"]) for r in timing] == [1, 2] and float(timing[0]["images_per_second"]) > 0
+    assert str(paths.timing).startswith("logs/")
     conf = read_csv(paths.plots / "confusion.csv")
     assert len(conf) == len(__import__("numpy").load("data/prepared/test_y.npy"))
     assert [r["class"] for r in read_csv(paths.plots / "per_class.csv")] == read_json("data/prepared/classes.json")
@@ -48,11 +50,14 @@ def test_same_seed_gives_identical_metrics_and_resume_equals_uninterrupted(prepa
     train(p)
     evaluate(p)
     first = paths.metrics.read_bytes()
+    tracked = {f: f.read_bytes() for f in (paths.last, paths.best, paths.history)}
     for f in paths.models.iterdir():
         f.unlink()
     train(p)
     evaluate(p)
     assert paths.metrics.read_bytes() == first, "same params and seed must give bit-identical metrics"
+    for f, data in tracked.items():     # what DVC hashes into dvc.lock: a rerun leaves it unchanged
+        assert f.read_bytes() == data, f"{f} differs between two identical runs"
     for f in paths.models.iterdir():
         f.unlink()
     with pytest.raises(SystemExit):
@@ -64,6 +69,8 @@ def test_same_seed_gives_identical_metrics_and_resume_equals_uninterrupted(prepa
     assert paths.metrics.read_bytes() == first
     hist = read_csv(paths.history)
     assert [int(r["epoch"]) for r in hist] == [1, 2, 3]
+    for f, data in tracked.items():     # a resumed run ends in the very files of an uninterrupted one
+        assert f.read_bytes() == data, f"{f} differs after a resume"
 
 
 def test_changed_params_start_over(prepared):

@@ -1,15 +1,12 @@
 """Stage `evaluate`: the best checkpoint (by validation accuracy) on train, val and test.
 
-Writes, for one run:
+Writes, for one run (its wall time goes to logs/stage_times.tsv, like every stage's):
   metrics/<run>.json          accuracy, micro-F1, macro-F1, loss per split, the epoch chosen
                               (bit-identical for the same params and seed on the same CPU)
-  metrics/timing/<run>.json   wall times (kept apart so the metrics stay reproducible)
   plots/<run>/confusion.csv   test (actual, predicted) pairs, a DVC confusion plot
   plots/<run>/per_class.csv   per-class precision / recall / F1 / support on test
 """
 from __future__ import annotations
-
-import time
 
 import torch
 
@@ -28,7 +25,6 @@ def evaluate(p: Params, variant: str | None = None, seed: int | None = None) -> 
     paths = run_paths(variant, seed)
     if not paths.last.exists():
         raise UserError(f"{paths.last}: no checkpoint; run the train stage first")
-    t0 = time.perf_counter()
     last = load_checkpoint(paths.last)
     metrics = {"run": paths.name, "variant": v.name, "norm": v.norm, "batch_size": v.batch_size, "seed": seed,
                "status": last["status"], "epochs_trained": last["epoch"], "best_epoch": last["best_epoch"]}
@@ -56,8 +52,6 @@ def evaluate(p: Params, variant: str | None = None, seed: int | None = None) -> 
                 confusion = [{"actual": classes[a], "predicted": classes[b]} for a, b in zip(data.y, pred)]
                 table = per_class(data.y, pred, classes)
     write_json(paths.metrics, metrics)
-    write_json(paths.timing, {"run": paths.name, "train_seconds": round(last["train_seconds"], 2),
-                              "evaluate_seconds": round(time.perf_counter() - t0, 2)})
     write_csv(paths.plots / "confusion.csv", confusion, ["actual", "predicted"])
     write_csv(paths.plots / "per_class.csv", table, ["class", "precision", "recall", "f1", "support"])
     if metrics.get("val"):

@@ -93,6 +93,18 @@ def write_csv(path: str | Path, rows: list[dict[str, Any]], columns: list[str] |
         w.writerows(rows)
 
 
+def append_csv(path: str | Path, row: dict[str, Any], columns: list[str]) -> None:
+    """One row at the end of a CSV log (header first when the file is new); for untracked logs."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    new = not path.exists() or path.stat().st_size == 0
+    with open(path, "a", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=columns, lineterminator="\n")
+        if new:
+            w.writeheader()
+        w.writerow(row)
+
+
 def read_csv(path: str | Path) -> list[dict[str, str]]:
     with open(path, newline="", encoding="utf-8") as f:
         return list(csv.DictReader(f))

@@ -17,7 +17,7 @@ from torch import nn
 from .data import EpochBatches, channel_stats, load_classes, load_split
 from .io import console, run_cli, write_json
 from .params import Params, load_params
-from .train import build_model, make_optimizer
+from .train import build_model, make_optimizer, pick_device
 
 OUT = "metrics/sanity.json"
 
@@ -26,11 +26,12 @@ def lockstep(p: Params, steps: int) -> dict:
     """Train BN and torch_bn side by side in float64 from one init on the same batches."""
     t = p.train
     torch.set_num_threads(t.threads)
+    device = pick_device(t.device)          # the training device: float64 on a GPU takes seconds, on a CPU minutes at 256 px
     classes, split = load_classes(), load_split("train")
     mean, std = channel_stats(split.x)
     torch.manual_seed(p.seed)
-    ours = build_model(p, "bn", len(classes)).double()
-    ref = build_model(p, "torch_bn", len(classes)).double()
+    ours = build_model(p, "bn", len(classes)).double().to(device)
+    ref = build_model(p, "torch_bn", len(classes)).double().to(device)
     ref.load_state_dict(ours.state_dict())            # same keys: weight, bias, running stats per norm
     models = (ours, ref)
     lr = p.experiment().lr                            # the experiment's batch size and scaled rate
@@ -44,7 +45,7 @@ def lockstep(p: Params, steps: int) -> dict:
         for i in range(len(ds)):
             if step == steps:
                 break
-            x, y = ds.to(ds[i])
+            x, y = ds.to(ds[i], device)
             x = x.double()
             out = []
             for m, opt in zip(models, opts):
@@ -65,7 +66,7 @@ def lockstep(p: Params, steps: int) -> dict:
             step += 1
         epoch += 1
     scale = max(max(q.detach().abs().max().item() for q in ref.parameters()), 1e-300)
-    return {"steps": steps, "dtype": "float64", "batch_size": p.batch_size, "lr": lr,
+    return {"steps": steps, "dtype": "float64", "device": device.type, "batch_size": p.batch_size, "lr": lr,
             "first_loss": round(losses[0], 6), "last_loss": round(losses[-1], 6),
             "max_loss_difference": float(f"{worst['loss']:.3e}"),
             "max_logit_difference": float(f"{worst['logits']:.3e}"),

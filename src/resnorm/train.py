@@ -17,6 +17,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import sys
 import time
 from pathlib import Path
 
@@ -24,20 +25,23 @@ import torch
 from torch import nn
 
 from .data import EpochBatches, batches, channel_stats, load_classes, load_split, on_device, PREPARED
-from .io import UserError, atomic_path, console, run_cli, write_csv
+from .io import UserError, append_csv, atomic_path, console, run_cli, write_csv
 from .metrics import predict, scores
 from .model import ResNet
 from .norms import bin_layers, clamp_gates_
 from .params import Params, TrainParams, Variant, load_params
 
 HISTORY_COLUMNS = ["epoch", "lr", "train_loss", "train_error", "train_accuracy", "train_micro_f1",
-                   "train_macro_f1", "val_loss", "val_error", "val_accuracy", "val_micro_f1", "val_macro_f1",
-                   "epoch_seconds", "images_per_second"]
+                   "train_macro_f1", "val_loss", "val_error", "val_accuracy", "val_micro_f1", "val_macro_f1"]
+# Wall-clock figures change with every run, so they stay out of everything git or DVC tracks
+# (a rerun with identical results leaves `git status` and dvc.lock clean); they go to an
+# untracked log, logs/timing/<run>.csv, one row per epoch.
+TIMING_COLUMNS = ["epoch", "epoch_seconds", "train_seconds", "images_per_second", "finished_at"]
 
 
 @dataclasses.dataclass(frozen=True)
 class RunPaths:
-    """Where one run keeps its checkpoints, history and evaluation outputs."""
+    """Where one run keeps its checkpoints, history, evaluation outputs and (untracked) epoch times."""
     name: str
     models: Path
     history: Path
@@ -57,10 +61,10 @@ class RunPaths:
 def run_paths(variant: str | None, seed: int | None) -> RunPaths:
     if variant is None:
         return RunPaths("experiment", Path("models/experiment"), Path("plots/experiment/history.csv"),
-                        Path("metrics/experiment.json"), Path("metrics/timing/experiment.json"), Path("plots/experiment"))
+                        Path("metrics/experiment.json"), Path("logs/timing/experiment.csv"), Path("plots/experiment"))
     name = f"{variant}-{seed}"
     return RunPaths(name, Path("models/study") / name, Path("plots/study") / name / "history.csv",
-                    Path("metrics/study") / f"{name}.json", Path("metrics/timing") / f"{name}.json",
+                    Path("metrics/study") / f"{name}.json", Path("logs/timing") / f"{name}.csv",
                     Path("plots/study") / name)
 
 
@@ -179,8 +183,23 @@ def fingerprint(p: Params, v: Variant, seed: int) -> str:
 
 
 def save_checkpoint(path: Path, state: dict) -> None:
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+    """torch.save through a file object: given a path, torch names the zip's root folder after the
+    (random) temp file, so equal checkpoints would differ in bytes and in dvc.lock."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        torch.save(_canonical(state), f)
+
+
+def _canonical(obj):
+    """The same content as the same pickle: pickle writes a string once per object, so equal
+    strings that are distinct objects (read back from a resumed checkpoint vs literals) would
+    change the bytes. Interning makes every equal string one object."""
+    if isinstance(obj, dict):
+        return {_canonical(k): _canonical(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_canonical(v) for v in obj]
+    if isinstance(obj, str):
+        return sys.intern(obj)
+    return obj
 
 
 def load_checkpoint(path: Path) -> dict:
@@ -329,7 +348,7 @@ def train(p: Params, variant: str | None = None, seed: int | None = None,
     state = {"fingerprint": fp, "name": paths.name, "variant": v.name, "norm": v.norm,
              "batch_size": v.batch_size, "model_config": model_config(p, v.norm, len(classes)), "seed": seed, "classes": classes, "epoch": 0, "history": [],
              "best_epoch": 0, "best_val_accuracy": -1.0, "bad_epochs": 0, "status": "running",
-             "message": "", "train_seconds": 0.0, "mean": None, "std": None}
+             "message": "", "mean": None, "std": None}
 
     if paths.last.exists():
         try:
@@ -353,6 +372,7 @@ def train(p: Params, variant: str | None = None, seed: int | None = None,
     if state["epoch"] == 0:
         state["mean"], state["std"] = channel_stats(train_split.x)
         paths.best.unlink(missing_ok=True)
+        paths.timing.unlink(missing_ok=True)
     mean, std = state["mean"], state["std"]
     autocast = autocast_for(t, device)
     scaler = torch.amp.GradScaler("cuda") if autocast and t.precision == "fp16" else None
@@ -421,8 +441,7 @@ def train(p: Params, variant: str | None = None, seed: int | None = None,
             schedule.end_epoch(va["accuracy"])
             row = {"epoch": epoch + 1, "lr": lr, "train_loss": tally.mean_loss(),
                    "train_error": 1 - tr["accuracy"], **{f"train_{k}": x for k, x in tr.items()},
-                   "val_loss": val_loss, "val_error": 1 - va["accuracy"], **{f"val_{k}": x for k, x in va.items()},
-                   "epoch_seconds": time.perf_counter() - t0, "images_per_second": seen / train_time}
+                   "val_loss": val_loss, "val_error": 1 - va["accuracy"], **{f"val_{k}": x for k, x in va.items()}}
             state["history"].append({k: (round(x, 6) if isinstance(x, float) else x) for k, x in row.items()})
             state["epoch"] = epoch + 1
             improved = va["accuracy"] > state["best_val_accuracy"]
@@ -433,12 +452,15 @@ def train(p: Params, variant: str | None = None, seed: int | None = None,
             stop_early = t.early_stopping_patience and state["bad_epochs"] >= t.early_stopping_patience
             if state["epoch"] == t.epochs or stop_early:
                 state["status"] = "early_stopped" if stop_early and state["epoch"] < t.epochs else "finished"
-            state["train_seconds"] += time.perf_counter() - t0
             _save(paths, state, model, optimizer, schedule, improved)
+            timing = {"epoch": epoch + 1, "epoch_seconds": round(time.perf_counter() - t0, 3),
+                      "train_seconds": round(train_time, 3), "images_per_second": round(seen / train_time, 1),
+                      "finished_at": round(time.time(), 1)}
+            append_csv(paths.timing, timing, TIMING_COLUMNS)
             console.print(f"{paths.name} epoch {epoch + 1}/{t.epochs}  lr {lr:.4f}  "
                           f"train loss {row['train_loss']:.3f} acc {tr['accuracy']:.3f}  "
                           f"val loss {val_loss:.3f} acc {va['accuracy']:.3f} macro-F1 {va['macro_f1']:.3f}  "
-                          f"{row['epoch_seconds']:.1f}s {row['images_per_second']:.0f} img/s"
+                          f"{timing['epoch_seconds']:.1f}s {timing['images_per_second']:.0f} img/s"
                           + ("  *" if improved else ""), soft_wrap=True)
             if state["status"] != "running":
                 if stop_early:
