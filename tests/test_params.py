@@ -81,3 +81,16 @@ def test_variant_overrides_base_train(workdir):
     assert (v.norm, v.batch_size, v.train.lr, v.train.epochs) == ("gn", 8, 0.01, 7)
     with pytest.raises(ParamError, match="no variant"):
         load_params().variant("bn-bs3")
+
+
+def test_params_yaml_is_written_the_way_dvc_exp_run_s_writes_it(tmp_path):
+    """`dvc exp run -S` rewrites params.yaml through ruamel; in that style already, a run that sets
+    a value to what it was leaves the file byte-identical (no noise in the first experiment's diff)."""
+    import shutil
+    from dvc.utils.hydra import apply_overrides
+    from conftest import REPO
+    copy = tmp_path / "params.yaml"
+    shutil.copy(REPO / "params.yaml", copy)
+    p = load_params(copy)
+    apply_overrides(copy, [f"norm={p.norm}", f"study.seeds=[{','.join(map(str, p.study.seeds))}]"])
+    assert copy.read_bytes() == (REPO / "params.yaml").read_bytes()

@@ -168,3 +168,26 @@ def test_forced_rerun_with_identical_results_changes_no_tracked_file(repo):
     changed = [str(f) for f in before if before[f] != after[f]]
     assert changed == [], changed
     assert (repo / "logs" / "timing" / "bn-bs8-0.csv").exists()
+
+
+def test_queued_experiment_runs_the_code_it_was_queued_with(repo):
+    """`pip install -e .` points `import resnorm` at one src/; a queued experiment must still run
+    its own copy (the code its dvc.lock hashes), not the main workspace's, edited meanwhile."""
+    repo, _ = repo
+    env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
+           "GIT_COMMITTER_EMAIL": "t@t"}
+    code = repo / "src" / "resnorm" / "evaluate.py"
+    original = code.read_text()
+    marked = original.replace('"status": last["status"],', '"status": last["status"], "marker": "queued-copy",')
+    assert marked != original
+    code.write_text(marked)
+    subprocess.run(["git", "add", "-A"], cwd=repo, check=True, env=env)
+    subprocess.run(["git", "commit", "-qm", "queued code", "--allow-empty"], cwd=repo, check=True, env=env)
+    dvc(repo, "exp", "run", "--queue", "-n", "queued-gn", "-S", "norm=gn", "-S", "batch_size=4", "evaluate")
+    code.write_text(marked.replace("queued-copy", "workspace-edit"))       # edited while the queue waits
+    try:
+        dvc(repo, "exp", "run", "--run-all")
+    finally:
+        code.write_text(original)
+    shown = dvc(repo, "exp", "show", "--json")
+    assert '"queued-copy"' in shown and '"workspace-edit"' not in shown, shown[:2000]

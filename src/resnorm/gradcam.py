@@ -18,6 +18,7 @@ every example), overlays/<class>/*.png, index.json (every example and its number
 """
 from __future__ import annotations
 
+import shutil
 import statistics
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -26,13 +27,14 @@ import numpy as np
 import torch
 
 from .data import load_classes, load_split, to_tensor
-from .io import UserError, atomic_dir, console, read_json, run_cli, save_figure, write_json
+from .io import UserError, atomic_dir, atomic_path, console, read_json, run_cli, save_figure, write_json
 from .metrics import predict
 from .params import Params, load_params
 from .stats import welch
 from .train import build_model, load_checkpoint, run_paths
 
 OUT = Path("plots/gradcam")
+BEST_MODEL = Path("models/best/best.pt")        # a copy of the best run's best.pt (`artifacts:` in dvc.yaml)
 DISPLAY = 128     # images and overlays are upscaled to this many pixels a side so small inputs stay visible
 TOP_SHARE = 0.10  # concentration = share of map mass in the top 10% of pixels
 
@@ -161,6 +163,8 @@ def gradcam(p: Params) -> dict:
     if not paths.best.exists():
         raise UserError(f"{paths.best}: no checkpoint for the best run {run}; run `dvc repro` to train it")
     best = load_checkpoint(paths.best)
+    with atomic_path(BEST_MODEL) as tmp:             # the study's best model, as a DVC artifact
+        shutil.copyfile(paths.best, tmp)
     classes = load_classes()
     unknown = [c for c in p.gradcam.classes if c not in classes]
     if unknown:
