@@ -89,6 +89,11 @@ def test_report_table_matches_metrics_files(repo):
             for key, col in (("accuracy", "accuracy"), ("macro_f1", "macro-f1"), ("micro_f1", "micro-f1")):
                 vals = [json.loads((repo / "metrics/study" / f"{v}-{s}.json").read_text())[split][key] for s in SEEDS]
                 assert cells[f"{split} {col}"] == f"{statistics.fmean(vals):.3f} ± {statistics.stdev(vals):.3f}"
+    summary = json.loads((repo / "metrics/summary/study.json").read_text())
+    for v in VARIANTS:
+        for split in ("val", "test"):
+            vals = [json.loads((repo / "metrics/study" / f"{v}-{s}.json").read_text())[split]["accuracy"] for s in SEEDS]
+            assert summary[v][split] == round(statistics.fmean(vals), 4)
 
 
 def test_second_repro_runs_nothing_and_one_edit_reruns_only_its_variant(repo):
@@ -120,7 +125,11 @@ def test_dvc_exp_run_trains_the_chosen_variant(repo):
     m = json.loads((repo / "metrics/experiment.json").read_text())
     assert (m["norm"], m["batch_size"], m["variant"]) == ("gn", 8, "gn-bs8")
     diff = dvc(repo, "metrics", "diff")
-    assert "metrics/experiment.json" in diff
+    assert "metrics/summary/experiment.json" in diff and "test.acc" in diff, diff
+    assert max(map(len, diff.splitlines())) <= 120, diff          # fits a 120-column terminal
+    shown = dvc(repo, "metrics", "show")
+    assert {l.split()[0] for l in shown.splitlines()[1:] if l.strip()} == {
+        "metrics/summary/experiment.json", "metrics/summary/study.json"}, shown      # only the two summaries
     shown = dvc(repo, "plots", "show", "-o", "dvc_plots")
     assert (repo / "dvc_plots" / "index.html").exists(), shown
 
@@ -178,16 +187,17 @@ def test_queued_experiment_runs_the_code_it_was_queued_with(repo):
            "GIT_COMMITTER_EMAIL": "t@t"}
     code = repo / "src" / "resnorm" / "evaluate.py"
     original = code.read_text()
-    marked = original.replace('"status": last["status"],', '"status": last["status"], "marker": "queued-copy",')
+    line = 'out["best_epoch"] = metrics["best_epoch"]'
+    marked = original.replace(line, line + '\n    out["marker"] = 111')          # into the declared metrics
     assert marked != original
     code.write_text(marked)
     subprocess.run(["git", "add", "-A"], cwd=repo, check=True, env=env)
     subprocess.run(["git", "commit", "-qm", "queued code", "--allow-empty"], cwd=repo, check=True, env=env)
     dvc(repo, "exp", "run", "--queue", "-n", "queued-gn", "-S", "norm=gn", "-S", "batch_size=4", "evaluate")
-    code.write_text(marked.replace("queued-copy", "workspace-edit"))       # edited while the queue waits
+    code.write_text(marked.replace("= 111", "= 222"))           # edited while the queue waits
     try:
         dvc(repo, "exp", "run", "--run-all")
     finally:
         code.write_text(original)
     shown = dvc(repo, "exp", "show", "--json")
-    assert '"queued-copy"' in shown and '"workspace-edit"' not in shown, shown[:2000]
+    assert '"marker": 111' in shown and '"marker": 222' not in shown, shown[:2000]

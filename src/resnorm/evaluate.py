@@ -3,10 +3,13 @@
 Writes, for one run (its wall time goes to logs/stage_times.tsv, like every stage's):
   metrics/<run>.json          accuracy, micro-F1, macro-F1, loss per split, the epoch chosen
                               (bit-identical for the same params and seed on the same CPU)
+  metrics/summary/experiment.json   (the experiment only) its declared DVC metrics, short keys
   plots/<run>/confusion.csv   test (actual, predicted) pairs, a DVC confusion plot
   plots/<run>/per_class.csv   per-class precision / recall / F1 / support on test
 """
 from __future__ import annotations
+
+from pathlib import Path
 
 import torch
 
@@ -17,6 +20,18 @@ from .params import Params, load_params
 from .train import build_model, load_checkpoint, parse_run, pick_device, run_paths, select
 
 SPLITS = ("train", "val", "test")
+EXPERIMENT_SUMMARY = Path("metrics/summary/experiment.json")
+
+
+def summary(metrics: dict) -> dict:
+    """The experiment's declared DVC metrics: val / test accuracy and macro-F1, train accuracy and
+    the epoch chosen, under short keys and with numbers only (the full record is the run's file)."""
+    out = {s: {"acc": metrics[s]["accuracy"], "f1": metrics[s]["macro_f1"]}
+           for s in ("val", "test") if metrics.get(s)}
+    if metrics.get("train"):
+        out["train"] = {"acc": metrics["train"]["accuracy"]}
+    out["best_epoch"] = metrics["best_epoch"]
+    return out
 
 
 def evaluate(p: Params, variant: str | None = None, seed: int | None = None) -> dict:
@@ -52,6 +67,8 @@ def evaluate(p: Params, variant: str | None = None, seed: int | None = None) -> 
                 confusion = [{"actual": classes[a], "predicted": classes[b]} for a, b in zip(data.y, pred)]
                 table = per_class(data.y, pred, classes)
     write_json(paths.metrics, metrics)
+    if variant is None:
+        write_json(EXPERIMENT_SUMMARY, summary(metrics))
     write_csv(paths.plots / "confusion.csv", confusion, ["actual", "predicted"])
     write_csv(paths.plots / "per_class.csv", table, ["class", "precision", "recall", "f1", "support"])
     if metrics.get("val"):

@@ -18,7 +18,7 @@ from pathlib import Path
 from .assignment import DIFFERS, settings
 from .data import PREPARED, batch_count
 from .gradcam import analysis as gradcam_analysis
-from .io import console, read_csv, read_json, run_cli, save_figure, write_csv, write_text
+from .io import write_json, console, read_csv, read_json, run_cli, save_figure, write_csv, write_text
 from .params import Params, load_params
 from .stats import Comparison, binomial_se, compare, mean_interval
 from .summary import model_summary
@@ -575,8 +575,23 @@ def report(p: Params) -> Doc:
     return doc
 
 
+STUDY_SUMMARY = Path("metrics/summary/study.json")
+
+
+def study_summary(runs: dict[str, list[dict]]) -> dict[str, dict[str, float]]:
+    """Per variant, the mean val and test accuracy over its seeds: the study's declared DVC metrics
+    (short keys, numbers only, so `dvc metrics diff` and `dvc exp show` stay narrow)."""
+    out = {}
+    for v, rs in runs.items():
+        val, test = score(rs, "val", "accuracy"), score(rs, "test", "accuracy")
+        if val and test:
+            out[v] = {"val": round(statistics.fmean(val), 4), "test": round(statistics.fmean(test), 4)}
+    return out
+
+
 def main(argv: list[str]) -> None:
     p = load_params()
+    write_json(STUDY_SUMMARY, study_summary(load_runs(p)))
     doc = report(p)
     write_text(OUT / "report.md", doc.markdown())
     write_text(OUT / "report.html", doc.html(OUT))
