@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
 # One GPU session for the paper setting, most important figures first, within BUDGET seconds:
-#   1 dvc + grad-cam from the carried wheels        2 resnorm.train alone: bn, gn, torch_bn at batch 32
-#   3 the bench loop on the same configurations     4 resnorm.parallel -j 4 and -j 8: aggregate images/s
-#   5 bench/gpu_e2e.sh: the README's command end to end    6 batch 8 (also with CUDA graphs) and 128
+#   tools: dvc + grad-cam from the carried wheels     single32: resnorm.train alone, bn, gn, torch_bn at batch 32
+#   bench32: the bench loop on the same configurations   concurrent: resnorm.parallel -j 4 and -j 8, aggregate images/s
+#   e2e: bench/gpu_e2e.sh, the README's command end to end
+#   batches: batch 8 (bn also with CUDA graphs) and 128, resnorm.train and the bench loop
 #
 #   bash bench/gpu_wheels.sh              here, once: .gpu-wheels/ (the GPU machine reaches no registry)
 #   bash bench/gpu_check.sh               there (device tool: carry [".gpu-wheels"]), from the repo root
+#   STEPS="e2e batches" bash bench/gpu_check.sh      only some steps, in that order (tools always first):
+#                                         single32 bench32 concurrent e2e batches (the default: all of them)
 #
 # Every step writes into $OUT as it goes (speed.json, logs, report.md), so a call cut short keeps
 # what it measured; a step that would start past BUDGET is skipped and says so.
@@ -26,7 +29,7 @@ if ! command -v python >/dev/null; then           # stage commands in dvc.yaml c
 fi
 export PYTHON=${PYTHON:-$(command -v python)} DVC_NO_ANALYTICS=1
 
-step "1. tools"
+step "tools"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 pip_install() { "$PYTHON" -m pip install --quiet --no-index --find-links "$HERE/.gpu-wheels" "$@" 2>/dev/null ||
                 "$PYTHON" -m pip install --quiet --no-index --find-links "$HERE/.gpu-wheels" --break-system-packages "$@"; }
@@ -36,31 +39,44 @@ pip_install() { "$PYTHON" -m pip install --quiet --no-index --find-links "$HERE/
 "$PYTHON" -c "import os; print(os.cpu_count(), 'CPUs')"
 
 SPEED=("$PYTHON" bench/gpu_speed.py --out "$OUT" --device "$DEVICE" --size "$SIZE" --images "$IMAGES")
-step "2. resnorm.train alone, batch 32"
-"${SPEED[@]}" --phase single --configs bn:32,gn:32,torch_bn:32 --budget "$(left)" 2>&1 | tee -a "$OUT/speed.log"
-
-step "3. the bench loop, batch 32"
-[ "$(left)" -gt 60 ] && "${SPEED[@]}" --phase bench --configs bn:32,gn:32,torch_bn:32 --bench-seconds 5 2>&1 |
-    grep -v "^\s*$" | tail -8 | tee -a "$OUT/speed.log" || echo "skipped: past the time budget"
-
-step "4. several runs at once on the one GPU"
-[ "$(left)" -gt 60 ] && "${SPEED[@]}" --phase concurrent --jobs 4,8 --epochs 2 --budget "$(( $(left) - 40 ))" 2>&1 |
-    tee -a "$OUT/speed.log" || echo "skipped: past the time budget"
-
-step "5. end to end through DVC (bench/gpu_e2e.sh)"
-if [ "$(left)" -gt 100 ]; then
-    OUT=$OUT/e2e SIZE=$SIZE TRAIN=${E2E_TRAIN:-40} VALID=${E2E_VALID:-10} EPOCHS=2 DEVICE=$DEVICE JOBS=4 BENCH=0 \
-        KEEP="bn-bs32 gn-bs32" bash bench/gpu_e2e.sh 2>&1 | tee "$OUT/e2e.log" | grep -v "^  .* s$" | tail -50
-    grep "^  " "$OUT/e2e/stage_times.txt" 2>/dev/null
-else
-    echo "skipped: past the time budget"
-fi
-
-step "6. batch 8 (default compile, then CUDA graphs) and 128"
-[ "$(left)" -gt 50 ] && "${SPEED[@]}" --phase single --configs bn:8:reduce-overhead,bn:128,bn:8 \
-    --budget "$(( $(left) - 40 ))" 2>&1 | tee -a "$OUT/speed.log" || echo "skipped: past the time budget"
-[ "$(left)" -gt 45 ] && "${SPEED[@]}" --phase bench --configs bn:8,bn:128 --bench-seconds 4 2>&1 |
-    grep -v "^\s*$" | tail -4 | tee -a "$OUT/speed.log" || echo "skipped: past the time budget"
+single32() {
+    step "resnorm.train alone, batch 32"
+    "${SPEED[@]}" --phase single --configs bn:32,gn:32,torch_bn:32 --budget "$(left)" 2>&1 | tee -a "$OUT/speed.log"
+}
+bench32() {
+    step "the bench loop, batch 32"
+    if [ "$(left)" -gt 60 ]; then "${SPEED[@]}" --phase bench --configs bn:32,gn:32,torch_bn:32 --bench-seconds 5 2>&1 |
+        grep -v "^\s*$" | tail -8 | tee -a "$OUT/speed.log"; else echo "skipped: past the time budget"; fi
+}
+concurrent() {
+    step "several runs at once on the one GPU"
+    if [ "$(left)" -gt 60 ]; then "${SPEED[@]}" --phase concurrent --jobs 4,8 --epochs 2 --budget "$(( $(left) - 40 ))" \
+        2>&1 | tee -a "$OUT/speed.log"; else echo "skipped: past the time budget"; fi
+}
+e2e() {
+    step "end to end through DVC (bench/gpu_e2e.sh)"
+    if [ "$(left)" -gt 100 ]; then
+        OUT=$OUT/e2e SIZE=$SIZE TRAIN=${E2E_TRAIN:-40} VALID=${E2E_VALID:-10} EPOCHS=2 DEVICE=$DEVICE JOBS=4 BENCH=0 \
+            KEEP="bn-bs32 gn-bs32" bash bench/gpu_e2e.sh 2>&1 | tee "$OUT/e2e.log" | grep -v "^  .* s$" | tail -50
+        grep "^  " "$OUT/e2e/stage_times.txt" 2>/dev/null
+    else
+        echo "skipped: past the time budget"
+    fi
+}
+batches() {
+    step "batch 8 and 128: resnorm.train (bn at 8 also with CUDA graphs), then the bench loop"
+    if [ "$(left)" -gt 50 ]; then "${SPEED[@]}" --phase single \
+        --configs "${BATCH_CONFIGS:-bn:8,bn:8:reduce-overhead,bn:128,gn:8,gn:128,torch_bn:8,torch_bn:128}" \
+        --budget "$(( $(left) - 100 ))" 2>&1 | tee -a "$OUT/speed.log"; else echo "skipped: past the time budget"; fi
+    if [ "$(left)" -gt 45 ]; then "${SPEED[@]}" --phase bench --configs bn:8,bn:128,gn:8,gn:128,torch_bn:8,torch_bn:128 \
+        --bench-seconds 4 2>&1 | grep -v "^\s*$" | tail -8 | tee -a "$OUT/speed.log"; else echo "skipped: past the time budget"; fi
+}
+for s in ${STEPS:-single32 bench32 concurrent e2e batches}; do
+    case $s in
+        single32|bench32|concurrent|e2e|batches) "$s" ;;
+        *) echo "unknown step '$s' (STEPS: single32 bench32 concurrent e2e batches)" >&2; exit 2 ;;
+    esac
+done
 
 step "done"
 cat "$OUT/speed.json" 2>/dev/null

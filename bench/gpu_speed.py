@@ -50,7 +50,10 @@ def sh(cmd: list[str], cwd: Path, log: Path | None = None, env: dict | None = No
 def setup(work: Path, args) -> Path:
     """A git + DVC copy of the project with generated prepared arrays, recorded as DVC outputs."""
     repo = work / "repo"
-    if (repo / "dvc.lock").exists():
+    if (repo / "dvc.lock").exists():          # the generated arrays are kept; the code is this checkout's
+        shutil.rmtree(repo / "src")
+        shutil.copytree(HERE / "src", repo / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+        shutil.copy(HERE / "dvc.yaml", repo / "dvc.yaml")
         return repo
     shutil.rmtree(repo, ignore_errors=True)
     repo.mkdir(parents=True)
