@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV   := .venv
 STAMP  := $(VENV)/.installed
 
-.PHONY: repro test venv bench clean-venv
+.PHONY: repro test venv bench clean-venv plots-template
 
 venv: $(STAMP)
 
@@ -26,3 +26,7 @@ bench: $(STAMP)
 
 clean-venv:
 	rm -rf $(VENV)
+
+plots-template:            # .dvc/plots/offline.html: `dvc plots show` offline (vega, vega-lite, vega-embed inlined)
+	tmp=$$(mktemp -d) && cd $$tmp && npm pack --silent vega@5.20.2 vega-lite@5.2.0 vega-embed@6.18.2 >/dev/null && \
+	cd $(CURDIR) && python3 scripts/offline_plots_template.py $$tmp && rm -rf $$tmp

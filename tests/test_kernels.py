@@ -210,3 +210,41 @@ def test_bin_gate_learns_from_its_initial_value_of_one(monkeypatch):
     assert grads["kernels"].abs().min() > 0
     torch.testing.assert_close(grads["kernels"], grads["tensor-ops"], rtol=1e-9, atol=1e-12)
     torch.testing.assert_close(grads["kernels"], grads["plain"], rtol=1e-9, atol=1e-12)
+
+
+def test_build_is_keyed_by_source_and_shared_by_every_checkout(tmp_path, monkeypatch):
+    """The build's name changes with kernels.cpp (and torch's version); the source it compiles is a
+    copy in the build folder, so a second checkout (DVC's experiment copies) reuses the build."""
+    key = kernels_mod._build_key()
+    edited = tmp_path / "kernels.cpp"
+    edited.write_text(kernels_mod.SOURCE.read_text() + "\n// edited\n")
+    monkeypatch.setattr(kernels_mod, "SOURCE", edited)
+    assert kernels_mod._build_key() != key
+    build = tmp_path / "build"
+    build.mkdir()
+    copy = kernels_mod._source_in(build)
+    assert copy == build / "kernels.cpp" and copy.read_text() == edited.read_text()
+    assert kernels_mod._source_in(build) == copy and not list(build.glob(".*.tmp"))
+
+
+def test_a_build_that_does_not_load_is_rebuilt_once(tmp_path, monkeypatch):
+    import torch.utils.cpp_extension as ext
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    library = tmp_path / kernels_mod.NAME / f"{kernels_mod.NAME}.so"
+    library.parent.mkdir()
+    library.write_bytes(b"truncated")
+    calls = []
+
+    def load(name, sources, **kw):
+        calls.append(sources[0])
+        if len(calls) == 1:
+            raise ImportError(f"{library}: invalid ELF header")
+        assert not library.exists()                   # removed, so ninja builds it again
+        return "rebuilt module"
+    monkeypatch.setattr(ext, "load", load)
+    kernels_mod.cpu_kernels.cache_clear()
+    try:
+        assert kernels_mod.cpu_kernels() == "rebuilt module"
+    finally:
+        kernels_mod.cpu_kernels.cache_clear()
+    assert calls == [str(library.parent / "kernels.cpp")] * 2

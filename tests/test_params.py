@@ -55,6 +55,19 @@ def test_linear_lr_scaling(workdir):
     ({"study": {"variants": {"x": {"norm": "qq", "batch_size": 8}}}}, ["study.variants.x.norm"]),
     ({"study": {"variants": {"x": {"norm": "bn", "batch_size": 8, "lr": "fast"}}}}, ["study.variants.x.lr"]),
     ({"study": {"variants": {"x": {"norm": "bn", "batch_size": 8, "colour": 1}}}}, ["study.variants.x.colour"]),
+    ({"study": {"variants": {"../../../x": {"norm": "bn", "batch_size": 8}}}}, ["study.variants", "file name"]),
+    ({"study": {"variants": {".hidden": {"norm": "bn", "batch_size": 8}}}}, ["study.variants", "dot"]),
+    ({"study": {"variants": {"a/b": {"norm": "bn", "batch_size": 8}}}}, ["study.variants.a/b", "file name"]),
+    ({"seed": 2**31}, ["seed", "[0, 2147483647]"]),
+    ({"seed": -1}, ["seed", "[0, 2147483647]"]),
+    ({"study": {"seeds": [0, 10**8 * 30]}}, ["study.seeds[1]", "[0, 2147483647]"]),
+    ({"data": {"seed": -5}}, ["data.seed", "[0, 2147483647]"]),
+    ({"data": {"image_size": 100000}}, ["data.image_size", "at most 1024"]),
+    ({"data": {"near_duplicate_bits": 1000}}, ["data.near_duplicate_bits", "[0, 16]"]),
+    ({"train": {"device": "cpu", "precision": "fp16"}}, ["train.precision", "fp32 on a CPU"]),
+    ({"study": {"variants": {"x": {"norm": "bn", "batch_size": 8, "device": "cpu", "precision": "bf16"}}}},
+     ["study.variants.x.precision", "fp32 on a CPU"]),
+    ({"train": {"compile": "fast"}}, ["train.compile", "auto, default, reduce-overhead"]),
 ])
 def test_bad_values_are_refused_in_one_line(workdir, override, words):
     write_params(workdir, override)
@@ -72,6 +85,26 @@ def test_missing_and_broken_file(workdir):
     (workdir / "params.yaml").write_text("data: [unclosed\n")
     with pytest.raises(ParamError, match="not valid YAML"):
         load_params()
+
+
+@pytest.mark.parametrize("content, words", [
+    (b"seed: 1\nnorm: bn\nseed: 2\n", ["line 3, column 1", "duplicate key 'seed'"]),
+    (b"train:\n  lr: 0.1\n  lr: 0.2\n", ["line 3, column 3", "duplicate key 'lr'"]),
+    (b"seed: 1\ntrain: {lr: [1,}\n", ["line 2, column", "not valid YAML"]),
+    (b"seed: 1\nnorm: \xff\xfe\n", ["not UTF-8", "byte"]),
+])
+def test_params_file_errors_name_the_place(workdir, content, words):
+    """Duplicate keys are refused (YAML keeps the last one silently), errors say where, and a file
+    that is not UTF-8 text, or a folder, is one line too."""
+    (workdir / "params.yaml").write_bytes(content)
+    with pytest.raises(ParamError) as e:
+        load_params()
+    assert "\n" not in str(e.value) and all(w in str(e.value) for w in words), str(e.value)
+
+
+def test_params_that_is_a_folder(tmp_path):
+    with pytest.raises(ParamError, match="is a directory"):
+        load_params(tmp_path)
 
 
 def test_variant_overrides_base_train(workdir):

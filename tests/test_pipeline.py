@@ -62,7 +62,7 @@ def test_every_declared_output_exists(repo):
             assert (repo / out["path"]).exists(), (name, out["path"])
     for r in runs:
         assert (repo / "metrics/study" / f"{r}.json").exists()
-    for f in ("report.md", "report.html", "gradcam/index.json", "gradcam/class_0.png", "curves/norms.csv",
+    for f in ("report.md", "report.html", "gradcam/index.json", "gradcam/grids/class_0.png", "curves/norms.csv",
               "curves/batch.csv", "figures/curves_norms.png"):
         assert (repo / "plots" / f).exists(), f
     html = (repo / "plots/report.html").read_text()

@@ -96,3 +96,15 @@ def test_batch_study_is_paired_over_seeds_with_intervals(workdir):
     assert "confirm" not in text and "predicts" not in text
     if "not significant" in sens[3]:
         assert "neither support nor refute" in text
+
+
+def test_the_report_names_the_engines_that_computed_the_runs():
+    from resnorm.report import engines_text
+    cpu = {"device": "cpu", "norm_ops": "fused CPU kernels", "threads": 1, "compile": False, "torch": "2.14.1"}
+    gpu = {"device": "NVIDIA H100 80GB HBM3", "norm_ops": "tensor ops", "threads": 2, "compile": "reduce-overhead",
+           "torch": "2.11.0"}
+    runs = {"bn-bs32": [{"engine": cpu}, {"engine": cpu}], "bn-bs8-es": [{"engine": gpu}, {}]}
+    assert engines_text(runs) == (
+        "2 run(s): cpu, fused CPU kernels, 1 thread(s), no compile, torch 2.14.1; "
+        "1 run(s): NVIDIA H100 80GB HBM3, tensor ops, 2 thread(s), torch.compile reduce-overhead, torch 2.11.0; "
+        "1 run(s): not recorded")

@@ -8,14 +8,17 @@ import pytest
 
 from resnorm.evaluate import evaluate
 from resnorm.io import UserError, read_csv, read_json
+from resnorm.kernels import cpu_kernels
 from resnorm.params import load_params
-from resnorm.train import HISTORY_COLUMNS, load_checkpoint, run_paths, train
+from resnorm.train import HISTORY_COLUMNS, compile_mode, load_checkpoint, run_paths, train
 from conftest import TINY, write_params
 
 
-def test_two_epochs_write_every_field(prepared):
+def test_two_epochs_write_every_field(prepared, capfd):
     p = load_params()
     state = train(p)
+    epoch_lines = [line for line in capfd.readouterr().err.splitlines() if " epoch " in line and "/s" in line]
+    assert len(epoch_lines) == 2 and all(len(line) < 100 for line in epoch_lines), epoch_lines
     assert state["status"] == "finished" and state["epoch"] == 2
     paths = run_paths(None, None)
     rows = read_csv(paths.history)
@@ -26,7 +29,10 @@ def test_two_epochs_write_every_field(prepared):
         assert float(row["val_error"]) == pytest.approx(1 - float(row["val_accuracy"]))
     m = evaluate(p)
     assert list(m) == ["run", "variant", "norm", "batch_size", "seed", "status", "epochs_trained", "best_epoch",
-                       "train", "val", "test"]
+                       "engine", "train", "val", "test"]
+    ops = "fused CPU kernels" if cpu_kernels() is not None else "tensor ops"
+    assert m["engine"] == {"device": "cpu", "norm_ops": ops, "threads": p.train.threads, "compile": False,
+                           "torch": str(torch.__version__)}
     for split in ("train", "val", "test"):
         assert set(m[split]) == {"accuracy", "micro_f1", "macro_f1", "loss"}
         assert m[split]["micro_f1"] == pytest.approx(m[split]["accuracy"], abs=1e-6)
@@ -35,8 +41,12 @@ def test_two_epochs_write_every_field(prepared):
     timing = read_csv(paths.timing)                # wall times: an untracked log, one row per epoch
     assert [int(r["epoch"]) for r in timing] == [1, 2] and float(timing[0]["images_per_second"]) > 0
     assert str(paths.timing).startswith("logs/")
-    conf = read_csv(paths.plots / "confusion.csv")
-    assert len(conf) == len(__import__("numpy").load("data/prepared/test_y.npy"))
+    conf = read_csv(paths.plots / "confusion.csv")        # square: every (actual, predicted) pair, zeros too
+    classes = read_json("data/prepared/classes.json")
+    assert [(r["actual"], r["predicted"]) for r in conf] == [(a, b) for a in classes for b in classes]
+    assert sum(int(r["count"]) for r in conf) == len(__import__("numpy").load("data/prepared/test_y.npy"))
+    correct = sum(int(r["count"]) for r in conf if r["actual"] == r["predicted"])
+    assert correct / sum(int(r["count"]) for r in conf) == pytest.approx(m["test"]["accuracy"], abs=1e-6)
     assert [r["class"] for r in read_csv(paths.plots / "per_class.csv")] == read_json("data/prepared/classes.json")
     best = load_checkpoint(paths.best)          # weights_only=True: plain tensors and containers only
     assert best["epoch"] == m["best_epoch"]
@@ -169,8 +179,24 @@ def test_fingerprint_covers_params_data_and_code(prepared, monkeypatch):
     assert tr.fingerprint(p, v, 1) != base
     assert tr.fingerprint(load_params(overrides={"train": {"lr": 0.2}}), load_params(
         overrides={"train": {"lr": 0.2}}).experiment(), 0) != base
+    engine = {"device": "cpu", "norm_ops": "fused CPU kernels", "threads": 1, "compile": False, "torch": "2.14.1"}
+    assert tr.fingerprint(p, v, 0, engine) != tr.fingerprint(p, v, 0, {**engine, "threads": 2}) != \
+        tr.fingerprint(p, v, 0, {**engine, "norm_ops": "tensor ops"})
     monkeypatch.setattr(tr, "CODE", tr.CODE[:-1])        # as if one source file changed
     assert tr.fingerprint(p, v, 0) != base
+
+
+def test_a_finished_run_without_its_best_checkpoint_is_retrained_not_called_diverged(prepared):
+    p = load_params()
+    first = train(p)
+    paths = run_paths(None, None)
+    paths.best.unlink()
+    with pytest.raises(UserError, match="best.pt: missing, though .*last.pt says the run finished"):
+        evaluate(p)
+    again = train(p)                                  # `dvc repro` reruns train: it trains again
+    assert again["status"] == "finished" and paths.best.exists()
+    assert again["history"] == first["history"]
+    assert evaluate(p)["status"] == "finished"
 
 
 def test_bin_gates_learn_at_their_own_rate_and_the_schedule_scales_every_group():
@@ -239,3 +265,15 @@ def test_compiled_training_and_evaluation_track_eager(prepared):
     a, b = eager["history"][0], state["history"][0]
     assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-3)
     assert a["val_loss"] == pytest.approx(b["val_loss"], rel=1e-3)
+    assert state["engine"]["compile"] == "default" and state["engine"]["norm_ops"] == "tensor ops"
+
+
+@pytest.mark.parametrize("setting, device, batch, mode", [
+    ("auto", "cpu", 8, False), ("auto", "cuda", 8, "reduce-overhead"), ("auto", "cuda", 16, "reduce-overhead"),
+    ("auto", "cuda", 32, "default"), ("auto", "cuda", 128, "default"), (True, "cuda", 8, True),
+    (False, "cuda", 8, False), ("max-autotune", "cpu", 32, "max-autotune")])
+def test_compile_auto_uses_cuda_graphs_at_small_batches_only(setting, device, batch, mode):
+    """`train.compile: auto`: CUDA graphs where launches dominate (batch <= 16: 2.5x at batch 8 on an
+    H100), inductor's default mode above, nothing on a CPU; any other setting is taken as given."""
+    t = load_params(overrides={"train": {"compile": setting}}).train
+    assert compile_mode(t, torch.device(device), batch) == mode

@@ -157,8 +157,9 @@ class EpochBatches(torch.utils.data.Dataset):
         start: a small host-to-device copy per step (from pageable memory) would make the CPU
         wait for the GPU at every step, which is what the loop avoids.
         """
-        sizes = [len(self.indices(i)) for i in range(len(self))]
-        rows = torch.from_numpy(np.concatenate([self.indices(i) for i in range(len(self))]))
+        parts = [self.indices(i) for i in range(len(self))]
+        sizes = [len(rows) for rows in parts]
+        rows = torch.from_numpy(np.concatenate(parts))
         augs = [self.augmentation(i, n) for i, n in enumerate(sizes)]
         rows = rows.to(images.device)
         aug = torch.cat(augs).to(images.device) if self.aug and augs else None

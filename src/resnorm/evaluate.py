@@ -23,6 +23,16 @@ SPLITS = ("train", "val", "test")
 EXPERIMENT_SUMMARY = Path("metrics/summary/experiment.json")
 
 
+def confusion_rows(actual, predicted, classes: list[str]) -> list[dict]:
+    """The confusion matrix as one row per (actual, predicted) pair of classes, zeros included, so
+    the plot is square over every class (a class never predicted keeps its column)."""
+    counts = [[0] * len(classes) for _ in classes]
+    for a, b in zip(actual, predicted):
+        counts[int(a)][int(b)] += 1
+    return [{"actual": classes[a], "predicted": classes[b], "count": counts[a][b]}
+            for a in range(len(classes)) for b in range(len(classes))]
+
+
 def summary(metrics: dict) -> dict:
     """The experiment's declared DVC metrics: val / test accuracy and macro-F1, train accuracy and
     the epoch chosen, under short keys and with numbers only (the full record is the run's file)."""
@@ -42,9 +52,13 @@ def evaluate(p: Params, variant: str | None = None, seed: int | None = None) -> 
         raise UserError(f"{paths.last}: no checkpoint; run the train stage first")
     last = load_checkpoint(paths.last)
     metrics = {"run": paths.name, "variant": v.name, "norm": v.norm, "batch_size": v.batch_size, "seed": seed,
-               "status": last["status"], "epochs_trained": last["epoch"], "best_epoch": last["best_epoch"]}
+               "status": last["status"], "epochs_trained": last["epoch"], "best_epoch": last["best_epoch"],
+               "engine": last.get("engine")}
     classes = load_classes()
     confusion, table = [], []
+    if last["status"] != "diverged" and last["best_epoch"] and not paths.best.exists():
+        raise UserError(f"{paths.best}: missing, though {paths.last} says the run {last['status']} (best epoch "
+                        f"{last['best_epoch']}); run `dvc repro` (training retrains it) or restore the file")
     if last["status"] == "diverged" or not paths.best.exists():
         metrics["message"] = last["message"] or "no checkpoint with a finite validation loss"
         metrics["status"] = "diverged"
@@ -64,12 +78,12 @@ def evaluate(p: Params, variant: str | None = None, seed: int | None = None) -> 
             s = scores(data.y, pred, len(classes))
             metrics[split] = {k: round(x, 6) for k, x in {**s, "loss": loss}.items()}
             if split == "test":
-                confusion = [{"actual": classes[a], "predicted": classes[b]} for a, b in zip(data.y, pred)]
+                confusion = confusion_rows(data.y, pred, classes)
                 table = per_class(data.y, pred, classes)
     write_json(paths.metrics, metrics)
     if variant is None:
         write_json(EXPERIMENT_SUMMARY, summary(metrics))
-    write_csv(paths.plots / "confusion.csv", confusion, ["actual", "predicted"])
+    write_csv(paths.plots / "confusion.csv", confusion, ["actual", "predicted", "count"])
     write_csv(paths.plots / "per_class.csv", table, ["class", "precision", "recall", "f1", "support"])
     if metrics.get("val"):
         console.print(f"{paths.name}: " + "  ".join(

@@ -13,8 +13,9 @@ its top 10% of pixels; 0.10 for a flat map), how much of it lies in the central 
 of the image (0.25 for a flat map) and its centre of mass. `analysis` turns those
 numbers into the report's per-class and overall observations.
 
-Outputs under plots/gradcam/: <class>.png (image | heatmap with colour bar | overlay for
-every example), overlays/<class>/*.png, index.json (every example and its numbers).
+Outputs under plots/gradcam/: grids/<class>.png (image | heatmap with colour bar | overlay for
+every example; `dvc plots show` draws these), overlays/<class>/*.png, index.json (every
+example and its numbers).
 """
 from __future__ import annotations
 
@@ -211,7 +212,7 @@ def gradcam(p: Params) -> dict:
             for kind, n_found in counts.items():
                 if n_found < k:
                     console.print(f"gradcam: class {name}: only {n_found} {kind} {p.gradcam.split} image(s) of {k}")
-            class_figure(tmp / f"{name}.png", f"{name}: Grad-CAM of the true class ({run}, {p.gradcam.split} split)",
+            class_figure(tmp / "grids" / f"{name}.png", f"{name}: Grad-CAM of the true class ({run}, {p.gradcam.split} split)",
                          shown, k)
             index["classes"][name] = {"available": {"images": int((split.y == c).sum()), **counts},
                                       "examples": items}

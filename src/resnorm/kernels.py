@@ -2,10 +2,14 @@
 
 PyTorch's JIT extension builder compiles kernels.cpp on first use (about 20-30 seconds on
 two cores, with g++ and ninja) and caches the result in ~/.cache/torch_extensions
-(TORCH_EXTENSIONS_DIR), under a name keyed by this CPU's instruction sets and rebuilt when
-the source changes, so later processes load it in milliseconds. Without a C++ compiler, or with
-RESNORM_KERNELS=0, `cpu_kernels()` is None and the norms use plain tensor ops: the same
-results to rounding, only slower.
+(TORCH_EXTENSIONS_DIR). The build's name is keyed by this CPU's instruction sets, the source
+and torch's version, and it compiles a copy of the source kept in its own build folder: a
+checkout elsewhere (DVC's experiment copies in .dvc/tmp/exps) reuses it instead of rebuilding,
+and an edit or a torch upgrade builds anew. A build that no longer loads (a truncated .so) is
+rebuilt once. Without a C++ compiler, a writable cache, or with RESNORM_KERNELS=0,
+`cpu_kernels()` is None and the norms use plain tensor ops: equal to rounding, but
+rounding differs, and over a 50-epoch run that moves the metrics (the run records name
+the engine, `engine()`).
 """
 from __future__ import annotations
 
@@ -18,20 +22,36 @@ import sys
 import warnings
 from pathlib import Path
 
+import torch
+
 SOURCE = Path(__file__).with_name("kernels.cpp")
+CFLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fopenmp"]
 
 
-def _cpu_tag() -> str:
-    """A short tag of this CPU's instruction sets: the build uses -march=native, so a home
-    directory shared by different machines must not hand one machine's build to another."""
+def _build_key() -> str:
+    """A short tag of this CPU's instruction sets (the build uses -march=native, so a home
+    directory shared by different machines must not hand one machine's build to another), the
+    source and the torch version it links against."""
     try:
         flags = next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "")
     except OSError:
         flags = ""
-    return hashlib.sha1(f"{platform.machine()} {flags}".encode()).hexdigest()[:8]
+    source = hashlib.sha1(SOURCE.read_bytes()).hexdigest()
+    return hashlib.sha1(f"{platform.machine()} {flags} {torch.__version__} {source}".encode()).hexdigest()[:10]
 
 
-NAME = f"resnorm_kernels_{_cpu_tag()}"
+NAME = f"resnorm_kernels_{_build_key()}"
+
+
+def _source_in(build: Path) -> Path:
+    """kernels.cpp copied into the build folder (temp file + rename): the path ninja sees is the
+    same from every checkout, so a second checkout does not rebuild."""
+    target = build / "kernels.cpp"
+    if not target.exists() or target.read_bytes() != SOURCE.read_bytes():
+        tmp = build / f".kernels.cpp.{os.getpid()}.tmp"
+        tmp.write_bytes(SOURCE.read_bytes())
+        os.replace(tmp, target)
+    return target
 
 
 @functools.cache
@@ -42,17 +62,36 @@ def cpu_kernels():
     logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)  # "No CUDA runtime is found" on CPU
     try:
         from torch.utils import cpp_extension
-        try:
-            built = (Path(cpp_extension._get_build_directory(NAME, verbose=False)) / f"{NAME}.so").exists()
-        except Exception:
-            built = True
-        if not built:
+        build = Path(cpp_extension._get_build_directory(NAME, verbose=False))
+        source = _source_in(build)
+        library = build / f"{NAME}.so"
+        if not library.exists():
             print("resnorm: compiling the fused CPU kernels (once per machine, under a minute)...", file=sys.stderr)
-        return cpp_extension.load(name=NAME, sources=[str(SOURCE)],
-                                  extra_cflags=["-O3", "-march=native", "-ffp-contract=off", "-fopenmp"],
-                                  extra_ldflags=["-fopenmp"])
+
+        def load():
+            return cpp_extension.load(name=NAME, sources=[str(source)], extra_cflags=CFLAGS,
+                                      extra_ldflags=["-fopenmp"])
+        try:
+            return load()
+        except (ImportError, OSError) as e:       # built, but will not load: rebuild once
+            if not library.exists():
+                raise
+            print(f"resnorm: {library} does not load ({type(e).__name__}); rebuilding it", file=sys.stderr)
+            library.unlink()
+            return load()
     except Exception as e:  # no compiler, no headers, a failed build: fall back, say why once
         first = (str(e).strip().splitlines() or [""])[0][:200]
-        warnings.warn(f"resnorm: fused CPU kernels unavailable ({type(e).__name__}: {first}); "
-                      "using plain tensor ops (same results, slower)", RuntimeWarning, stacklevel=2)
+        warnings.warn(f"resnorm: fused CPU kernels unavailable ({type(e).__name__}: {first}); using plain "
+                      "tensor ops: slower, and rounding differs, so a run's metrics will not match one made "
+                      "with the kernels (its record says which engine ran)", RuntimeWarning, stacklevel=2)
         return None
+
+
+def engine(device: torch.device, threads: int, compile_mode: bool | str) -> dict:
+    """What computed a run, for its record: the same parameters and data give bit-identical
+    results on CPU only with the same engine (fused kernels or tensor ops) and thread count."""
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+    fused = device.type == "cpu" and compile_mode is False and cpu_kernels() is not None
+    ops = "fused CPU kernels" if fused else "tensor ops"
+    return {"device": name, "norm_ops": ops, "threads": threads, "compile": compile_mode,
+            "torch": str(torch.__version__)}

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
@@ -23,8 +24,13 @@ LR_SCALINGS = ("none", "linear")
 GROUPS = ("norms", "batch")             # which part of the study a variant belongs to
 GRADCAM_SPLITS = ("val", "test")
 PRECISIONS = ("fp32", "bf16", "fp16")
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")   # torch.compile modes
+COMPILE_MODES = ("auto", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+# "auto" picks by device and batch size (train.compile_mode); the others are torch.compile's modes
 EMBEDDED_ROOT = "data/raw/ifct"
+MAX_SEED = 2**31 - 1                    # numpy's and torch's generators take seeds below 2^31 everywhere
+MAX_IMAGE_SIZE = 1024
+MAX_NEAR_DUPLICATE_BITS = 16            # of 64 dHash bits: above this, unrelated photos count as duplicates
+VARIANT_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")   # a file name: no path, no leading dot
 
 
 class ParamError(ValueError):
@@ -82,7 +88,7 @@ class TrainParams:
     device: str = "auto"
     precision: str = "fp32"
     channels_last: bool = False
-    compile: bool | str = False         # false | true (= default) | reduce-overhead (CUDA graphs) | max-autotune...
+    compile: bool | str = False         # false | true (= default) | auto | reduce-overhead (CUDA graphs) | max-autotune...
     data_on_device: bool = True         # CUDA: hold the uint8 train split on the GPU when it fits in a quarter of free memory
 
 
@@ -221,6 +227,15 @@ def _check_min(key: str, value: float, low: float, inclusive: bool = True) -> No
         raise _fail(key, value, f"must be {'>=' if inclusive else '>'} {low}")
 
 
+def _check_range(key: str, value: int, low: int, high: int) -> None:
+    if not low <= value <= high:
+        raise _fail(key, value, f"must be in [{low}, {high}]")
+
+
+def _check_seed(key: str, value: int) -> None:
+    _check_range(key, value, 0, MAX_SEED)
+
+
 def _validate_train(t: TrainParams, prefix: str) -> None:
     _check_min(f"{prefix}epochs", t.epochs, 1)
     _check_choice(f"{prefix}optimizer", t.optimizer, OPTIMIZERS)
@@ -251,6 +266,8 @@ def _validate_train(t: TrainParams, prefix: str) -> None:
     _check_choice(f"{prefix}precision", t.precision, PRECISIONS)
     if isinstance(t.compile, str):
         _check_choice(f"{prefix}compile", t.compile, COMPILE_MODES)
+    if t.device == "cpu" and t.precision != "fp32":
+        raise _fail(f"{prefix}precision", t.precision, "fp32 on a CPU (bf16 and fp16 are for train.device: cuda)")
 
 
 def _check_variant(key: str, norm: str, batch_size: int) -> None:
@@ -271,10 +288,12 @@ def validate(p: Params) -> Params:
         raise _fail("data.split", dataclasses.asdict(d.split), f"train + val + test must sum to 1 (they sum to {total:g})")
     if d.split.train == 0 or d.split.val == 0:
         raise _fail("data.split", dataclasses.asdict(d.split), "train and val must be > 0")
+    if d.image_size > MAX_IMAGE_SIZE:
+        raise _fail("data.image_size", d.image_size, f"at most {MAX_IMAGE_SIZE} (the paper setting is 256)")
     _check_min("data.min_images_per_class", d.min_images_per_class, 2)
     _check_min("data.max_image_pixels", d.max_image_pixels, 1)
-    _check_min("data.near_duplicate_bits", d.near_duplicate_bits, 0)
-    _check_min("data.seed", d.seed, 0)
+    _check_range("data.near_duplicate_bits", d.near_duplicate_bits, 0, MAX_NEAR_DUPLICATE_BITS)
+    _check_seed("data.seed", d.seed)
     _check_min("model.n", p.model.n, 1)
     _check_min("model.gn_groups", p.model.gn_groups, 1)
     _check_choice("model.shortcut", p.model.shortcut, SHORTCUTS)
@@ -284,7 +303,9 @@ def validate(p: Params) -> Params:
             raise _fail("model.gn_groups", p.model.gn_groups, "must divide the channel counts 16, 32 and 64")
     _validate_train(p.train, "train.")
     _check_variant("", p.norm, p.batch_size)
-    _check_min("seed", p.seed, 0)
+    _check_seed("seed", p.seed)
+    for i, seed in enumerate(p.study.seeds):
+        _check_seed(f"study.seeds[{i}]", seed)
     if not p.study.seeds:
         raise _fail("study.seeds", list(p.study.seeds), "at least one seed")
     if len(set(p.study.seeds)) != len(p.study.seeds):
@@ -292,6 +313,9 @@ def validate(p: Params) -> Params:
     train_keys = {f.name for f in fields(TrainParams)}
     for name, over in p.study.variants.items():
         key = f"study.variants.{name}."
+        if not isinstance(name, str) or not VARIANT_NAME.fullmatch(name):
+            raise _fail(f"study.variants.{name}", name, "a variant name is a file name: letters, digits, _ . - "
+                        "and not starting with a dot (it names the run's folders)")
         if not isinstance(over, dict):
             raise _fail(key.rstrip("."), over, "a mapping with norm, batch_size and optional train keys")
         for k in ("norm", "batch_size"):
@@ -320,14 +344,34 @@ def load_params(path: str | Path = "params.yaml", overrides: dict[str, Any] | No
     """Read, type-check and validate `params.yaml`; `overrides` is a nested dict laid on top (tests)."""
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader) or {}
     except FileNotFoundError:
         raise ParamError(f"params: {path} not found (run from the repository root)") from None
+    except IsADirectoryError:
+        raise ParamError(f"params: {path} is a directory, not a YAML file") from None
+    except UnicodeDecodeError as e:
+        raise ParamError(f"params: {path} is not UTF-8 text (byte {e.start}); save it as UTF-8") from None
     except yaml.YAMLError as e:
-        raise ParamError(f"params: {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ParamError(f"params: {path} is not valid YAML{where}: {problem}") from None
     if overrides:
         raw = deep_merge(raw, overrides)
     return validate(_build(Params, raw, ""))
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """safe_load that refuses a key given twice in one mapping (plain YAML keeps the last one silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
 
 
 def deep_merge(base: dict, over: dict) -> dict:

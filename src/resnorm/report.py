@@ -82,21 +82,61 @@ def curve_rows(runs: dict[str, list[dict]], variants: list[str]) -> list[dict]:
 
 # --------------------------------------------------------------------------- figures
 
-def plot_curves(path: Path, runs: dict[str, list[dict]], variants: list[str], title: str) -> None:
+def variant_colors(variants: list[str]) -> dict[str, str]:
+    """One colour per variant of `study.variants`, in its order: the same in every figure of the
+    report and in `dvc plots show` (the template below), so a variant never changes colour."""
+    from matplotlib import colormaps
+    from matplotlib.colors import to_hex
+    palette = [to_hex(c) for c in colormaps["tab10"].colors] + \
+        [to_hex(c) for c in colormaps["tab20"].colors[1::2]] + [to_hex(c) for c in colormaps["Dark2"].colors]
+    return {v: palette[i % len(palette)] for i, v in enumerate(variants)}
+
+
+DASHES = {"val": [1, 0], "train": [6, 4]}      # val solid, train dashed: in the figures and the plots page
+
+
+def vega_template(colors: dict[str, str]) -> dict:
+    """The `dvc plots` template of the study's curves (plots/curves/by_variant.json): colour =
+    variant with the report's colours, dash = split as in the report, one panel per revision, so
+    `dvc plots diff A B` puts A and B side by side on the same axes instead of drawing over each other."""
+    return {
+        "$schema": "https://vega.github.io/schema/vega-lite/v5.json",
+        "data": {"values": "<DVC_METRIC_DATA>"},
+        "title": "<DVC_METRIC_TITLE>",
+        "facet": {"column": {"field": "rev", "type": "nominal", "title": None}},
+        "resolve": {"scale": {"y": "shared"}},
+        "spec": {
+            "width": 460, "height": 280,
+            "mark": {"type": "line", "tooltip": {"content": "data"}},
+            "encoding": {
+                "x": {"field": "<DVC_METRIC_X>", "type": "quantitative", "title": "<DVC_METRIC_X_LABEL>"},
+                "y": {"field": "<DVC_METRIC_Y>", "type": "quantitative", "title": "<DVC_METRIC_Y_LABEL>",
+                      "scale": {"zero": False}},
+                "color": {"field": "variant", "type": "nominal", "sort": list(colors),
+                          "scale": {"domain": list(colors), "range": list(colors.values())}},
+                "strokeDash": {"field": "split", "type": "nominal",
+                               "scale": {"domain": list(DASHES), "range": list(DASHES.values())}},
+            },
+        },
+    }
+
+
+def plot_curves(path: Path, runs: dict[str, list[dict]], variants: list[str], title: str,
+                colors: dict[str, str]) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(2, 2, figsize=(11, 7.5))
-    colors = plt.get_cmap("tab10")
     for ax, c in zip(axes.flat, CURVES):
-        for i, v in enumerate(variants):
+        for v in variants:
             if not runs[v]:
                 continue
-            for split, style in (("train", "--"), ("val", "-")):
+            for split in ("train", "val"):
                 pts = mean_curve(runs[v], f"{split}_{c}")
                 if pts:
-                    ax.plot(*zip(*pts), style, color=colors(i % 10), label=f"{v} {split}", linewidth=1.4)
+                    style = {"dashes": DASHES[split]} if split == "train" else {"linestyle": "-"}
+                    ax.plot(*zip(*pts), color=colors[v], label=f"{v} {split}", linewidth=1.4, **style)
             # spread over seeds for val: min-max band
             per_epoch = defaultdict(list)
             for r in runs[v]:
@@ -105,7 +145,7 @@ def plot_curves(path: Path, runs: dict[str, list[dict]], variants: list[str], ti
             if len(runs[v]) > 1 and per_epoch:
                 e = sorted(per_epoch)
                 ax.fill_between(e, [min(per_epoch[k]) for k in e], [max(per_epoch[k]) for k in e],
-                                color=colors(i % 10), alpha=0.12, linewidth=0)
+                                color=colors[v], alpha=0.12, linewidth=0)
         ax.set_title({"loss": "loss (cross-entropy)", "accuracy": "accuracy (1 - error)",
                       "micro_f1": "micro-F1", "macro_f1": "macro-F1"}[c])
         ax.set_xlabel("epoch")
@@ -404,6 +444,18 @@ def study_table(runs: dict[str, list[dict]], variants: list[str]) -> list[list[s
             for v in variants]
 
 
+def engines_text(runs: dict[str, list[dict]]) -> str:
+    """Which engines computed the runs (from their records): bit-identical reruns need the same one."""
+    counts: dict[str, int] = {}
+    for r in (r for rs in runs.values() for r in rs):
+        e = r.get("engine")
+        key = "not recorded" if not e else (
+            f"{e['device']}, {e['norm_ops']}, {e['threads']} thread(s), "
+            f"{'no compile' if e['compile'] is False else 'torch.compile ' + str(e['compile'])}, torch {e['torch']}")
+        counts[key] = counts.get(key, 0) + 1
+    return "; ".join(f"{n} run(s): {k}" for k, n in counts.items())
+
+
 def settings_rows(p: Params, data: dict) -> tuple[list[list[str]], list[str]]:
     """The settings table's rows (a differing status in bold) and the names of the differing settings."""
     rows, differ = [], []
@@ -439,6 +491,9 @@ def report(p: Params) -> Doc:
     doc.p(f"{len(differ)} setting(s) differ from the assignment" + (f": {', '.join(differ)}." if differ else ".")
           + " 'not stated' rows are this run's own choices where the assignment leaves the knob open. The README's "
           "paper-setting command reproduces the assignment (no row differs).")
+    doc.p(f"Computed by: {engines_text(runs)}. On a CPU a rerun is bit-identical only on the same engine and "
+          "thread count: the fused kernels and plain tensor ops, or 1 and 2 threads, round differently, and "
+          "over 50 epochs that moves the scores.")
 
     doc.h(2, "Data set")
     reasons: dict[str, int] = defaultdict(int)
@@ -466,6 +521,7 @@ def report(p: Params) -> Doc:
     head = ["variant", "seeds"] + [f"{s} {k.replace('_', '-')}" for s in SPLITS for k in SCORES]
     doc.table(head, study_table(runs, names))
     figs = OUT / "figures"
+    colors = variant_colors(names)
     plot_bars(figs / "accuracy_bars.png", runs, names)
     doc.img("figures/accuracy_bars.png", "accuracy per variant and split")
 
@@ -478,7 +534,7 @@ def report(p: Params) -> Doc:
     n_tests += k
     doc.table(["rank", "variant", "test accuracy", "95% CI of mean", "test s.e.", "val accuracy", "val - test",
                "vs best", "vs nn"], rows)
-    plot_curves(figs / "curves_norms.png", runs, base, "Norms")
+    plot_curves(figs / "curves_norms.png", runs, base, "Norms", colors)
     doc.img("figures/curves_norms.png", "curves of every norm")
     doc.h(3, "Observations")
     doc.ul(obs)
@@ -519,7 +575,7 @@ def report(p: Params) -> Doc:
                     obs.append(f"seed {r['seed']} (float32, same initialisation and data order): largest per-epoch "
                                f"train-loss difference {dl:.2e} over {k} epochs.")
             doc.ul(obs)
-            plot_curves(figs / "curves_sanity.png", runs, sanity, "BN (from scratch) vs torch_bn")
+            plot_curves(figs / "curves_sanity.png", runs, sanity, "BN (from scratch) vs torch_bn", colors)
             doc.img("figures/curves_sanity.png", "BN vs torch_bn curves")
 
     gates = gate_stats(p)
@@ -543,7 +599,7 @@ def report(p: Params) -> Doc:
         doc.p("Differences in test accuracy, paired over seeds (* = significant at 5%):")
         doc.table(["comparison", "difference [95% CI], p", "test", "verdict"], comps)
         doc.ul(bobs)
-        plot_curves(figs / "curves_batch.png", runs, batch, "Batch-size study")
+        plot_curves(figs / "curves_batch.png", runs, batch, "Batch-size study", colors)
         doc.img("figures/curves_batch.png", "batch-size curves")
 
     doc.p(f"This report makes {n_tests} tests at the 5% level without a correction for multiple comparisons: even "
@@ -566,12 +622,13 @@ def report(p: Params) -> Doc:
         for name, text in per_class.items():
             doc.h(3, name)
             doc.p(text)
-            doc.img(f"gradcam/{name}.png", f"Grad-CAM {name}")
+            doc.img(f"gradcam/grids/{name}.png", f"Grad-CAM {name}")
 
     curves = OUT / "curves"
     write_csv(curves / "norms.csv", curve_rows(runs, base))
     write_csv(curves / "sanity.csv", curve_rows(runs, sanity))
     write_csv(curves / "batch.csv", curve_rows(runs, batch))
+    write_json(curves / "by_variant.json", vega_template(colors))
     return doc
 
 
