@@ -93,4 +93,6 @@ def copy_repo(dest: Path) -> Path:
     subprocess.run([sys.executable, "-m", "dvc", "init", "-q"], cwd=dest, check=True)
     subprocess.run([sys.executable, "-m", "dvc", "config", "core.analytics", "false"], cwd=dest, check=True)
     shutil.copytree(REPO / ".dvc" / "plots", dest / ".dvc" / "plots")
+    subprocess.run([sys.executable, "-m", "dvc", "config", "plots.html_template", "plots/offline.html"], cwd=dest,
+                   check=True)
     return dest

@@ -199,3 +199,46 @@ def test_queued_experiment_runs_the_code_it_was_queued_with(repo):
         code.write_text(original)
     shown = dvc(repo, "exp", "show", "--json")
     assert '"marker": 111' in shown and '"marker": 222' not in shown, shown[:2000]
+
+
+CHROMIUM = next((shutil.which(b) for b in ("chromium", "chromium-browser", "google-chrome") if shutil.which(b)), None)
+
+
+def browser(page: Path, profile: Path) -> tuple[str, list[str]]:
+    """Headless Chromium on `page`, no network: (the DOM after its scripts ran, its console messages)."""
+    r = subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+                        "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                        f"--user-data-dir={profile}", "--enable-logging=stderr", "--v=0",
+                        "--virtual-time-budget=20000", "--dump-dom", page.as_uri()],
+                       capture_output=True, text=True, timeout=180)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return r.stdout, [line for line in r.stderr.splitlines() if ":CONSOLE" in line]
+
+
+def test_plots_page_renders_offline_in_a_real_browser(repo, tmp_path):
+    """`dvc plots show` through .dvc/config's plots.html_template: vega, vega-lite and vega-embed are
+    inlined, so the page loads nothing from the network, logs nothing to the console and draws every
+    chart; the Grad-CAM grids are on it as images, and the charts are the ones dvc.yaml declares."""
+    if CHROMIUM is None:
+        if os.environ.get("CI"):
+            pytest.fail("no chromium in CI: .ci/run installs it (apt-get install -y chromium)")
+        pytest.skip("no chromium here (apt-get install -y chromium)")
+    repo, _ = repo
+    dvc(repo, "plots", "show", "-o", str(tmp_path / "page"))
+    page = tmp_path / "page" / "index.html"
+    html = page.read_text()
+    assert "<script src=" not in html and "cdn.jsdelivr" not in html        # nothing to fetch
+    charts = html.count("vegaEmbed('#")
+    declared = yaml.safe_load((repo / "dvc.yaml").read_text())
+    top = [next(iter(d)) if isinstance(d, dict) else d for d in declared["plots"]]
+    # every top-level chart + the experiment's confusion matrix and per-class bars; no per-run study charts
+    assert charts == len([t for t in top if not t.startswith("plots/gradcam")]) + 2, charts
+    assert "plots/study/" not in html
+    grids = sorted((repo / "plots/gradcam/grids").glob("*.png"))
+    assert len(grids) == 2 and html.count("<img") >= len(grids)
+    dom, console = browser(page, tmp_path / "profile")
+    assert console == [], console
+    assert dom.count('class="marks"') == charts, "every chart drawn"
+    spec = json.loads((repo / "plots/curves/by_variant.json").read_text())
+    colors = spec["spec"]["encoding"]["color"]["scale"]
+    assert colors["domain"] == list(VARIANTS) and len(set(colors["range"])) == len(VARIANTS)

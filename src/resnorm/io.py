@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from rich.console import Console
+from rich.markup import escape
 
 
 
@@ -132,7 +133,7 @@ def run_cli(main: Callable[[list[str]], Any], stage: bool = True) -> None:
         with open(STAGE_TIMES, "a", encoding="utf-8") as f:
             f.write(f"{time.time():.0f}\t{module} {' '.join(sys.argv[1:])}\t{time.time() - _START:.2f}\n")
     except (UserError, ParamError) as e:
-        console.print(f"[red]error:[/red] {e}", soft_wrap=True)
+        console.print(f"[red]error:[/red] {escape(str(e))}", soft_wrap=True)   # paths may hold [ ]
         sys.exit(2)
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/yellow]: completed work is kept; run again to resume")

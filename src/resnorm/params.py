@@ -53,6 +53,8 @@ class DataParams:
     min_images_per_class: int = 14
     max_image_pixels: int = 64_000_000  # larger images are refused (decompression bombs)
     near_duplicate_bits: int = 4        # dHash distance under which two photos share a split
+    max_file_bytes: int = 64_000_000    # larger files are skipped unread
+    follow_links: bool = False          # symbolic links that leave data.root: skipped (false) or read (true)
 
 
 @dataclass(frozen=True)
@@ -292,6 +294,7 @@ def validate(p: Params) -> Params:
         raise _fail("data.image_size", d.image_size, f"at most {MAX_IMAGE_SIZE} (the paper setting is 256)")
     _check_min("data.min_images_per_class", d.min_images_per_class, 2)
     _check_min("data.max_image_pixels", d.max_image_pixels, 1)
+    _check_min("data.max_file_bytes", d.max_file_bytes, 1)
     _check_range("data.near_duplicate_bits", d.near_duplicate_bits, 0, MAX_NEAR_DUPLICATE_BITS)
     _check_seed("data.seed", d.seed)
     _check_min("model.n", p.model.n, 1)

@@ -16,6 +16,8 @@ from __future__ import annotations
 import hashlib
 import os
 import random
+import re
+import stat
 import warnings
 from collections import defaultdict
 from dataclasses import dataclass
@@ -50,8 +52,32 @@ class Item:
 
 # --------------------------------------------------------------------------- scanning
 
-def _class_folders(root: Path) -> list[tuple[str, Path]]:
-    return sorted((d.name, d) for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+def shown(path: str | Path) -> str:
+    """A path as text that any file can take: bytes that are not UTF-8 (kept by Python as
+    surrogates) are written as \\xNN escapes, so the manifest and report never fail to encode."""
+    return os.fsencode(str(path)).decode("utf-8", "backslashreplace")
+
+
+def _inside(path: Path, root: Path) -> bool:
+    """Whether `path`, links resolved, lies under `root` (resolved)."""
+    try:
+        return path.resolve().is_relative_to(root)
+    except (OSError, RuntimeError):          # a link loop
+        return False
+
+
+def _class_folders(root: Path, d: DataParams, skipped: list[dict]) -> list[tuple[str, Path]]:
+    """Sub-folders of `root`, sorted; a linked folder that leaves data.root is skipped and listed
+    unless data.follow_links."""
+    out = []
+    for entry in sorted(root.iterdir()):
+        if entry.name.startswith(".") or not entry.is_dir():
+            continue
+        if entry.is_symlink() and not d.follow_links and not _inside(entry, Path(d.root).resolve()):
+            skipped.append({"path": shown(entry), "reason": "link leaving data.root (data.follow_links is false)"})
+            continue
+        out.append((shown(entry.name), entry))        # the class name: any bytes, as text
+    return out
 
 
 def _files(folder: Path) -> list[Path]:
@@ -63,25 +89,58 @@ def _files(folder: Path) -> list[Path]:
     return out
 
 
-def discover(root: Path) -> tuple[list[Item], list[dict], bool]:
+def unreadable(f: Path, d: DataParams, root: Path) -> str | None:
+    """Why `f` is not read at all, or None: a link out of data.root, anything but a regular file
+    (a FIFO would block forever, a device read without end), or a file over data.max_file_bytes."""
+    try:
+        if f.is_symlink() and not d.follow_links and not _inside(f, root):
+            return "link leaving data.root (data.follow_links is false)"
+        st = f.stat()
+    except OSError as e:
+        return f"cannot read: {e.strerror or type(e).__name__}"
+    if not stat.S_ISREG(st.st_mode):
+        return "not a regular file"
+    if st.st_size > d.max_file_bytes:
+        return f"file too large ({st.st_size} bytes > data.max_file_bytes {d.max_file_bytes})"
+    return None
+
+
+def split_layout(top: list[tuple[str, Path]]) -> dict[str, Path] | None:
+    """The split folders when the layout is root/<split>/<class>/...: every top-level folder is a
+    split name (train, valid/val/validation, test), there is a train folder, and each holds
+    folders, not images. A class that happens to be called `test` does not make a split layout."""
+    names = {name.lower() for name, _ in top}
+    if not top or "train" not in names or not names <= SPLIT_FOLDERS.keys():
+        return None
+    for _, folder in top:
+        if any(f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES for f in folder.iterdir()):
+            return None
+    return {SPLIT_FOLDERS[name.lower()]: d for name, d in top}
+
+
+def discover(root: Path, d: DataParams | None = None) -> tuple[list[Item], list[dict], bool]:
     """Find (file, class, given split); returns items, skipped entries and whether splits were given."""
+    d = d or DataParams(root=str(root))
     if not root.is_dir():
-        raise UserError(f"data.root: {root} is not a folder (expected root/<class>/*.jpg "
+        raise UserError(f"data.root: {shown(root)} is not a folder (expected root/<class>/*.jpg "
                         f"or root/train/<class>/..., root/valid/<class>/...)")
-    top = _class_folders(root)
-    given = {SPLIT_FOLDERS[name.lower()]: d for name, d in top if name.lower() in SPLIT_FOLDERS}
-    has_splits = "train" in given
     items, skipped = [], []
-    sources = [(s, d) for s, d in sorted(given.items(), key=lambda kv: SPLITS.index(kv[0]))] if has_splits \
+    real_root = root.resolve()
+    top = _class_folders(root, d, skipped)
+    given = split_layout(top)
+    has_splits = given is not None
+    sources = [(s, g) for s, g in sorted(given.items(), key=lambda kv: SPLITS.index(kv[0]))] if has_splits \
         else [(None, root)]
     for split, base in sources:
-        for label, folder in _class_folders(base):
+        for label, folder in (_class_folders(base, d, skipped) if has_splits else top):
             files = _files(folder)
             if not files:
-                skipped.append({"path": str(folder), "reason": "empty class folder"})
+                skipped.append({"path": shown(folder), "reason": "empty class folder"})
             for f in files:
                 if f.suffix.lower() not in IMAGE_SUFFIXES:
-                    skipped.append({"path": str(f), "reason": f"not an image file name ({f.suffix or 'no suffix'})"})
+                    skipped.append({"path": shown(f), "reason": f"not an image file name ({f.suffix or 'no suffix'})"})
+                elif (why := unreadable(f, d, real_root)) is not None:
+                    skipped.append({"path": shown(f), "reason": why})
                 else:
                     items.append(Item(str(f), label, split))
     return items, skipped, has_splits
@@ -108,11 +167,15 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def load_image(path: str, size: int, max_pixels: int) -> tuple[np.ndarray, str, int, tuple[int, int], str]:
+def load_image(path: str, size: int, max_pixels: int,
+               max_bytes: int = DataParams.max_file_bytes) -> tuple[np.ndarray, str, int, tuple[int, int], str]:
     """Decode, orient, convert and resize one file; raises ValueError/OSError with a short reason."""
-    data = Path(path).read_bytes()
+    with open(path, "rb") as f:
+        data = f.read(max_bytes + 1)                # bounded even if the file grew after the scan
     if not data:
         raise ValueError("zero-byte file")
+    if len(data) > max_bytes:
+        raise ValueError(f"file too large (over data.max_file_bytes {max_bytes})")
     sha1 = hashlib.sha1(data).hexdigest()
     Image.MAX_IMAGE_PIXELS = max_pixels
     ImageFile.LOAD_TRUNCATED_IMAGES = False
@@ -136,10 +199,11 @@ def load_image(path: str, size: int, max_pixels: int) -> tuple[np.ndarray, str, 
     return np.asarray(out, dtype=np.uint8), sha1, h64, (w, h), mode
 
 
-def _load_worker(args: tuple[str, int, int]):
-    path, size, max_pixels = args
+def _load_worker(args: tuple[str, int, int, int]):
+    """load_image, or the reason the file is skipped: no file stops the run."""
+    path, size, max_pixels, max_bytes = args
     try:
-        return load_image(path, size, max_pixels)
+        return load_image(path, size, max_pixels, max_bytes)
     except Image.DecompressionBombError as e:
         return f"decompression bomb refused ({str(e).split('.')[0]})"
     except Image.DecompressionBombWarning:
@@ -149,13 +213,16 @@ def _load_worker(args: tuple[str, int, int]):
     except (OSError, ValueError, SyntaxError, EOFError) as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         return f"cannot decode: {msg}" if not isinstance(e, ValueError) else msg
+    except Exception as e:              # Pillow's plugins raise more than they document (struct.error in EXIF, ...)
+        msg = str(e).splitlines()[0][:200] if str(e) else ""
+        return f"cannot decode: {type(e).__name__}" + (f": {msg}" if msg else "")
 
 
 def decode_all(items: list[Item], d: DataParams, buffer: np.ndarray, skipped: list[dict]) -> list[Item]:
     """Decode every item into `buffer` rows (in parallel when there are many); returns the good ones."""
     from rich.progress import Progress
 
-    jobs = [(it.path, d.image_size, d.max_image_pixels) for it in items]
+    jobs = [(it.path, d.image_size, d.max_image_pixels, d.max_file_bytes) for it in items]
     workers = min(os.cpu_count() or 1, 8)
     good = []
     with Progress(console=console, transient=True, disable=len(items) < 200) as bar:
@@ -174,7 +241,7 @@ def _collect(items, results, buffer, skipped, bar, task) -> list[Item]:
     for it, res in zip(items, results):
         bar.advance(task)
         if isinstance(res, str):
-            skipped.append({"path": it.path, "reason": res})
+            skipped.append({"path": shown(it.path), "reason": res})
             continue
         arr, it.sha1, it.dhash, it.size, it.mode = res
         it.row = len(good)
@@ -195,17 +262,29 @@ def drop_exact_duplicates(items: list[Item], skipped: list[dict]) -> list[Item]:
         labels = sorted({it.label for it in group})
         if len(labels) > 1:
             for it in group:
-                skipped.append({"path": it.path, "reason": f"same content labelled {', '.join(labels)}"})
+                skipped.append({"path": shown(it.path), "reason": f"same content labelled {', '.join(labels)}"})
             continue
         order = sorted(group, key=lambda it: (SPLITS.index(it.given_split or "train"), it.path))
         keep.append(order[0])
         for it in order[1:]:
-            skipped.append({"path": it.path, "reason": f"exact duplicate of {order[0].path}"})
+            skipped.append({"path": shown(it.path), "reason": f"exact duplicate of {shown(order[0].path)}"})
     return sorted(keep, key=lambda it: it.row)
 
 
+NEAR_DUPLICATE_WINDOW = 256     # a bucket with more distinct hashes compares each with its neighbours in sorted order
+
+
 def near_duplicate_groups(items: list[Item], max_bits: int) -> list[int]:
-    """Group id per item: dHashes within `max_bits` are linked (bands make it near-linear)."""
+    """Group id per item: dHashes of one class within `max_bits` are linked.
+
+    Pigeonhole: split the 64 bits into max_bits + 1 bands; two hashes within max_bits agree
+    exactly on at least one band, so only hashes sharing a band value (a bucket) are compared.
+    Equal hashes (same-colour images, say) are linked first, so a bucket holds distinct
+    hashes only. A bucket of at most NEAR_DUPLICATE_WINDOW distinct hashes compares all its
+    pairs; a larger one (only adversarial sets have them) compares each hash with the next
+    NEAR_DUPLICATE_WINDOW in sorted order. So the worst case is O(N * bands * window), near-linear,
+    where all pairs would be quadratic. `near_duplicate_groups_plain` is the all-pairs reference.
+    """
     parent = list(range(len(items)))
 
     def find(i: int) -> int:
@@ -214,21 +293,46 @@ def near_duplicate_groups(items: list[Item], max_bits: int) -> list[int]:
             i = parent[i]
         return i
 
-    bands = max_bits + 1                 # pigeonhole: within max_bits, one band matches exactly
+    first: dict[tuple[str, int], int] = {}           # (class, hash) -> first item with it
+    for i, it in enumerate(items):
+        j = first.setdefault((it.label, it.dhash), i)
+        if j != i:
+            parent[find(i)] = find(j)
+    keys = sorted(first)                              # distinct (class, hash), sorted
+    bands = max_bits + 1
     width = 64 // bands if bands <= 64 else 1
     for b in range(min(bands, 64)):
         shift, mask = b * width, (1 << width) - 1 if b < bands - 1 else (1 << (64 - b * width)) - 1
-        buckets: dict[int, list[int]] = defaultdict(list)
-        for i, it in enumerate(items):
-            buckets[(it.dhash >> shift) & mask].append(i)
-        for members in buckets.values():
-            for a in range(len(members)):
-                for c in range(a + 1, len(members)):
-                    i, j = members[a], members[c]
-                    if items[i].label == items[j].label and \
-                            bin(items[i].dhash ^ items[j].dhash).count("1") <= max_bits:
-                        parent[find(i)] = find(j)
+        buckets: dict[tuple[str, int], list[int]] = defaultdict(list)
+        for label, h in keys:
+            buckets[(label, (h >> shift) & mask)].append(h)
+        for (label, _), hashes in buckets.items():
+            window = len(hashes) if len(hashes) <= NEAR_DUPLICATE_WINDOW else NEAR_DUPLICATE_WINDOW
+            for a in range(len(hashes)):
+                for c in range(a + 1, min(a + 1 + window, len(hashes))):
+                    if (hashes[a] ^ hashes[c]).bit_count() <= max_bits:
+                        parent[find(first[(label, hashes[a])])] = find(first[(label, hashes[c])])
     return [find(i) for i in range(len(items))]
+
+
+def near_duplicate_groups_plain(items: list[Item], max_bits: int) -> list[list[int]]:
+    """All pairs, quadratic: the reference `near_duplicate_groups` is held to in tests. Returns
+    the groups as sorted lists of item indices."""
+    parent = list(range(len(items)))
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+    for i in range(len(items)):
+        for j in range(i + 1, len(items)):
+            if items[i].label == items[j].label and (items[i].dhash ^ items[j].dhash).bit_count() <= max_bits:
+                parent[find(i)] = find(j)
+    groups: dict[int, list[int]] = defaultdict(list)
+    for i in range(len(items)):
+        groups[find(i)].append(i)
+    return sorted(groups.values())
 
 
 # --------------------------------------------------------------------------- splitting
@@ -277,9 +381,10 @@ def split_items(items: list[Item], d: DataParams, has_splits: bool, skipped: lis
         distinct[it.label].add(g)
     dropped = sorted(lbl for lbl in counts
                      if counts[lbl] < d.min_images_per_class or len(distinct[lbl]) < need)
-    for lbl in dropped:
-        console.print(f"[yellow]warning:[/yellow] class {lbl!r} dropped: {counts[lbl]} usable images "
-                      f"({len(distinct[lbl])} distinct), data.min_images_per_class is {d.min_images_per_class}")
+    # why, in each of its files' skip entry (the summary and report.json say it once per class)
+    why = {lbl: "too few images" if counts[lbl] < d.min_images_per_class else
+           f"near-duplicates: {counts[lbl]} images in {len(distinct[lbl])} group(s) within "
+           f"data.near_duplicate_bits, fewer than the {need} splits" for lbl in dropped}
     keep = [(it, g) for it, g in zip(items, groups) if it.label not in dropped]
     if not has_splits:
         assign_splits([it for it, _ in keep], fr, d.seed, [g for _, g in keep])
@@ -287,22 +392,31 @@ def split_items(items: list[Item], d: DataParams, has_splits: bool, skipped: lis
     if has_splits:
         missing = sorted({it.label for it in kept} - {it.label for it in kept if it.split == "train"})
         for lbl in missing:
-            console.print(f"[yellow]warning:[/yellow] class {lbl!r} dropped: no training images")
+            why[lbl] = "too few images"
         dropped += missing
         kept = [it for it in kept if it.label not in missing]
     for it in items:
         if it.label in dropped:
-            skipped.append({"path": it.path, "reason": f"class {it.label} dropped (too few images)"})
+            skipped.append({"path": shown(it.path), "reason": f"class {it.label} dropped ({why[it.label]})"})
     return kept, sorted(dropped)
 
 
 # --------------------------------------------------------------------------- main
 
+def remove_stale_temps(out: Path) -> None:
+    """Temp folders a killed run left beside `out` (.prepared.*.tmp): DVC lets one prepare run at a
+    time, so any that exist now are dead."""
+    import shutil
+    for tmp in out.parent.glob(f".{out.name}.*.tmp"):
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def prepare(d: DataParams, out: Path = OUT) -> dict:
     root = Path(d.root)
-    items, skipped, has_splits = discover(root)
+    remove_stale_temps(out)
+    items, skipped, has_splits = discover(root, d)
     if not items:
-        raise UserError(f"data.root: {root} holds no image files in class folders")
+        raise UserError(f"data.root: {shown(root)} holds no image files in class folders")
     with atomic_dir(out) as tmp:
         buffer = np.lib.format.open_memmap(tmp / "scan.npy", mode="w+", dtype=np.uint8,
                                            shape=(len(items), d.image_size, d.image_size, 3))
@@ -311,7 +425,7 @@ def prepare(d: DataParams, out: Path = OUT) -> dict:
         items, dropped = split_items(items, d, has_splits, skipped)
         classes = sorted({it.label for it in items})
         if len(classes) < 2:
-            raise UserError(f"data.root: {root}: {len(classes)} usable class(es) left after skipping bad files "
+            raise UserError(f"data.root: {shown(root)}: {len(classes)} usable class(es) left after skipping bad files "
                             f"and classes under data.min_images_per_class={d.min_images_per_class}; need at least 2")
         index = {c: i for i, c in enumerate(classes)}
         for split in SPLITS:
@@ -325,7 +439,7 @@ def prepare(d: DataParams, out: Path = OUT) -> dict:
             np.save(tmp / f"{split}_y.npy", np.array([index[it.label] for it in rows], dtype=np.int64))
         del buffer
         (tmp / "scan.npy").unlink()
-        manifest = [{"path": it.path, "sha1": it.sha1, "class": it.label, "split": it.split,
+        manifest = [{"path": shown(it.path), "sha1": it.sha1, "class": it.label, "split": it.split,
                      "width": it.size[0], "height": it.size[1], "mode": it.mode}
                     for it in sorted(items, key=lambda it: (SPLITS.index(it.split), it.label, it.path))]
         write_csv(tmp / "manifest.csv", manifest)
@@ -333,7 +447,7 @@ def prepare(d: DataParams, out: Path = OUT) -> dict:
         counts = {c: {s: sum(1 for it in items if it.label == c and it.split == s) for s in SPLITS}
                   for c in classes}
         report = {
-            "root": str(root), "layout": "given splits" if has_splits else "class folders",
+            "root": shown(root), "layout": "given splits" if has_splits else "class folders",
             "image_size": d.image_size, "seed": d.seed, "classes": len(classes),
             "images": {s: sum(v[s] for v in counts.values()) for s in SPLITS},
             "per_class": counts, "dropped_classes": dropped,
@@ -343,24 +457,34 @@ def prepare(d: DataParams, out: Path = OUT) -> dict:
     return report
 
 
+def summary(report: dict, out: Path = OUT) -> str:
+    """What prepare made, in a few lines: the per-class table and every skipped file are in report.json."""
+    images = report["images"]
+    lines = [f"prepare: {report['classes']} classes from {report['root']} ({report['layout']}) at "
+             f"{report['image_size']}x{report['image_size']}: " + ", ".join(f"{images[s]} {s}" for s in SPLITS)]
+    by_reason: dict[str, set[str]] = defaultdict(set)
+    for r in report["skipped"]:
+        m = re.fullmatch(r"class (.*) dropped \((.*)\)", r["reason"])
+        if m:
+            by_reason[m[2].split(":")[0]].add(m[1])
+    for reason, classes in sorted(by_reason.items()):
+        lines.append(f"  {len(classes)} class(es) dropped, {reason}: {', '.join(sorted(classes))}")
+    if report["skipped"]:
+        reasons: dict[str, int] = defaultdict(int)
+        for r in report["skipped"]:
+            why = r["reason"]
+            reasons["in a dropped class" if why.startswith("class ") else why.split(" of ")[0].split(" (")[0]
+                    .split(":")[0]] += 1
+        lines.append(f"  {len(report['skipped'])} file(s) skipped: " +
+                     ", ".join(f"{n} {why}" for why, n in sorted(reasons.items(), key=lambda kv: -kv[1])))
+    lines.append(f"  per class and every skipped file: {out}/report.json")
+    return "\n".join(lines)
+
+
 def main(argv: list[str]) -> None:
     p = load_params()
     report = prepare(p.data)
-    from rich.table import Table
-
-    table = Table(title=f"prepared {report['root']} at {report['image_size']}px")
-    for col in ("class", *SPLITS):
-        table.add_column(col, justify="left" if col == "class" else "right")
-    for c, v in report["per_class"].items():
-        table.add_row(c, *(str(v[s]) for s in SPLITS))
-    table.add_row("total", *(str(report["images"][s]) for s in SPLITS))
-    console.print(table)
-    if report["skipped"]:
-        console.print(f"skipped {len(report['skipped'])} file(s):")
-        for r in report["skipped"][:20]:
-            console.print(f"  {r['path']}: {r['reason']}", soft_wrap=True)
-        if len(report["skipped"]) > 20:
-            console.print(f"  ... and {len(report['skipped']) - 20} more in {OUT}/report.json")
+    console.print(summary(report), markup=False, soft_wrap=True)
 
 
 if __name__ == "__main__":

