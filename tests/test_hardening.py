@@ -248,3 +248,49 @@ def test_markup_in_a_path_is_printed_as_text(workdir, root):
                        text=True, timeout=120)
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
     assert f"data.root: {Path(root)} is not a folder" in r.stderr.replace("\n", "")
+
+
+@pytest.mark.parametrize("content", [b"", b"PK\x03\x04 torn zip", b"\x80\x04K\x01."])
+def test_evaluate_on_a_corrupt_checkpoint_is_one_line(prepared, content):
+    from resnorm.evaluate import evaluate
+    from resnorm.io import UserError
+    from resnorm.train import run_paths, train
+    train(load_params())
+    run_paths(None, None).last.write_bytes(content)
+    with pytest.raises(UserError, match=r"last.pt: not a (readable )?checkpoint"):
+        evaluate(load_params())
+
+
+def test_outputs_respect_the_umask_and_long_names_fit(workdir):
+    from resnorm.io import atomic_dir, write_text
+    old = os.umask(0o022)
+    try:
+        write_text(workdir / "a.txt", "x")
+        with atomic_dir(workdir / "folder") as tmp:
+            (tmp / "f").write_text("y")
+    finally:
+        os.umask(old)
+    assert (workdir / "a.txt").stat().st_mode & 0o777 == 0o644
+    assert (workdir / "folder").stat().st_mode & 0o777 == 0o755
+    long = workdir / ("c" * 255)                          # the longest valid name: the temp beside it fits too
+    write_text(long / ("k" * 251 + ".png"), "z")
+    for _ in range(2):                                     # created, then replaced (the old copy's name fits)
+        with atomic_dir(workdir / ("d" * 255)) as tmp:
+            (tmp / "f").write_text("y")
+    assert (long / ("k" * 251 + ".png")).read_text() == "z"
+
+
+def test_an_unwritable_output_is_one_line_exit_2(workdir, tmp_path):
+    """A read-only output folder (or a full disk) is an OSError: one line naming the file, exit 2."""
+    if os.geteuid() == 0:
+        target = "/proc/version/x"                  # root writes anywhere else: a path no one can create
+    else:
+        ro = tmp_path / "ro"
+        ro.mkdir()
+        ro.chmod(0o500)
+        target = str(ro / "x")
+    code = f"from resnorm.io import run_cli, write_text\nrun_cli(lambda a: write_text({target!r}, 'x'))"
+    r = subprocess.run([sys.executable, "-c", code], cwd=workdir, env={**os.environ, "PYTHONPATH": str(REPO / "src")},
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "Traceback" not in r.stderr and r.stderr.startswith("error: "), r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1

@@ -23,6 +23,19 @@ SPLITS = ("train", "val", "test")
 EXPERIMENT_SUMMARY = Path("metrics/summary/experiment.json")
 
 
+def readable_checkpoint(path: Path) -> dict:
+    """load_checkpoint, or one line naming the file when it is torn, foreign or not a checkpoint."""
+    try:
+        state = load_checkpoint(path)
+    except Exception as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        raise UserError(f"{path}: not a readable checkpoint ({type(e).__name__}: {first}); delete it and run "
+                        "`dvc repro` to train again") from None
+    if not isinstance(state, dict) or "model" not in state or "status" not in state:
+        raise UserError(f"{path}: not a checkpoint of this project; delete it and run `dvc repro` to train again")
+    return state
+
+
 def confusion_rows(actual, predicted, classes: list[str]) -> list[dict]:
     """The confusion matrix as one row per (actual, predicted) pair of classes, zeros included, so
     the plot is square over every class (a class never predicted keeps its column)."""
@@ -50,7 +63,7 @@ def evaluate(p: Params, variant: str | None = None, seed: int | None = None) -> 
     paths = run_paths(variant, seed)
     if not paths.last.exists():
         raise UserError(f"{paths.last}: no checkpoint; run the train stage first")
-    last = load_checkpoint(paths.last)
+    last = readable_checkpoint(paths.last)
     metrics = {"run": paths.name, "variant": v.name, "norm": v.norm, "batch_size": v.batch_size, "seed": seed,
                "status": last["status"], "epochs_trained": last["epoch"], "best_epoch": last["best_epoch"],
                "engine": last.get("engine")}
@@ -64,7 +77,7 @@ def evaluate(p: Params, variant: str | None = None, seed: int | None = None) -> 
         metrics["status"] = "diverged"
         console.print(f"[red]{paths.name}: diverged[/red] ({metrics['message']}); no scores written")
     else:
-        best = load_checkpoint(paths.best)
+        best = readable_checkpoint(paths.best)
         device = pick_device(v.train.device)
         torch.set_num_threads(v.train.threads)
         model = build_model(p, v.norm, len(classes)).to(device)

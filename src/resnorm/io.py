@@ -37,16 +37,30 @@ class UserError(Exception):
     """Bad input the user can fix; printed as one line, no traceback."""
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _temp_prefix(path: Path) -> str:
+    """The temp name's prefix: the target's name, cut so that prefix + random part + .tmp stays
+    within the 255 bytes a file name may have (a 255-character class name is a valid folder)."""
+    return f".{os.fsencode(path.name)[:120].decode('utf-8', 'ignore')}."
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temp path beside `path`; on success it replaces `path` in one rename."""
+    """Yield a temp path beside `path`; on success it replaces `path` in one rename, with the
+    permissions the umask gives a new file (mkstemp's are 0600)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path), suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp = Path(tmp)
     try:
         yield tmp
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -57,11 +71,12 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     """Yield a temp folder beside `path`; on success it replaces `path` whole."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(path), suffix=".tmp", dir=path.parent))
     try:
         yield tmp
+        os.chmod(tmp, 0o777 & ~_umask())                 # mkdtemp's are 0700
         if path.exists():
-            old = path.with_name(f".{path.name}.old")
+            old = path.with_name(_temp_prefix(path) + "old")
             shutil.rmtree(old, ignore_errors=True)
             os.replace(path, old)
             os.replace(tmp, path)
@@ -134,6 +149,11 @@ def run_cli(main: Callable[[list[str]], Any], stage: bool = True) -> None:
             f.write(f"{time.time():.0f}\t{module} {' '.join(sys.argv[1:])}\t{time.time() - _START:.2f}\n")
     except (UserError, ParamError) as e:
         console.print(f"[red]error:[/red] {escape(str(e))}", soft_wrap=True)   # paths may hold [ ]
+        sys.exit(2)
+    except OSError as e:            # disk full, a read-only folder, ...: one line naming the file
+        where = f"{e.filename}: " if e.filename else ""
+        console.print(f"[red]error:[/red] {escape(where + (e.strerror or str(e)))}; nothing written before "
+                      "this was lost (outputs are replaced whole)", soft_wrap=True)
         sys.exit(2)
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/yellow]: completed work is kept; run again to resume")

@@ -13,6 +13,7 @@ Outputs (under `data/prepared/`, replaced whole, never half-written):
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import random
@@ -271,6 +272,14 @@ def drop_exact_duplicates(items: list[Item], skipped: list[dict]) -> list[Item]:
     return sorted(keep, key=lambda it: it.row)
 
 
+def _root(parent: list[int], i: int) -> int:
+    """Union-find: the root of i's set, halving the path on the way."""
+    while parent[i] != i:
+        parent[i] = parent[parent[i]]
+        i = parent[i]
+    return i
+
+
 NEAR_DUPLICATE_WINDOW = 256     # a bucket with more distinct hashes compares each with its neighbours in sorted order
 
 
@@ -286,13 +295,7 @@ def near_duplicate_groups(items: list[Item], max_bits: int) -> list[int]:
     where all pairs would be quadratic. `near_duplicate_groups_plain` is the all-pairs reference.
     """
     parent = list(range(len(items)))
-
-    def find(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
+    find = functools.partial(_root, parent)
     first: dict[tuple[str, int], int] = {}           # (class, hash) -> first item with it
     for i, it in enumerate(items):
         j = first.setdefault((it.label, it.dhash), i)
@@ -319,12 +322,7 @@ def near_duplicate_groups_plain(items: list[Item], max_bits: int) -> list[list[i
     """All pairs, quadratic: the reference `near_duplicate_groups` is held to in tests. Returns
     the groups as sorted lists of item indices."""
     parent = list(range(len(items)))
-
-    def find(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
+    find = functools.partial(_root, parent)
     for i in range(len(items)):
         for j in range(i + 1, len(items)):
             if items[i].label == items[j].label and (items[i].dhash ^ items[j].dhash).bit_count() <= max_bits:
