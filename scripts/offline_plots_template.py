@@ -27,6 +27,22 @@ PAGE = """<!DOCTYPE html>
          Their licences (BSD-3-Clause):
 %s
     -->
+    <script>
+        // What went wrong on the page, kept in the root element's data-page-errors for the browser test
+        // (tests/test_pipeline.py): uncaught errors, rejected promises, console.error, and
+        // scripts or images that failed to load. Empty on a good page.
+        window.pageErrors = [];
+        function notePageError(message) {
+            pageErrors.push(String(message));
+            document.documentElement.setAttribute("data-page-errors", JSON.stringify(pageErrors));
+        }
+        window.addEventListener("error", function (e) {
+            notePageError(e.message || "failed to load " + (e.target && (e.target.src || e.target.href)));
+        }, true);
+        window.addEventListener("unhandledrejection", function (e) { notePageError("unhandled: " + e.reason); });
+        var consoleError = console.error;
+        console.error = function () { notePageError(Array.from(arguments).join(" ")); consoleError.apply(console, arguments); };
+    </script>
 %s
     <style>
         body { font-family: sans-serif; margin: 16px; }

@@ -294,3 +294,45 @@ def test_an_unwritable_output_is_one_line_exit_2(workdir, tmp_path):
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "Traceback" not in r.stderr and r.stderr.startswith("error: "), r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("damage, words", [
+    (lambda: (OUT / "train_x.npy").write_bytes(b"\x93NUMPY garbage"), ["train_*.npy: unreadable", "dvc repro -f prepare"]),
+    (lambda: (OUT / "val_y.npy").write_bytes((OUT / "val_y.npy").read_bytes()[:70]), ["val_*.npy: unreadable"]),
+    (lambda: (OUT / "classes.json").unlink(), ["classes.json: not found"]),
+    (lambda: (OUT / "classes.json").write_text("{oops"), ["classes.json: not valid JSON"]),
+])
+def test_damaged_prepared_data_is_one_line(prepared, damage, words):
+    from resnorm.io import UserError
+    from resnorm.train import train
+    damage()
+    with pytest.raises(UserError) as e:
+        train(load_params())
+    assert "\n" not in str(e.value) and all(w in str(e.value) for w in words), str(e.value)
+
+
+def test_a_failed_checkpoint_write_is_one_line_and_keeps_the_last_one(prepared, monkeypatch):
+    import torch
+    from resnorm.io import UserError
+    from resnorm.train import run_paths, train
+    with pytest.raises(SystemExit):
+        train(load_params(), stop_after_epoch=1)
+    before = run_paths(None, None).last.read_bytes()
+
+    def full(*a, **k):
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . PytorchStreamWriter failed writing file")
+    monkeypatch.setattr(torch, "save", full)
+    with pytest.raises(UserError, match=r"(best|last).pt: could not write the checkpoint .*the previous checkpoint is kept"):
+        train(load_params())
+    assert run_paths(None, None).last.read_bytes() == before
+
+
+def test_a_study_run_checks_the_gradcam_classes_before_training(prepared):
+    from resnorm.io import UserError
+    from resnorm.train import run_paths, train
+    write_params(prepared, {**TINY, "data": {**TINY["data"], "root": load_params().data.root},
+                            "gradcam": {"classes": ["class_0", "no such bird"]},
+                            "study": {"seeds": [0], "variants": {"bn-bs8": {"norm": "bn", "batch_size": 8}}}})
+    with pytest.raises(UserError, match="gradcam.classes: 'no such bird' not in the prepared data set"):
+        train(load_params(), "bn-bs8", 0)
+    assert not run_paths("bn-bs8", 0).last.exists()

@@ -237,7 +237,13 @@ def test_plots_page_renders_offline_in_a_real_browser(repo, tmp_path):
     grids = sorted((repo / "plots/gradcam/grids").glob("*.png"))
     assert len(grids) == 2 and html.count("<img") >= len(grids)
     dom, console = browser(page, tmp_path / "profile")
-    assert console == [], console
+    html_tag = re.search(r"<html[^>]*>", dom)[0]               # the template's hook: errors, rejections, failed loads
+    assert "data-page-errors" not in html_tag, html_tag
+    # vega-embed 6.18 warns that a "v5" $schema is not "v5.2.0" (its semver check), and vega warns on
+    # the empty sanity curves of this test's study (no torch_bn variant); anything else fails
+    known = ("The input spec uses Vega-Lite v5,", "The compiled spec uses Vega v5,", "WARN Infinite extent",
+             "WARN Scale bindings are currently only supported")
+    assert [line for line in console if not any(k in line for k in known)] == [], console
     assert dom.count('class="marks"') == charts, "every chart drawn"
     spec = json.loads((repo / "plots/curves/by_variant.json").read_text())
     colors = spec["spec"]["encoding"]["color"]["scale"]

@@ -33,14 +33,27 @@ def load_split(name: str, root: Path = PREPARED) -> Split:
     xp, yp = root / f"{name}_x.npy", root / f"{name}_y.npy"
     if not xp.exists() or not yp.exists():
         raise UserError(f"{xp}: prepared data not found; run `dvc repro prepare` first")
-    x, y = np.load(xp, mmap_mode="r"), np.load(yp)
-    if x.ndim != 4 or x.shape[-1] != 3 or len(x) != len(y):
+    try:
+        x, y = np.load(xp, mmap_mode="r"), np.load(yp)
+    except (ValueError, OSError, EOFError) as e:         # truncated, garbage, not an .npy
+        raise UserError(f"{xp.parent}/{name}_*.npy: unreadable ({str(e).splitlines()[0][:120] or type(e).__name__}); "
+                        "run `dvc repro -f prepare`") from None
+    if x.ndim != 4 or x.shape[-1] != 3 or y.ndim != 1 or len(x) != len(y):
         raise UserError(f"{xp}: unexpected shape {x.shape} for {len(y)} labels; run `dvc repro prepare` again")
     return Split(name, x, y)
 
 
 def load_classes(root: Path = PREPARED) -> list[str]:
-    return read_json(root / "classes.json")
+    path = root / "classes.json"
+    try:
+        classes = read_json(path)
+    except FileNotFoundError:
+        raise UserError(f"{path}: not found; run `dvc repro prepare` first") from None
+    except ValueError as e:
+        raise UserError(f"{path}: not valid JSON ({e}); run `dvc repro -f prepare`") from None
+    if not isinstance(classes, list) or not classes or not all(isinstance(c, str) for c in classes):
+        raise UserError(f"{path}: not a list of class names; run `dvc repro -f prepare`")
+    return classes
 
 
 def channel_stats(x: np.ndarray, chunk: int = 1024) -> tuple[list[float], list[float]]:

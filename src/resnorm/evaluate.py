@@ -31,7 +31,7 @@ def readable_checkpoint(path: Path) -> dict:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
         raise UserError(f"{path}: not a readable checkpoint ({type(e).__name__}: {first}); delete it and run "
                         "`dvc repro` to train again") from None
-    if not isinstance(state, dict) or "model" not in state or "status" not in state:
+    if not isinstance(state, dict) or "model" not in state:
         raise UserError(f"{path}: not a checkpoint of this project; delete it and run `dvc repro` to train again")
     return state
 

@@ -189,8 +189,12 @@ def fingerprint(p: Params, v: Variant, seed: int, run_engine: dict | None = None
 def save_checkpoint(path: Path, state: dict) -> None:
     """torch.save through a file object: given a path, torch names the zip's root folder after the
     (random) temp file, so equal checkpoints would differ in bytes and in dvc.lock."""
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        torch.save(_canonical(state), f)
+    try:
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:
+            torch.save(_canonical(state), f)
+    except RuntimeError as e:            # torch's writer: "[enforce fail at inline_container.cc] ... file write failed"
+        raise UserError(f"{path}: could not write the checkpoint (disk full?): {str(e).splitlines()[0][:160]}; "
+                        "the previous checkpoint is kept") from None
 
 
 def _canonical(obj):
@@ -353,6 +357,11 @@ def train(p: Params, variant: str | None = None, seed: int | None = None,
     device = pick_device(t.device)
     configure(t, device)
     classes = load_classes()
+    if variant is not None:               # a study run: gradcam will need these classes, so say it now, not hours later
+        unknown = [c for c in p.gradcam.classes if c not in classes]
+        if unknown:
+            raise UserError(f"gradcam.classes: {', '.join(map(repr, unknown))} not in the prepared data set; "
+                            f"known: {', '.join(classes)}")
     train_split, val_split = load_split("train"), load_split("val")
     if v.batch_size > len(train_split):
         raise UserError(f"batch_size = {v.batch_size} (variant {v.name}) is larger than the training set "
