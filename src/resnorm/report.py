@@ -95,10 +95,12 @@ def variant_colors(variants: list[str]) -> dict[str, str]:
 DASHES = {"val": [1, 0], "train": [6, 4]}      # val solid, train dashed: in the figures and the plots page
 
 
-def vega_template(colors: dict[str, str]) -> dict:
-    """The `dvc plots` template of the study's curves (plots/curves/by_variant.json): colour =
-    variant with the report's colours, dash = split as in the report, one panel per revision, so
-    `dvc plots diff A B` puts A and B side by side on the same axes instead of drawing over each other."""
+def vega_template(colors: dict[str, str], log_y: bool = False) -> dict:
+    """The `dvc plots` template of the study's curves (plots/curves/by_variant.json, and
+    by_variant_log.json for losses, on a log axis as in the report's figures, where one early spike
+    would flatten every later difference): colour = variant with the report's colours, dash =
+    split as in the report, one panel per revision, so `dvc plots diff A B` puts A and B side by
+    side on the same axes instead of drawing over each other."""
     return {
         "$schema": "https://vega.github.io/schema/vega-lite/v5.json",
         "data": {"values": "<DVC_METRIC_DATA>"},
@@ -111,7 +113,7 @@ def vega_template(colors: dict[str, str]) -> dict:
             "encoding": {
                 "x": {"field": "<DVC_METRIC_X>", "type": "quantitative", "title": "<DVC_METRIC_X_LABEL>"},
                 "y": {"field": "<DVC_METRIC_Y>", "type": "quantitative", "title": "<DVC_METRIC_Y_LABEL>",
-                      "scale": {"zero": False}},
+                      "scale": {"type": "log"} if log_y else {"zero": False}},
                 "color": {"field": "variant", "type": "nominal", "sort": list(colors),
                           "scale": {"domain": list(colors), "range": list(colors.values())}},
                 "strokeDash": {"field": "split", "type": "nominal",
@@ -629,6 +631,7 @@ def report(p: Params) -> Doc:
     write_csv(curves / "sanity.csv", curve_rows(runs, sanity))
     write_csv(curves / "batch.csv", curve_rows(runs, batch))
     write_json(curves / "by_variant.json", vega_template(colors))
+    write_json(curves / "by_variant_log.json", vega_template(colors, log_y=True))
     return doc
 
 
