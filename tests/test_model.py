@@ -94,3 +94,42 @@ def test_every_norm_learns_a_tiny_batch(norm):
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.2 * losses[0], losses
+
+
+@pytest.mark.parametrize("arch, params", [("resnet18", 11_689_512), ("resnet34", 21_797_672), ("resnet50", 25_557_032)])
+@pytest.mark.parametrize("norm", ["bn", "torch_bn", "gn"])
+def test_torchvision_resnets_take_every_norm_with_published_parameter_counts(arch, params, norm):
+    """torchvision's builders with this project's norms: the BN family (affine weight and bias per
+    channel) gives torchvision's published counts at 1000 classes."""
+    from resnorm.model import build_model
+    m = build_model(arch, 1000, norm)
+    assert sum(p.numel() for p in m.parameters()) == params
+
+
+@pytest.mark.parametrize("norm", ["bn", "in", "bin", "ln", "gn", "nn", "torch_bn"])
+def test_resnet18_runs_forward_and_backward_with_every_norm(norm):
+    from resnorm.model import build_model
+    torch.manual_seed(0)
+    m = build_model("resnet18", 5, norm)
+    x = torch.randn(2, 3, 32, 32, requires_grad=True)
+    out = m(x)
+    out.sum().backward()
+    assert out.shape == (2, 5) and torch.isfinite(x.grad).all()
+
+
+def test_build_model_checks_its_arguments():
+    from resnorm.model import ResNet, build_model
+    assert isinstance(build_model("resnet6n2", 10, "gn", n=3, gn_groups=4), ResNet)
+    with pytest.raises(ValueError, match="arch must be one of"):
+        build_model("vgg16", 10)
+    with pytest.raises(ValueError, match="gn_groups = 48 must divide every width of resnet50"):
+        build_model("resnet50", 10, "gn", gn_groups=48)
+
+
+@pytest.mark.parametrize("arch, depth, gmacs", [("resnet18", 18, 1.81), ("resnet34", 34, 3.66), ("resnet50", 50, 4.09)])
+def test_summary_of_torchvision_resnets_agrees_with_published_figures(arch, depth, gmacs):
+    """The ResNet notes' question: weighted layers on the main path, and torchvision's GMACs at 224, within 1%."""
+    from resnorm.summary import arch_summary
+    s = arch_summary(arch, 1000, 224, "bn")
+    assert s["depth"] == depth
+    assert s["macs"] / 1e9 == pytest.approx(gmacs, rel=0.01)

@@ -3,7 +3,7 @@
 PyTorch's JIT extension builder compiles kernels.cpp on first use (about 20-30 seconds on
 two cores, with g++ and ninja) and caches the result in ~/.cache/torch_extensions
 (TORCH_EXTENSIONS_DIR). The build's name is keyed by this CPU's instruction sets, the source
-and torch's version, and it compiles a copy of the source kept in its own build folder: a
+and torch's version and install, and it compiles a copy of the source kept in its own build folder: a
 checkout elsewhere (DVC's experiment copies in .dvc/tmp/exps) reuses it instead of rebuilding,
 and an edit or a torch upgrade builds anew. A build that no longer loads (a truncated .so) is
 rebuilt once. Without a C++ compiler, a writable cache, or with RESNORM_KERNELS=0,
@@ -31,13 +31,14 @@ CFLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fopenmp"]
 def _build_key() -> str:
     """A short tag of this CPU's instruction sets (the build uses -march=native, so a home
     directory shared by different machines must not hand one machine's build to another), the
-    source and the torch version it links against."""
+    source, and the torch (version and install) it compiles against."""
     try:
         flags = next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "")
     except OSError:
         flags = ""
     source = hashlib.sha1(SOURCE.read_bytes()).hexdigest()
-    return hashlib.sha1(f"{platform.machine()} {flags} {torch.__version__} {source}".encode()).hexdigest()[:10]
+    where = os.path.dirname(torch.__file__)       # each environment's torch headers: two venvs do not rebuild in turn
+    return hashlib.sha1(f"{platform.machine()} {flags} {torch.__version__} {where} {source}".encode()).hexdigest()[:10]
 
 
 NAME = f"resnorm_kernels_{_build_key()}"

@@ -132,3 +132,40 @@ class ResNet(nn.Module):
         x = self.act1(self.norm1(self.conv1(x)))
         x = self.stage3(self.stage2(self.stage1(x)))
         return self.fc(torch.flatten(self.pool(x), 1))
+
+
+# --------------------------------------------------------------------------- the ResNets people use
+
+ARCHS = ("resnet6n2", "resnet18", "resnet34", "resnet50")
+TORCHVISION_WIDTHS = {"resnet18": (64, 128, 256, 512), "resnet34": (64, 128, 256, 512),
+                      "resnet50": (64, 128, 256, 512, 1024, 2048)}
+
+
+def norm_factory(norm: str, gn_groups: int = 32):
+    """torchvision's `norm_layer` argument: channels -> this project's norm `norm` (any scheme)."""
+    def make(channels: int) -> nn.Module:
+        return make_norm(norm, channels, **_norm_options(norm, gn_groups))
+    return make
+
+
+def build_model(arch: str, num_classes: int, norm: str = "bn", **options) -> nn.Module:
+    """A ResNet of `arch` with every norm layer `norm`.
+
+    resnet6n2: `ResNet(n, num_classes, norm=...)` (options: n, shortcut, gn_groups, in_channels).
+    resnet18 / resnet34 / resnet50: torchvision's own builders with `norm_layer` set to this
+    project's norm, so BN, IN, BIN, LN, GN, nn and torch_bn all run in them; no weights are loaded
+    (`weights=None`: nothing is downloaded). GN's group count (option gn_groups, 32 as in Wu & He)
+    must divide every width. Other options go to torchvision's builder.
+    """
+    if arch not in ARCHS:
+        raise ValueError(f"build_model: arch must be one of {', '.join(ARCHS)}, got {arch!r}")
+    if arch == "resnet6n2":
+        return ResNet(options.pop("n", 2), num_classes, norm=norm, **options)
+    import torchvision
+
+    gn_groups = options.pop("gn_groups", 32)
+    if norm == "gn" and any(w % gn_groups for w in TORCHVISION_WIDTHS[arch]):
+        raise ValueError(f"build_model: gn_groups = {gn_groups} must divide every width of {arch} "
+                         f"({', '.join(map(str, TORCHVISION_WIDTHS[arch]))})")
+    return getattr(torchvision.models, arch)(weights=None, num_classes=num_classes,
+                                             norm_layer=norm_factory(norm, gn_groups), **options)

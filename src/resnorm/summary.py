@@ -42,6 +42,9 @@ def summarize(model: nn.Module, size: int) -> dict:
         "params": sum(p.numel() for p in model.parameters()),
         "macs": sum(r["macs"] for r in rows),
         "weighted_layers": sum(1 for r in rows if r["type"] in ("Conv2d", "Linear")),   # shortcut convs included
+        # the depth in a ResNet's name: weighted layers on the main path (projection shortcuts not counted)
+        "depth": sum(1 for r in rows if r["type"] in ("Conv2d", "Linear")
+                     and not any(k in r["layer"] for k in ("shortcut", "downsample"))),
         "input": [3, size, size],
     }
 
@@ -50,6 +53,14 @@ def model_summary(n: int, num_classes: int, size: int, norm: str = "bn", gn_grou
                   shortcut: str = "A") -> dict:
     s = summarize(ResNet(n, num_classes, norm=norm, shortcut=shortcut, gn_groups=gn_groups), size)
     s.update({"n": n, "num_classes": num_classes, "norm": norm, "shortcut": shortcut})
+    return s
+
+
+def arch_summary(arch: str, num_classes: int, size: int, norm: str = "bn", **options) -> dict:
+    """`summarize` of any `build_model` architecture (torchvision's ResNet-18/34/50 included)."""
+    from .model import build_model
+    s = summarize(build_model(arch, num_classes, norm, **options), size)
+    s.update({"arch": arch, "num_classes": num_classes, "norm": norm})
     return s
 
 
@@ -65,6 +76,8 @@ def main(argv: list[str] | None = None) -> None:
     except Exception:
         pass
     ap = argparse.ArgumentParser(prog="python -m resnorm.summary", description=__doc__.splitlines()[0])
+    ap.add_argument("--arch", default="resnet6n2", choices=("resnet6n2", "resnet18", "resnet34", "resnet50"),
+                    help="resnet6n2 (this study's net, --n) or torchvision's ResNet-18/34/50")
     ap.add_argument("--n", type=int, default=defaults.model.n if defaults else 2)
     ap.add_argument("--classes", type=int, default=25)
     ap.add_argument("--size", type=int, default=defaults.data.image_size if defaults else 256)
@@ -75,17 +88,25 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     if args.size % 4:
         ap.error("--size must be divisible by 4")
-    s = model_summary(args.n, args.classes, args.size, args.norm, shortcut=args.shortcut)
+    if args.arch == "resnet6n2":
+        s = model_summary(args.n, args.classes, args.size, args.norm, shortcut=args.shortcut)
+        name = f"ResNet-{6 * args.n + 2}"
+        what = f"(n={args.n}, shortcut option {args.shortcut}; every conv and linear layer counted)"
+    else:
+        s = arch_summary(args.arch, args.classes, args.size, args.norm)
+        name = f"torchvision {args.arch}"
+        what = (f"on the main path, {s['weighted_layers'] - s['depth']} more in projection shortcuts; "
+                f"{s['weighted_layers']} in all")
     con = Console()
     if args.all:
-        t = Table(title=f"ResNet-{6 * args.n + 2} ({args.norm}) at {args.size}x{args.size}")
+        t = Table(title=f"{name} ({args.norm}) at {args.size}x{args.size}")
         for c in ("layer", "type", "output", "params", "MACs"):
             t.add_column(c, justify="right" if c in ("params", "MACs") else "left")
         for r in s["rows"]:
             t.add_row(r["layer"], r["type"], "x".join(map(str, r["output"])), f"{r['params']:,}", f"{r['macs']:,}")
         con.print(t)
-    con.print(f"ResNet-{6 * args.n + 2}: {s['weighted_layers']} weighted layers (n={args.n}, shortcut option "
-              f"{args.shortcut}; every conv and linear layer counted), {s['params']:,} parameters, "
+    layers = s["weighted_layers"] if args.arch == "resnet6n2" else s["depth"]
+    con.print(f"{name}: {layers} weighted layers {what}, {s['params']:,} parameters, "
               f"{s['macs'] / 1e6:,.1f} M multiply-accumulates per {args.size}x{args.size} image, "
               f"{args.classes} classes, norm {args.norm}")
 
