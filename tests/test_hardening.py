@@ -336,3 +336,20 @@ def test_a_study_run_checks_the_gradcam_classes_before_training(prepared):
     with pytest.raises(UserError, match="gradcam.classes: 'no such bird' not in the prepared data set"):
         train(load_params(), "bn-bs8", 0)
     assert not run_paths("bn-bs8", 0).last.exists()
+
+
+def test_runs_of_a_variant_removed_from_params_are_ignored(workdir):
+    """metrics/study keeps the file of a variant taken out of study.variants: gradcam and the report
+    read only the variants params.yaml names, so a stale better score cannot pick the best model."""
+    import json
+    from resnorm.gradcam import best_run
+    from resnorm.report import load_runs
+    write_params(workdir, {"study": {"seeds": [0], "variants": {"bn-bs32": {"norm": "bn", "batch_size": 32},
+                                                                "gn-bs32": {"norm": "gn", "batch_size": 32}}}})
+    study = workdir / "metrics" / "study"
+    study.mkdir(parents=True)
+    for run, acc in (("bn-bs32-0", 0.5), ("gn-bs32-0", 0.6), ("removed-bs32-0", 0.99)):
+        (study / f"{run}.json").write_text(json.dumps({"run": run, "seed": 0, "val": {"accuracy": acc}}))
+    variant, run, means = best_run(load_params(), study)
+    assert (variant, run) == ("gn-bs32", "gn-bs32-0") and set(means) == {"bn-bs32", "gn-bs32"}
+    assert set(load_runs(load_params())) == {"bn-bs32", "gn-bs32"}
