@@ -18,6 +18,7 @@ import hashlib
 import os
 import random
 import re
+import shutil
 import stat
 import warnings
 from collections import defaultdict
@@ -67,14 +68,14 @@ def _inside(path: Path, root: Path) -> bool:
         return False
 
 
-def _class_folders(root: Path, d: DataParams, skipped: list[dict]) -> list[tuple[str, Path]]:
-    """Sub-folders of `root`, sorted; a linked folder that leaves data.root is skipped and listed
-    unless data.follow_links."""
+def _class_folders(root: Path, d: DataParams, skipped: list[dict], real_root: Path) -> list[tuple[str, Path]]:
+    """Sub-folders of `root`, sorted; a linked folder that leaves data.root (`real_root`, resolved)
+    is skipped and listed unless data.follow_links."""
     out = []
     for entry in sorted(root.iterdir()):
         if entry.name.startswith(".") or not entry.is_dir():
             continue
-        if entry.is_symlink() and not d.follow_links and not _inside(entry, Path(d.root).resolve()):
+        if entry.is_symlink() and not d.follow_links and not _inside(entry, real_root):
             skipped.append({"path": shown(entry), "reason": "link leaving data.root (data.follow_links is false)"})
             continue
         out.append((shown(entry.name), entry))        # the class name: any bytes, as text
@@ -127,13 +128,13 @@ def discover(root: Path, d: DataParams | None = None) -> tuple[list[Item], list[
                         f"or root/train/<class>/..., root/valid/<class>/...)")
     items, skipped = [], []
     real_root = root.resolve()
-    top = _class_folders(root, d, skipped)
+    top = _class_folders(root, d, skipped, real_root)
     given = split_layout(top)
     has_splits = given is not None
     sources = [(s, g) for s, g in sorted(given.items(), key=lambda kv: SPLITS.index(kv[0]))] if has_splits \
         else [(None, root)]
     for split, base in sources:
-        for label, folder in (_class_folders(base, d, skipped) if has_splits else top):
+        for label, folder in (_class_folders(base, d, skipped, real_root) if has_splits else top):
             files = _files(folder)
             if not files:
                 skipped.append({"path": shown(folder), "reason": "empty class folder"})
@@ -404,7 +405,6 @@ def split_items(items: list[Item], d: DataParams, has_splits: bool, skipped: lis
 def remove_stale_temps(out: Path) -> None:
     """Temp folders a killed run left beside `out` (.prepared.*.tmp): DVC lets one prepare run at a
     time, so any that exist now are dead."""
-    import shutil
     for tmp in out.parent.glob(f".{out.name}.*.tmp"):
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -455,6 +455,14 @@ def prepare(d: DataParams, out: Path = OUT) -> dict:
     return report
 
 
+def skip_kind(reason: str) -> str:
+    """A skip reason without its particulars ("exact duplicate of x.jpg" -> "exact duplicate"), to count
+    skipped files by kind (this summary and the report's data-set section)."""
+    if reason.startswith("class "):
+        return "in a dropped class"
+    return reason.split(" of ")[0].split(" (")[0].split(":")[0]
+
+
 def summary(report: dict, out: Path = OUT) -> str:
     """What prepare made, in a few lines: the per-class table and every skipped file are in report.json."""
     images = report["images"]
@@ -470,9 +478,7 @@ def summary(report: dict, out: Path = OUT) -> str:
     if report["skipped"]:
         reasons: dict[str, int] = defaultdict(int)
         for r in report["skipped"]:
-            why = r["reason"]
-            reasons["in a dropped class" if why.startswith("class ") else why.split(" of ")[0].split(" (")[0]
-                    .split(":")[0]] += 1
+            reasons[skip_kind(r["reason"])] += 1
         lines.append(f"  {len(report['skipped'])} file(s) skipped: " +
                      ", ".join(f"{n} {why}" for why, n in sorted(reasons.items(), key=lambda kv: -kv[1])))
     lines.append(f"  per class and every skipped file: {out}/report.json")

@@ -20,6 +20,7 @@ from .data import PREPARED, batch_count
 from .gradcam import analysis as gradcam_analysis
 from .io import write_json, console, read_csv, read_json, run_cli, save_figure, write_csv, write_text
 from .params import Params, load_params
+from .prepare import skip_kind
 from .stats import Comparison, binomial_se, compare, mean_interval
 from .summary import model_summary
 
@@ -500,8 +501,7 @@ def report(p: Params) -> Doc:
     doc.h(2, "Data set")
     reasons: dict[str, int] = defaultdict(int)
     for s in data["skipped"]:
-        r = s["reason"]
-        reasons["in a dropped class" if r.startswith("class ") else r.split(" of ")[0].split(" (")[0].split(":")[0]] += 1
+        reasons[skip_kind(s["reason"])] += 1
     doc.p(f"Source `{data['root']}` ({data['layout']}), resized to {data['image_size']}x{data['image_size']}, "
           f"split with seed {data['seed']}: {data['classes']} classes, " +
           ", ".join(f"{data['images'][s]} {s}" for s in SPLITS) + " images. " +
