@@ -16,7 +16,7 @@ import torch
 
 from resnorm.data import EpochBatches, batches, channel_stats, load_split
 from resnorm.params import load_params
-from resnorm.train import build_model, make_optimizer
+from resnorm.train import make_model, make_optimizer
 
 
 def rss_mb() -> float:
@@ -46,7 +46,7 @@ def main() -> None:
             data_rate0 = data_rate
     print(f"peak RSS growth while reading: {rss_mb() - rss0:.1f} MB (arrays are memory-mapped: "
           f"{split.x.nbytes / 2**20:.1f} MB on disk)")
-    model = build_model(p, v.norm, int(split.y.max()) + 1)
+    model = make_model(v.model, v.norm, int(split.y.max()) + 1)
     opt = make_optimizer(model, t)
     x = torch.randn(v.batch_size, 3, p.data.image_size, p.data.image_size)
     y = torch.randint(0, int(split.y.max()) + 1, (v.batch_size,))

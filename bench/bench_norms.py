@@ -1,7 +1,12 @@
-"""Benchmark: one full SGD train step of the n=2 ResNet for every norm, ours beside PyTorch's built-ins.
+"""Benchmark: one full SGD train step of a ResNet for every norm, ours beside PyTorch's built-ins.
 
-  python bench/bench_norms.py [--batch 32] [--size 64] [--rounds 6] [--block 5] [--formats NCHW,channels_last]
-                              [--before REV]
+  python bench/bench_norms.py [--arch resnet6n2] [--batch 32] [--size 64] [--rounds 6] [--block 5]
+                              [--formats NCHW,channels_last] [--before REV]
+
+--arch resnet18 / resnet34 / resnet50 times torchvision's networks with each norm as their
+`norm_layer` (widths 64-512, or 2048 in ResNet-50's bottlenecks; GN with 32 groups as in Wu & He),
+so the norms' speed is measured beyond the 16-64 channels of the study's n=2 net. There the
+norms are followed by torchvision's own nn.ReLU, ours as well as the built-ins.
 
 Prints median ms/step in NCHW and channels_last (the training default), the ratio of each
 from-scratch norm to its built-in counterpart (BIN: to our BN) and to the no-normalization
@@ -25,7 +30,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from resnorm.model import ResNet
+from resnorm.model import build_model
 from resnorm.norms import NORMS
 
 # built-in references, registered under extra names for this benchmark only
@@ -55,20 +60,21 @@ def norms_at(rev: str) -> types.ModuleType:
     return mod
 
 
-def build(norm: str) -> nn.Module:
+def build(norm: str, arch: str = "resnet6n2") -> nn.Module:
+    groups = 4 if arch == "resnet6n2" else 32       # the study's setting; Wu & He's 32 where widths allow
     if norm not in SWAPS:
-        return ResNet(2, 25, norm=norm)
+        return build_model(arch, 25, norm, gn_groups=groups)
     name, cls = SWAPS[norm]
     NORMS[name], saved = cls, NORMS[name]
     try:
-        return ResNet(2, 25, norm=name)
+        return build_model(arch, 25, name, gn_groups=groups)
     finally:
         NORMS[name] = saved
 
 
-def make_step(norm: str, fmt: torch.memory_format, batch: int, size: int, device: str):
+def make_step(norm: str, fmt: torch.memory_format, batch: int, size: int, device: str, arch: str = "resnet6n2"):
     torch.manual_seed(0)
-    model = build(norm).to(device).to(memory_format=fmt)
+    model = build(norm, arch).to(device).to(memory_format=fmt)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     x = torch.randn(batch, 3, size, size, device=device).contiguous(memory_format=fmt)
     y = torch.randint(0, 25, (batch,), device=device)
@@ -82,6 +88,7 @@ def make_step(norm: str, fmt: torch.memory_format, batch: int, size: int, device
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--arch", default="resnet6n2", choices=("resnet6n2", "resnet18", "resnet34", "resnet50"))
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--size", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=6)
@@ -106,7 +113,7 @@ def main() -> None:
     sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
     formats = {f: fmt for f, fmt in {"NCHW": torch.contiguous_format, "channels_last": torch.channels_last}.items()
                if f in args.formats.split(",")}
-    steps = {(n, f): make_step(n, fmt, args.batch, args.size, args.device) for n in order for f, fmt in formats.items()}
+    steps = {(n, f): make_step(n, fmt, args.batch, args.size, args.device, args.arch) for n in order for f, fmt in formats.items()}
     times = {k: [] for k in steps}
     for _ in range(args.rounds):              # round-robin: every variant sees the same machine state...
         for k, s in steps.items():
@@ -119,7 +126,8 @@ def main() -> None:
                 sync()
                 times[k].append((time.perf_counter() - t0) * 1e3)
     med = {k: statistics.median(v) for k, v in times.items()}
-    print(f"one SGD step, n=2 ResNet, batch {args.batch}, {args.size}x{args.size}, {args.device}, "
+    net = "n=2 ResNet" if args.arch == "resnet6n2" else f"torchvision {args.arch}"
+    print(f"one SGD step, {net}, batch {args.batch}, {args.size}x{args.size}, {args.device}, "
           f"{args.threads} threads, median of {args.rounds} rounds x {args.block} steps")
     head = "".join(f" | {f + ' ms':>17} {'vs ref':>16} {'vs floor':>8}" for f in formats)
     print(f"{'variant':<14}{head}")

@@ -15,8 +15,10 @@ from resnorm.model import ResNet
 from resnorm.norms import make_norm
 
 # (4, 16, 5, 7): 16 channels divide the 64 lanes, 560 values per sample leave a tail of 48;
-# (3, 6, 4, 4): 6 channels do not divide 64 (the plain loop); (2, 8, 32, 32): 1,024-value rows
-SHAPES = [(4, 16, 5, 7), (3, 6, 4, 4), (2, 8, 32, 32)]
+# (3, 6, 4, 4): 6 channels do not divide 64 (the plain loop); (2, 8, 32, 32): 1,024-value rows;
+# (2, 128, 2, 2) and (3, 96, 3, 3): the wide channels and tiny maps of torchvision's last stages
+# (channels_last walks rows of C values; NCHW has rows of 4 and 9 values)
+SHAPES = [(4, 16, 5, 7), (3, 6, 4, 4), (2, 8, 32, 32), (2, 128, 2, 2), (3, 96, 3, 3)]
 NAMES = ["bn", "in", "bin", "ln", "gn"]
 
 

@@ -29,7 +29,7 @@ def test_two_epochs_write_every_field(prepared, capfd):
         assert float(row["val_error"]) == pytest.approx(1 - float(row["val_accuracy"]))
     m = evaluate(p)
     assert list(m) == ["run", "variant", "norm", "batch_size", "seed", "status", "epochs_trained", "best_epoch",
-                       "engine", "train", "val", "test"]
+                       "engine", "model", "train", "val", "test"]
     ops = "fused CPU kernels" if cpu_kernels() is not None else "tensor ops"
     assert m["engine"] == {"device": "cpu", "norm_ops": ops, "threads": p.train.threads, "compile": False,
                            "torch": str(torch.__version__)}

@@ -17,23 +17,11 @@ from .data import load_classes, load_split
 from .io import UserError, console, run_cli, write_csv, write_json
 from .metrics import per_class, predict, scores
 from .params import Params, load_params
-from .train import build_model, load_checkpoint, parse_run, pick_device, run_paths, select
+from .model import model_from_config
+from .train import load_checkpoint, parse_run, pick_device, run_paths, select
 
 SPLITS = ("train", "val", "test")
 EXPERIMENT_SUMMARY = Path("metrics/summary/experiment.json")
-
-
-def readable_checkpoint(path: Path) -> dict:
-    """load_checkpoint, or one line naming the file when it is torn, foreign or not a checkpoint."""
-    try:
-        state = load_checkpoint(path)
-    except Exception as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
-        raise UserError(f"{path}: not a readable checkpoint ({type(e).__name__}: {first}); delete it and run "
-                        "`dvc repro` to train again") from None
-    if not isinstance(state, dict) or "model" not in state:
-        raise UserError(f"{path}: not a checkpoint of this project; delete it and run `dvc repro` to train again")
-    return state
 
 
 def confusion_rows(actual, predicted, classes: list[str]) -> list[dict]:
@@ -63,10 +51,12 @@ def evaluate(p: Params, variant: str | None = None, seed: int | None = None) -> 
     paths = run_paths(variant, seed)
     if not paths.last.exists():
         raise UserError(f"{paths.last}: no checkpoint; run the train stage first")
-    last = readable_checkpoint(paths.last)
+    last = load_checkpoint(paths.last)
     metrics = {"run": paths.name, "variant": v.name, "norm": v.norm, "batch_size": v.batch_size, "seed": seed,
                "status": last["status"], "epochs_trained": last["epoch"], "best_epoch": last["best_epoch"],
-               "engine": last.get("engine")}
+               "engine": last.get("engine"), "model": last.get("model_config")}
+    if last.get("transfer"):
+        metrics["transfer"] = last["transfer"]
     classes = load_classes()
     confusion, table = [], []
     if last["status"] != "diverged" and last["best_epoch"] and not paths.best.exists():
@@ -77,10 +67,10 @@ def evaluate(p: Params, variant: str | None = None, seed: int | None = None) -> 
         metrics["status"] = "diverged"
         console.print(f"[red]{paths.name}: diverged[/red] ({metrics['message']}); no scores written")
     else:
-        best = readable_checkpoint(paths.best)
+        best = load_checkpoint(paths.best)
         device = pick_device(v.train.device)
         torch.set_num_threads(v.train.threads)
-        model = build_model(p, v.norm, len(classes)).to(device)
+        model = model_from_config(best["model_config"]).to(device)
         model.load_state_dict(best["model"])
         for split in SPLITS:
             data = load_split(split)

@@ -5,7 +5,8 @@ metrics/study/*.json; validation is what selects models here), then its best see
 each class in `gradcam.classes`, up to `gradcam.per_kind` correctly and wrongly
 classified images of `gradcam.split` (default test: val already picked the model and
 its checkpoint) get a Grad-CAM map for their true class over the last 2n conv layers
-(stage 3, a quarter of the input size: 8x8 at 32 px, 64x64 at 256 px), mean-aggregated
+(stage 3, a quarter of the input size: 8x8 at 32 px, 64x64 at 256 px; with a torchvision
+ResNet, the last stage's convs, at 1/32 of the input size), mean-aggregated
 by the package. Wrong ones also get the map of the class they were taken for.
 
 Each map is measured (`map_stats`): how concentrated it is (the share of its mass in
@@ -32,7 +33,8 @@ from .io import UserError, atomic_dir, atomic_path, console, read_json, run_cli,
 from .metrics import predict
 from .params import Params, load_params
 from .stats import welch
-from .train import build_model, load_checkpoint, run_paths
+from .model import gradcam_layers, model_from_config
+from .train import load_checkpoint, run_paths
 
 OUT = Path("plots/gradcam")
 BEST_MODEL = Path("models/best/best.pt")        # a copy of the best run's best.pt (`artifacts:` in dvc.yaml)
@@ -59,12 +61,25 @@ def best_run(p: Params, metrics_dir: Path = Path("metrics/study")) -> tuple[str,
 
 
 def cams(model, x: torch.Tensor, targets: list[int]) -> np.ndarray:
-    """Grad-CAM maps (N, H, W) in [0, 1] for the given target classes over the stage-3 convs."""
+    """Grad-CAM maps (N, H, W) in [0, 1] for the given target classes over the last stage's convs."""
     from pytorch_grad_cam import GradCAM
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
-    with GradCAM(model=model, target_layers=model.gradcam_layers()) as cam:
+    with GradCAM(model=model, target_layers=gradcam_layers(model)) as cam:
         return cam(input_tensor=x, targets=[ClassifierOutputTarget(t) for t in targets])
+
+
+def map_resolution(model: torch.nn.Module, size: int) -> int:
+    """The side of the maps: the last target layer's output at a size x size input (size / 4 in the
+    6n+2 net; size / 32 in torchvision's ResNets, whose stem and four stages halve it five times)."""
+    seen = {}
+    hook = gradcam_layers(model)[-1].register_forward_hook(lambda m, i, o: seen.setdefault("shape", o.shape))
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, 3, size, size))
+    finally:
+        hook.remove()
+    return int(seen["shape"][-1])
 
 
 def map_stats(cam: np.ndarray) -> dict[str, float | None]:
@@ -172,7 +187,7 @@ def gradcam(p: Params) -> dict:
         raise UserError(f"gradcam.classes: {', '.join(map(repr, unknown))} not in the prepared data set; "
                         f"known: {', '.join(classes)}")
     torch.set_num_threads(v.train.threads)
-    model = build_model(p, v.norm, len(classes))
+    model = model_from_config(best["model_config"])
     model.load_state_dict(best["model"])
     model.eval()
     split = load_split(p.gradcam.split)
@@ -180,9 +195,13 @@ def gradcam(p: Params) -> dict:
     k = p.gradcam.per_kind
     index = {"variant": variant, "run": run, "mean_val_accuracy": round(means[variant], 6),
              "split": p.gradcam.split, "image_size": int(split.x.shape[1]),
-             "map_resolution": int(split.x.shape[1]) // 4,
-             "target_layers": [n for n, m in model.named_modules() if any(m is t for t in model.gradcam_layers())],
+             "map_resolution": map_resolution(model, int(split.x.shape[1])),
+             "target_layers": [n for n, m in model.named_modules() if any(m is t for t in gradcam_layers(model))],
              "classes": {}}
+    if index["map_resolution"] < 4:
+        console.print(f"[yellow]warning:[/yellow] the Grad-CAM maps are {index['map_resolution']}x"
+                      f"{index['map_resolution']} at {index['image_size']} px input: too coarse to show where the "
+                      "evidence lies; raise data.image_size")
     with atomic_dir(OUT) as tmp:
         for name in p.gradcam.classes:
             c = classes.index(name)
@@ -262,7 +281,7 @@ def analysis(index: dict) -> tuple[dict[str, str], list[str]]:
 
     overall = []
     res = index["map_resolution"]
-    overall.append(f"The maps come from stage 3, which sees the {index['image_size']}x{index['image_size']} input "
+    overall.append(f"The maps come from the last stage, which sees the {index['image_size']}x{index['image_size']} input "
                    f"at {res}x{res}: each map is {res}x{res} evidence upsampled to the image, so it can place "
                    f"evidence only to within {index['image_size'] // res} pixels.")
     meaning = {"top10_mass": ("Correct answers' maps are more concentrated than wrong ones'.",

@@ -127,6 +127,16 @@ inline void strided_sums(const T* a, const T* b, int64_t len, int64_t outs, cons
 template <bool Gated, typename T>
 inline void row_sums(const T* a, const T* b, int64_t len, T gs, T gb, double& sa, double& sab) {
   double s = 0, q = 0;
+  if (len < 16) {  // a short row (2x2, 4x4 maps): a plain loop, without the vector set-up and tail
+    for (int64_t i = 0; i < len; ++i) {
+      const double va = gate<Gated>(a[i], b[i], gs, gb);
+      s += va;
+      q += va * double(b[i]);
+    }
+    sa = s;
+    sab = q;
+    return;
+  }
 #pragma omp simd reduction(+ : s, q)
   for (int64_t i = 0; i < len; ++i) {
     const double va = gate<Gated>(a[i], b[i], gs, gb);
@@ -192,26 +202,36 @@ void for_runs(const Layout& l, F body) {
   }
 }
 
-// per-lane copies of a run's coefficients: lane k holds p[k % period] (period divides kLanes)
+// A run's coefficients as seen by map_run's index k: v[k] is the coefficient of the value it
+// passes with k. Period 1 (an NCHW row): v = p, k = 0. A period that divides kLanes (channels_last,
+// C <= 64): lane copies, v[k] = p[k % period]. Any other period (channels_last, C = 128, 512,
+// 48...): v = p and k is the channel, walked a row of C values at a time.
 template <typename T>
 struct LaneCoef {
-  alignas(64) T v[kLanes];
-  LaneCoef(const T* p, int64_t period) {
-    for (int64_t base = 0; base < kLanes; base += period) std::copy(p, p + period, v + base);
+  alignas(64) T buf[kLanes];
+  const T* v;
+  LaneCoef(const T* p, int64_t period) : v(p) {
+    if (period > 1 && kLanes % period == 0) {
+      for (int64_t base = 0; base < kLanes; base += period) std::copy(p, p + period, buf + base);
+      v = buf;
+    }
   }
 };
 
-// calls f(i, k) for every value i of a run: k >= 0 is i's lane (kLanes at a time, vectorised) when
-// the period divides kLanes; otherwise a plain loop with k = -1 - (i's channel)
+// calls f(i, k) for every value i of a run, in vectorisable loops with k as LaneCoef defines it
+// (len is a multiple of period: a run is one (n, c) row, or one sample of C-value rows)
 template <typename F>
 inline void map_run(int64_t len, int64_t period, F f) {
-  if (kLanes % period == 0) {
+  if (period == 1) {
+    for (int64_t i = 0; i < len; ++i) f(i, int64_t(0));
+  } else if (kLanes % period == 0) {
     int64_t i = 0;
     for (; i + kLanes <= len; i += kLanes)
       for (int64_t k = 0; k < kLanes; ++k) f(i + k, k);
     for (; i < len; ++i) f(i, i % kLanes);
   } else {
-    for (int64_t i = 0, c = 0; i < len; ++i, c = c + 1 == period ? 0 : c + 1) f(i, -1 - c);  // negative: channel -1 - k
+    for (int64_t i = 0; i < len; i += period)
+      for (int64_t c = 0; c < period; ++c) f(i + c, c);
   }
 }
 
@@ -221,11 +241,10 @@ void affine_pass(const T* x, const Layout& l, const Coef<T>& scale, const Coef<T
   for_runs(l, [&](int64_t off, int64_t len, int64_t n, int64_t c, int64_t period) {
     const T *s = scale.at(n) + c, *b = shift.at(n) + c, *px = x + off;
     T* py = y + off;
-    const int64_t lp = kLanes % period == 0 ? period : 1;
-    const LaneCoef<T> ls(s, lp), lb(b, lp);
+    const LaneCoef<T> ls(s, period), lb(b, period);
+    const T *vs = ls.v, *vb = lb.v;
     map_run(len, period, [&](int64_t i, int64_t k) {
-      const T ks = k >= 0 ? ls.v[k] : s[-1 - k], kb = k >= 0 ? lb.v[k] : b[-1 - k];
-      const T o = px[i] * ks + kb;
+      const T o = px[i] * vs[k] + vb[k];
       py[i] = Relu ? std::max(o, T(0)) : o;
     });
   });
@@ -239,13 +258,10 @@ void grad_input_pass(const T* g, const T* x, const Layout& l, const Coef<T>& sca
     const T *s = scale.at(n) + c, *b = shift.at(n) + c, *k1 = c1.at(n) + c, *k0 = c0.at(n) + c;
     const T *pg = g + off, *px = x + off;
     T* po = out + off;
-    const int64_t lp = kLanes % period == 0 ? period : 1;
-    const LaneCoef<T> ls(s, lp), lb(b, lp), l1(k1, lp), l0(k0, lp);
+    const LaneCoef<T> ls(s, period), lb(b, period), l1(k1, period), l0(k0, period);
+    const T *vs = ls.v, *vb = lb.v, *v1 = l1.v, *v0 = l0.v;
     map_run(len, period, [&](int64_t i, int64_t k) {
-      const int64_t j = -1 - k;
-      const T ks = k >= 0 ? ls.v[k] : s[j], kb = k >= 0 ? lb.v[k] : b[j];
-      const T kk1 = k >= 0 ? l1.v[k] : k1[j], kk0 = k >= 0 ? l0.v[k] : k0[j];
-      po[i] = gate<Gated>(pg[i], px[i], ks, kb) * ks + (px[i] * kk1 + kk0);
+      po[i] = gate<Gated>(pg[i], px[i], vs[k], vb[k]) * vs[k] + (px[i] * v1[k] + v0[k]);
     });
   });
 }
@@ -255,13 +271,12 @@ enum Kind : int64_t { kFixed = 0, kCell = 1, kSamples = 2, kGroups = 3 };
 
 // average each group of cells of t (N x C, by kind) and broadcast it back, in place
 void pool(double* t, int64_t N, int64_t C, int64_t kind, int64_t groups) {
-  if (kind == kSamples) {
-    for (int64_t c = 0; c < C; ++c) {
-      double m = 0;
-      for (int64_t n = 0; n < N; ++n) m += t[n * C + c];
-      m /= double(N);
-      for (int64_t n = 0; n < N; ++n) t[n * C + c] = m;
-    }
+  if (kind == kSamples) {  // row by row (contiguous), each channel's sum still in sample order
+    std::vector<double> m(t, t + C);
+    for (int64_t n = 1; n < N; ++n)
+      for (int64_t c = 0; c < C; ++c) m[c] += t[n * C + c];
+    for (int64_t c = 0; c < C; ++c) m[c] /= double(N);
+    for (int64_t n = 0; n < N; ++n) std::copy(m.begin(), m.end(), t + n * C);
   } else if (kind == kGroups) {
     const int64_t per = C / groups;
     for (int64_t n = 0; n < N; ++n)
@@ -330,9 +345,12 @@ std::vector<at::Tensor> norm_forward(const at::Tensor& x, const std::vector<int6
       }
     }
     const std::vector<double> a = values(alphas[p], C, 1.0);
+    const bool per_channel = kinds[p] == kFixed || kinds[p] == kSamples;  // every sample's row is row 0's
+    for (int64_t i = 0; i < (per_channel ? C : NC); ++i) pr[i] = 1.0 / std::sqrt(pv[i] + eps);
+    if (per_channel)
+      for (int64_t n = 1; n < N; ++n) std::copy(pr, pr + C, pr + n * C);
     for (int64_t n = 0; n < N; ++n)
       for (int64_t c = 0, i = n * C; c < C; ++c, ++i) {
-        pr[i] = 1.0 / std::sqrt(pv[i] + eps);
         const double s = a[c] * pr[i];
         scale[i] += s;
         shift[i] -= s * pm[i];

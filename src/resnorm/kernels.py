@@ -25,20 +25,21 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).with_name("kernels.cpp")
-CFLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fopenmp"]
+CFLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fopenmp"]  # sqrt stays exact; errno off lets it vectorise
 
 
 def _build_key() -> str:
     """A short tag of this CPU's instruction sets (the build uses -march=native, so a home
     directory shared by different machines must not hand one machine's build to another), the
-    source, and the torch (version and install) it compiles against."""
+    source and flags, and the torch (version and install) it compiles against."""
     try:
         flags = next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "")
     except OSError:
         flags = ""
     source = hashlib.sha1(SOURCE.read_bytes()).hexdigest()
     where = os.path.dirname(torch.__file__)       # each environment's torch headers: two venvs do not rebuild in turn
-    return hashlib.sha1(f"{platform.machine()} {flags} {torch.__version__} {where} {source}".encode()).hexdigest()[:10]
+    build = f"{platform.machine()} {flags} {torch.__version__} {where} {source} {' '.join(CFLAGS)}"
+    return hashlib.sha1(build.encode()).hexdigest()[:10]
 
 
 NAME = f"resnorm_kernels_{_build_key()}"

@@ -11,7 +11,7 @@ import math
 import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, get_args, get_origin, get_type_hints
+from typing import Any, NewType, get_args, get_origin, get_type_hints
 
 import yaml
 
@@ -20,6 +20,13 @@ OPTIMIZERS = ("sgd", "adam")
 SCHEDULES = ("constant", "cosine", "step", "plateau")
 DEVICES = ("auto", "cpu", "cuda")
 SHORTCUTS = ("A", "B")
+ARCHS = ("resnet6n2", "resnet18", "resnet34", "resnet50")
+BLOCKS = ("basic", "preact")
+# the channel counts a norm sees in each architecture (GN's group count must divide them all)
+ARCH_WIDTHS = {"resnet6n2": (16, 32, 64), "resnet18": (64, 128, 256, 512), "resnet34": (64, 128, 256, 512),
+               "resnet50": (64, 128, 256, 512, 1024, 2048)}
+ARCH_STAGES = {"resnet6n2": 3, "resnet18": 4, "resnet34": 4, "resnet50": 4}
+FREEZE = re.compile(r"none|stem|stages:([0-9]+)|all-but-head")
 LR_SCALINGS = ("none", "linear")
 GROUPS = ("norms", "batch")             # which part of the study a variant belongs to
 GRADCAM_SPLITS = ("val", "test")
@@ -31,6 +38,9 @@ MAX_SEED = 2**31 - 1                    # numpy's and torch's generators take se
 MAX_IMAGE_SIZE = 1024
 MAX_NEAR_DUPLICATE_BITS = 16            # of 64 dHash bits: above this, unrelated photos count as duplicates
 VARIANT_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")   # a file name: no path, no leading dot
+
+
+OptionalPath = NewType("OptionalPath", str)   # a path, or "" (or null) for none
 
 
 class ParamError(ValueError):
@@ -59,10 +69,15 @@ class DataParams:
 
 @dataclass(frozen=True)
 class ModelParams:
-    n: int = 2
+    arch: str = "resnet6n2"             # resnet6n2 (He et al. 4.2) | resnet18 | resnet34 | resnet50 (torchvision's)
+    n: int = 2                          # resnet6n2: 6n+2 weighted layers
+    block: str = "basic"                # resnet6n2: basic | preact (norm -> ReLU -> conv, He et al. 2016)
     gn_groups: int = 4
-    shortcut: str = "A"                 # A: identity + zero-padding (He et al. 4.2, 6n+2 layers); B: 1x1 projection
+    shortcut: str = "A"                 # resnet6n2: A identity + zero-padding (6n+2 layers); B 1x1 projection
     bin_gate_lr: float = 10.0           # BIN's rho gates learn at this multiple of the learning rate (Nam & Kim's code)
+    dropout: float = 0.0                # before the classifier
+    weights: OptionalPath = OptionalPath("")  # "": from scratch; else a state dict or checkpoint to start from
+    freeze: str = "none"                # none | stem | stages:K | all-but-head (with weights)
 
 
 @dataclass(frozen=True)
@@ -91,23 +106,34 @@ class TrainParams:
     precision: str = "fp32"
     channels_last: bool = False
     compile: bool | str = False         # false | true (= default) | auto | reduce-overhead (CUDA graphs) | max-autotune...
+    head_lr: float = 0.0                # the classifier's rate at lr_reference_batch; 0: the same as lr
     data_on_device: bool = True         # CUDA: hold the uint8 train split on the GPU when it fits in a quarter of free memory
 
 
 @dataclass(frozen=True)
 class Variant:
-    """One trained configuration: a norm at a batch size with its own train settings."""
+    """One trained configuration: a norm at a batch size with its own train and model settings."""
     name: str
     norm: str
     batch_size: int
     train: TrainParams
     group: str = "norms"
+    model: ModelParams = field(default_factory=ModelParams)
 
     @property
     def lr(self) -> float:
         """The base learning rate at this batch size (before warm-up and schedule)."""
+        return self.scaled(self.train.lr)
+
+    def scaled(self, lr: float) -> float:
+        """A rate given at lr_reference_batch, at this variant's batch size (train.lr_scaling)."""
         t = self.train
-        return t.lr * self.batch_size / t.lr_reference_batch if t.lr_scaling == "linear" else t.lr
+        return lr * self.batch_size / t.lr_reference_batch if t.lr_scaling == "linear" else lr
+
+    @property
+    def head_lr(self) -> float:
+        """The classifier's base rate: train.head_lr scaled like lr, or lr itself when head_lr is 0."""
+        return self.scaled(self.train.head_lr) if self.train.head_lr else self.lr
 
 
 @dataclass(frozen=True)
@@ -142,7 +168,7 @@ class Params:
 
     def experiment(self) -> Variant:
         """The single variant chosen by top-level `norm` and `batch_size` (`dvc exp run -S ...`)."""
-        return Variant(f"{self.norm}-bs{self.batch_size}", self.norm, self.batch_size, self.train)
+        return Variant(f"{self.norm}-bs{self.batch_size}", self.norm, self.batch_size, self.train, model=self.model)
 
     def variant(self, name: str) -> Variant:
         """A study variant: its entry in `study.variants` laid over the base `train` settings."""
@@ -150,11 +176,17 @@ class Params:
             raise ParamError(f"study.variants: no variant {name!r}; known: {', '.join(self.study.variants)}")
         over = dict(self.study.variants[name])
         norm, batch_size, group = over.pop("norm"), over.pop("batch_size"), over.pop("group", "norms")
-        return Variant(name, norm, batch_size, dataclasses.replace(self.train, **over), group)
+        model = {k: over.pop(k) for k in list(over) if k in MODEL_KEYS}
+        return Variant(name, norm, batch_size, dataclasses.replace(self.train, **over), group,
+                       dataclasses.replace(self.model, **model))
 
     def variants(self, group: str | None = None) -> list[Variant]:
         """Every study variant in params order, or those of one group (norms | batch)."""
         return [v for v in map(self.variant, self.study.variants) if group is None or v.group == group]
+
+
+MODEL_KEYS = frozenset(f.name for f in fields(ModelParams))   # a study variant may set these too
+assert not MODEL_KEYS & {f.name for f in fields(TrainParams)}, "model and train keys must not share names"
 
 
 # --------------------------------------------------------------------------- loading
@@ -191,6 +223,12 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             raise _fail(key, value, "expected a finite number")
         return float(value)
+    if hint is OptionalPath:
+        if value is None:
+            return ""
+        if not isinstance(value, str):
+            raise _fail(key, value, "expected a path, or an empty string for none")
+        return value.strip()
     if hint is str:
         if not isinstance(value, str) or not value:
             raise _fail(key, value, "expected a non-empty string")
@@ -264,12 +302,38 @@ def _validate_train(t: TrainParams, prefix: str) -> None:
     _check_min(f"{prefix}early_stopping_patience", t.early_stopping_patience, 0)
     _check_min(f"{prefix}workers", t.workers, 0)
     _check_min(f"{prefix}threads", t.threads, 1)
+    _check_min(f"{prefix}head_lr", t.head_lr, 0)
     _check_choice(f"{prefix}device", t.device, DEVICES)
     _check_choice(f"{prefix}precision", t.precision, PRECISIONS)
     if isinstance(t.compile, str):
         _check_choice(f"{prefix}compile", t.compile, COMPILE_MODES)
     if t.device == "cpu" and t.precision != "fp32":
         raise _fail(f"{prefix}precision", t.precision, "fp32 on a CPU (bf16 and fp16 are for train.device: cuda)")
+
+
+def _validate_model(m: ModelParams, prefix: str) -> None:
+    _check_choice(f"{prefix}arch", m.arch, ARCHS)
+    _check_min(f"{prefix}n", m.n, 1)
+    _check_choice(f"{prefix}block", m.block, BLOCKS)
+    if m.block != "basic" and m.arch != "resnet6n2":
+        raise _fail(f"{prefix}block", m.block, f"basic with arch {m.arch} (preact blocks are for resnet6n2)")
+    _check_min(f"{prefix}gn_groups", m.gn_groups, 1)
+    widths = ARCH_WIDTHS[m.arch]
+    if any(w % m.gn_groups for w in widths):
+        raise _fail(f"{prefix}gn_groups", m.gn_groups,
+                    f"must divide the channel counts of {m.arch}: {', '.join(map(str, widths))}")
+    _check_choice(f"{prefix}shortcut", m.shortcut, SHORTCUTS)
+    _check_min(f"{prefix}bin_gate_lr", m.bin_gate_lr, 0, inclusive=False)
+    if not 0 <= m.dropout < 1:
+        raise _fail(f"{prefix}dropout", m.dropout, "must be in [0, 1)")
+    match = FREEZE.fullmatch(m.freeze)
+    if not match:
+        raise _fail(f"{prefix}freeze", m.freeze, "none, stem, stages:K or all-but-head")
+    if match.group(1) is not None and not 1 <= int(match.group(1)) <= ARCH_STAGES[m.arch]:
+        raise _fail(f"{prefix}freeze", m.freeze, f"K in 1..{ARCH_STAGES[m.arch]} ({m.arch} has "
+                    f"{ARCH_STAGES[m.arch]} stages)")
+    if m.freeze != "none" and not m.weights:
+        raise _fail(f"{prefix}freeze", m.freeze, "none unless model.weights is set (frozen random layers learn nothing)")
 
 
 def _check_variant(key: str, norm: str, batch_size: int) -> None:
@@ -297,13 +361,7 @@ def validate(p: Params) -> Params:
     _check_min("data.max_file_bytes", d.max_file_bytes, 1)
     _check_range("data.near_duplicate_bits", d.near_duplicate_bits, 0, MAX_NEAR_DUPLICATE_BITS)
     _check_seed("data.seed", d.seed)
-    _check_min("model.n", p.model.n, 1)
-    _check_min("model.gn_groups", p.model.gn_groups, 1)
-    _check_choice("model.shortcut", p.model.shortcut, SHORTCUTS)
-    _check_min("model.bin_gate_lr", p.model.bin_gate_lr, 0, inclusive=False)
-    for width in (16, 32, 64):
-        if width % p.model.gn_groups:
-            raise _fail("model.gn_groups", p.model.gn_groups, "must divide the channel counts 16, 32 and 64")
+    _validate_model(p.model, "model.")
     _validate_train(p.train, "train.")
     _check_variant("", p.norm, p.batch_size)
     _check_seed("seed", p.seed)
@@ -320,23 +378,25 @@ def validate(p: Params) -> Params:
             raise _fail(f"study.variants.{name}", name, "a variant name is a file name: letters, digits, _ . - "
                         "and not starting with a dot (it names the run's folders)")
         if not isinstance(over, dict):
-            raise _fail(key.rstrip("."), over, "a mapping with norm, batch_size and optional train keys")
+            raise _fail(key.rstrip("."), over, "a mapping with norm, batch_size and optional train and model keys")
         for k in ("norm", "batch_size"):
             if k not in over:
                 raise ParamError(f"params: {key}{k} is missing; every variant names its norm and batch_size")
         for k in over:
-            if k not in train_keys | {"norm", "batch_size", "group"}:
+            if k not in train_keys | MODEL_KEYS | {"norm", "batch_size", "group"}:
                 raise ParamError(f"params: unknown key {key}{k}; allowed: norm, batch_size, group, "
-                                 f"{', '.join(sorted(train_keys))}")
+                                 f"the train keys ({', '.join(sorted(train_keys))}) and the model keys "
+                                 f"({', '.join(sorted(MODEL_KEYS))})")
         if "group" in over:
             _check_choice(f"{key}group", _coerce(f"{key}group", over["group"], str), GROUPS)
-        hints = get_type_hints(TrainParams)
+        hints = {**get_type_hints(TrainParams), **get_type_hints(ModelParams)}
         for k, v in over.items():
-            if k in train_keys:
+            if k in train_keys | MODEL_KEYS:
                 _coerce(f"{key}{k}", v, hints[k])
         _coerce(f"{key}batch_size", over["batch_size"], int)
         _check_variant(key, over["norm"], over["batch_size"])
         _validate_train(p.variant(name).train, key)
+        _validate_model(p.variant(name).model, key)
     _check_min("gradcam.per_kind", p.gradcam.per_kind, 1)
     _check_choice("gradcam.split", p.gradcam.split, GRADCAM_SPLITS)
     _check_min("sanity.steps", p.sanity.steps, 1)

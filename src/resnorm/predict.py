@@ -25,7 +25,7 @@ import torch
 
 from .data import to_tensor
 from .io import UserError, atomic_path, console, run_cli
-from .model import ResNet
+from .model import model_from_config
 from .prepare import IMAGE_SUFFIXES, load_image
 
 MAX_PIXELS = 178_956_970           # Pillow's own decompression-bomb limit
@@ -43,10 +43,8 @@ def load_model(checkpoint: str | Path) -> tuple[torch.nn.Module, dict]:
     missing = [k for k in ("model", "model_config", "classes", "mean", "std") if k not in (ck or {})]
     if missing:
         raise UserError(f"{path}: not a resnorm checkpoint with a model (missing {', '.join(missing)})")
-    cfg = dict(ck["model_config"])
-    size = cfg.pop("image_size")
-    cfg.pop("arch", None)
-    model = ResNet(**cfg)
+    size = ck["model_config"]["image_size"]
+    model = model_from_config(ck["model_config"])
     model.load_state_dict(ck["model"])
     model.eval()
     return model, {"classes": list(ck["classes"]), "image_size": size, "mean": ck["mean"], "std": ck["std"],

@@ -11,13 +11,15 @@ rounding they say the two layers compute the same function and gradients.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import nn
 
 from .data import EpochBatches, channel_stats, load_classes, load_split
 from .io import console, run_cli, write_json
 from .params import Params, load_params
-from .train import build_model, make_optimizer, pick_device
+from .train import make_model, make_optimizer, pick_device
 
 OUT = "metrics/sanity.json"
 
@@ -30,8 +32,9 @@ def lockstep(p: Params, steps: int) -> dict:
     classes, split = load_classes(), load_split("train")
     mean, std = channel_stats(split.x)
     torch.manual_seed(p.seed)
-    ours = build_model(p, "bn", len(classes)).double().to(device)
-    ref = build_model(p, "torch_bn", len(classes)).double().to(device)
+    m = dataclasses.replace(p.model, dropout=0.0)     # one init, no random masks: the two nets see the same sums
+    ours = make_model(m, "bn", len(classes)).double().to(device)
+    ref = make_model(m, "torch_bn", len(classes)).double().to(device)
     ref.load_state_dict(ours.state_dict())            # same keys: weight, bias, running stats per norm
     models = (ours, ref)
     lr = p.experiment().lr                            # the experiment's batch size and scaled rate

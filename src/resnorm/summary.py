@@ -26,7 +26,8 @@ def summarize(model: nn.Module, size: int) -> dict:
             elif isinstance(module, nn.Linear):
                 macs = module.in_features * module.out_features
             rows.append({"layer": name, "type": type(module).__name__, "output": list(output.shape[1:]),
-                         "params": sum(p.numel() for p in module.parameters(recurse=False)), "macs": macs})
+                         "params": sum(p.numel() for p in module.parameters(recurse=False)), "macs": macs,
+                         "weighted": isinstance(module, (nn.Conv2d, nn.Linear))})
         return fn
 
     for name, m in model.named_modules():
@@ -41,18 +42,17 @@ def summarize(model: nn.Module, size: int) -> dict:
         "rows": rows,
         "params": sum(p.numel() for p in model.parameters()),
         "macs": sum(r["macs"] for r in rows),
-        "weighted_layers": sum(1 for r in rows if r["type"] in ("Conv2d", "Linear")),   # shortcut convs included
+        "weighted_layers": sum(1 for r in rows if r["weighted"]),   # shortcut convs included
         # the depth in a ResNet's name: weighted layers on the main path (projection shortcuts not counted)
-        "depth": sum(1 for r in rows if r["type"] in ("Conv2d", "Linear")
-                     and not any(k in r["layer"] for k in ("shortcut", "downsample"))),
+        "depth": sum(1 for r in rows if r["weighted"] and not any(k in r["layer"] for k in ("shortcut", "downsample"))),
         "input": [3, size, size],
     }
 
 
 def model_summary(n: int, num_classes: int, size: int, norm: str = "bn", gn_groups: int = 4,
-                  shortcut: str = "A") -> dict:
-    s = summarize(ResNet(n, num_classes, norm=norm, shortcut=shortcut, gn_groups=gn_groups), size)
-    s.update({"n": n, "num_classes": num_classes, "norm": norm, "shortcut": shortcut})
+                  shortcut: str = "A", block: str = "basic") -> dict:
+    s = summarize(ResNet(n, num_classes, norm=norm, shortcut=shortcut, gn_groups=gn_groups, block=block), size)
+    s.update({"n": n, "num_classes": num_classes, "norm": norm, "shortcut": shortcut, "block": block})
     return s
 
 

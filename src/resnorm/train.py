@@ -27,10 +27,11 @@ from torch import nn
 from .data import EpochBatches, batches, channel_stats, load_classes, load_split, on_device, PREPARED
 from .io import UserError, append_csv, atomic_path, console, run_cli, write_csv
 from .metrics import predict, scores
-from .model import ResNet
 from .kernels import engine
+from .model import build_model
 from .norms import bin_layers, clamp_gates_
-from .params import Params, TrainParams, Variant, load_params
+from .params import ModelParams, Params, TrainParams, Variant, load_params
+from .transfer import HEAD, describe, file_sha1, freeze, keep_frozen_norms, load_weights
 
 HISTORY_COLUMNS = ["epoch", "lr", "train_loss", "train_error", "train_accuracy", "train_micro_f1",
                    "train_macro_f1", "val_loss", "val_error", "val_accuracy", "val_micro_f1", "val_macro_f1"]
@@ -87,29 +88,57 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def build_model(p: Params, norm: str, num_classes: int) -> ResNet:
-    return ResNet(p.model.n, num_classes, norm=norm, shortcut=p.model.shortcut, gn_groups=p.model.gn_groups)
+def model_config(m: ModelParams, norm: str, num_classes: int, image_size: int) -> dict:
+    """What rebuilds the model without params.yaml (`model.model_from_config`): the architecture,
+    its arguments, and the input size it was trained at."""
+    config = {"arch": m.arch, "num_classes": num_classes, "norm": norm, "gn_groups": m.gn_groups,
+              "dropout": m.dropout}
+    if m.arch == "resnet6n2":
+        config.update(n=m.n, shortcut=m.shortcut, block=m.block)
+    return {**config, "image_size": image_size}
 
 
-def model_config(p: Params, norm: str, num_classes: int) -> dict:
-    """What rebuilds the model without params.yaml: the ResNet arguments, and the input size it was trained at."""
-    return {"n": p.model.n, "num_classes": num_classes, "norm": norm, "shortcut": p.model.shortcut,
-            "gn_groups": p.model.gn_groups, "image_size": p.data.image_size}
+def make_model(m: ModelParams, norm: str, num_classes: int) -> nn.Module:
+    """The model `model.*` describes, with norm `norm`, freshly initialised (weights: `prepare_model`)."""
+    config = model_config(m, norm, num_classes, 0)
+    del config["image_size"]
+    return build_model(config.pop("arch"), config.pop("num_classes"), config.pop("norm"), **config)
+
+
+def prepare_model(m: ModelParams, norm: str, num_classes: int) -> tuple[nn.Module, dict | None]:
+    """`make_model`, then, with `model.weights`, the file's weights and the freezing; returns the
+    model and what was loaded and frozen (None when trained from scratch)."""
+    model = make_model(m, norm, num_classes)
+    if not m.weights:
+        return model, None
+    report = load_weights(model, m.weights, m.arch)
+    report.update(freeze(model, m))
+    return model, report
 
 
 def make_optimizer(model: nn.Module, t: TrainParams, lr: float | None = None,
-                   gate_lr: float = 1.0) -> torch.optim.Optimizer:
-    """SGD (or Adam) over three parameter groups, each with an `lr_scale` that the schedule multiplies:
+                   gate_lr: float = 1.0, head_lr: float | None = None) -> torch.optim.Optimizer:
+    """SGD (or Adam) over parameter groups, each with an `lr_scale` that the schedule multiplies:
     conv/linear weights (weight decay), 1-d parameters (norm affines, biases; no decay, as is
-    standard) and BIN's rho gates (no decay, `gate_lr` times the rate, as in Nam & Kim's code)."""
+    standard) and BIN's rho gates (no decay, `gate_lr` times the rate, as in Nam & Kim's code).
+    With `head_lr` (another rate than `lr`), the classifier's weight and bias get groups of their
+    own at `head_lr`. Frozen parameters (requires_grad False) are left out."""
     lr = t.lr if lr is None else lr
     gates = {id(m.rho) for m in bin_layers(model)}
-    decay = [q for q in model.parameters() if q.dim() > 1]
-    rest = [q for q in model.parameters() if q.dim() <= 1 and id(q) not in gates]
+    split_head = head_lr is not None and head_lr != lr
+    head = {id(q) for k, q in model.named_parameters() if k.startswith(HEAD)} if split_head else set()
+    params = [q for q in model.parameters() if q.requires_grad and id(q) not in head]
+    decay = [q for q in params if q.dim() > 1]
+    rest = [q for q in params if q.dim() <= 1 and id(q) not in gates]
     groups = [{"params": decay, "weight_decay": t.weight_decay, "lr_scale": 1.0},
               {"params": rest, "weight_decay": 0.0, "lr_scale": 1.0}]
     if gates:
-        groups.append({"params": [m.rho for m in bin_layers(model)], "weight_decay": 0.0, "lr_scale": gate_lr})
+        groups.append({"params": [m.rho for m in bin_layers(model) if m.rho.requires_grad], "weight_decay": 0.0,
+                       "lr_scale": gate_lr})
+    if split_head:
+        fc = [q for k, q in model.named_parameters() if k.startswith(HEAD)]
+        groups += [{"params": [q for q in fc if q.dim() > 1], "weight_decay": t.weight_decay, "lr_scale": head_lr / lr},
+                   {"params": [q for q in fc if q.dim() <= 1], "weight_decay": 0.0, "lr_scale": head_lr / lr}]
     for g in groups:
         g["lr"] = lr * g["lr_scale"]
     if t.optimizer == "adam":
@@ -164,24 +193,26 @@ class Schedule:
         self.plateau_factor, self.plateau_best, self.plateau_bad = s["factor"], s["best"], s["bad"]
 
 
-CODE = ("train.py", "model.py", "norms.py", "kernels.py", "kernels.cpp", "data.py", "metrics.py", "params.py")
+CODE = ("train.py", "model.py", "norms.py", "kernels.py", "kernels.cpp", "data.py", "metrics.py", "params.py",
+        "transfer.py")
 
 
 def fingerprint(p: Params, v: Variant, seed: int, run_engine: dict | None = None) -> str:
     """Identity of a run: a checkpoint is reused or resumed only if this matches.
 
-    It covers the settings, the data (manifest), the training code and the engine (device,
-    fused kernels or tensor ops, threads, compile mode, torch version: `kernels.engine`), so a
-    change to any of them starts the run over instead of picking up a stale checkpoint or
-    finishing a run on other arithmetic than it started with.
+    It covers the settings, the data (manifest), the starting weights' content, the training code
+    and the engine (device, fused kernels or tensor ops, threads, compile mode, torch version:
+    `kernels.engine`), so a change to any of them starts the run over instead of picking up a
+    stale checkpoint or finishing a run on other arithmetic than it started with.
     """
     manifest = PREPARED / "manifest.csv"
     data_hash = hashlib.sha1(manifest.read_bytes()).hexdigest() if manifest.exists() else ""
     here = Path(__file__).parent
     code_hash = hashlib.sha1(b"".join((here / f).read_bytes() for f in CODE)).hexdigest()
-    blob = json.dumps({"variant": dataclasses.asdict(v), "model": dataclasses.asdict(p.model),
-                       "image_size": p.data.image_size, "seed": seed, "data": data_hash, "code": code_hash,
-                       "engine": run_engine},
+    weights = v.model.weights
+    blob = json.dumps({"variant": dataclasses.asdict(v), "image_size": p.data.image_size, "seed": seed,
+                       "data": data_hash, "code": code_hash, "engine": run_engine,
+                       "weights": file_sha1(weights) if weights and Path(weights).is_file() else None},
                       sort_keys=True)
     return hashlib.sha1(blob.encode()).hexdigest()
 
@@ -211,7 +242,19 @@ def _canonical(obj):
 
 
 def load_checkpoint(path: Path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=True)
+    """A checkpoint of this project, or one line naming the file when it is torn, foreign or not a
+    checkpoint (the fix: delete it and train again)."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise UserError(f"{path}: no such checkpoint; run `dvc repro` to train it") from None
+    except Exception as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        raise UserError(f"{path}: not a readable checkpoint ({type(e).__name__}: {first}); delete it and run "
+                        "`dvc repro` to train again") from None
+    if not isinstance(state, dict) or "model" not in state:
+        raise UserError(f"{path}: not a checkpoint of this project; delete it and run `dvc repro` to train again")
+    return state
 
 
 def configure(t: TrainParams, device: torch.device) -> None:
@@ -373,22 +416,31 @@ def train(p: Params, variant: str | None = None, seed: int | None = None,
     fp = fingerprint(p, v, seed, run_engine)
 
     torch.manual_seed(seed)
-    model = build_model(p, v.norm, len(classes)).to(device)
+    model, transfer = prepare_model(v.model, v.norm, len(classes))
+    if transfer:
+        console.print(f"{paths.name}: {describe(transfer)}; freeze {transfer['freeze']}: "
+                      f"{transfer['trainable_parameters']:,} of "
+                      f"{transfer['trainable_parameters'] + transfer['frozen_parameters']:,} parameters train",
+                      soft_wrap=True, markup=False)
+    model = model.to(device)
     if t.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    optimizer = make_optimizer(model, t, v.lr, p.model.bin_gate_lr)
+    optimizer = make_optimizer(model, t, v.lr, v.model.bin_gate_lr, v.head_lr)
     steps = len(EpochBatches(train_split, v.batch_size, None, None, shuffle=True))
     schedule = Schedule(t, steps, v.lr)
     state = {"fingerprint": fp, "name": paths.name, "variant": v.name, "norm": v.norm,
-             "batch_size": v.batch_size, "model_config": model_config(p, v.norm, len(classes)), "seed": seed, "classes": classes, "epoch": 0, "history": [],
+             "batch_size": v.batch_size, "model_config": model_config(v.model, v.norm, len(classes), p.data.image_size),
+             "seed": seed, "classes": classes, "epoch": 0, "history": [],
              "best_epoch": 0, "best_val_accuracy": -1.0, "bad_epochs": 0, "status": "running",
              "message": "", "mean": None, "std": None, "engine": run_engine}
+    if transfer:                          # only then, so runs from scratch keep their checkpoints as they were
+        state["transfer"] = transfer
 
     if paths.last.exists():
         try:
             old = load_checkpoint(paths.last)
-        except Exception as e:   # a torn or foreign file: start over rather than crash
-            console.print(f"[yellow]warning:[/yellow] {paths.last} unreadable ({e}); starting over")
+        except UserError:        # a torn or foreign file: start over rather than crash
+            console.print(f"[yellow]warning:[/yellow] {paths.last} is unreadable or not a checkpoint; starting over")
             old = None
         if old and old.get("fingerprint") == fp and old["status"] in ("finished", "early_stopped") \
                 and not paths.best.exists():
@@ -433,6 +485,7 @@ def train(p: Params, variant: str | None = None, seed: int | None = None,
     try:
         for epoch in range(state["epoch"], t.epochs):
             model.train()
+            keep_frozen_norms(model)
             ds = EpochBatches(train_split, v.batch_size, mean, std, shuffle=True, seed=seed, epoch=epoch,
                               augment=t.augment, padding=t.crop_padding, hflip=t.hflip)
             bar = Progress(paths.name, len(ds), epoch, t.epochs)
@@ -531,7 +584,7 @@ def _save(paths: RunPaths, state: dict, model, optimizer, schedule, improved: bo
 
 def _public(state: dict) -> dict:
     return {k: state[k] for k in ("fingerprint", "name", "variant", "norm", "batch_size", "seed", "classes",
-                                  "epoch", "mean", "std", "model_config")}
+                                  "epoch", "mean", "std", "model_config", "transfer") if k in state}
 
 
 def write_history(path: Path, history: list[dict]) -> None:
