@@ -133,3 +133,62 @@ def test_summary_of_torchvision_resnets_agrees_with_published_figures(arch, dept
     s = arch_summary(arch, 1000, 224, "bn")
     assert s["depth"] == depth
     assert s["macs"] / 1e9 == pytest.approx(gmacs, rel=0.01)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3])
+@pytest.mark.parametrize("shortcut", ["A", "B"])
+def test_preact_blocks_keep_the_layer_count_and_parameters(n, shortcut):
+    """He et al. 2016's pre-activation block: norm -> ReLU -> conv twice, then the addition; a final
+    norm + ReLU before the pool. Same weighted layers (6n+2 with option A) and, with option A, the
+    same parameters: the norms move (one on the stem conv becomes one before the pool), none is added.
+    Option B's projections have no norm of their own in a preact net."""
+    from resnorm.model import PreActBlock
+    from resnorm.summary import summarize
+    basic, pre = ResNet(n, 10, shortcut=shortcut), ResNet(n, 10, shortcut=shortcut, block="preact")
+    assert summarize(pre, 32)["weighted_layers"] == summarize(basic, 32)["weighted_layers"] \
+        == 6 * n + 2 + (2 if shortcut == "B" else 0)
+    diff = params(basic) - params(pre)
+    assert diff == (0 if shortcut == "A" else 2 * (32 + 64))        # B: two projection norms fewer
+    assert all(isinstance(b, PreActBlock) for s in (pre.stage1, pre.stage2, pre.stage3) for b in s)
+    assert len(pre.gradcam_layers()) == 2 * n and pre.gradcam_layers()[-1] is pre.stage3[-1].conv2
+
+
+def test_preact_block_computes_norm_relu_conv_twice_then_adds():
+    """The block's arithmetic written out with plain torch ops (torch_bn, so the norm is nn.BatchNorm2d)."""
+    from resnorm.model import PreActBlock
+    torch.manual_seed(0)
+    b = PreActBlock(8, 8, 1, "torch_bn", 4).eval()
+    x = torch.randn(2, 8, 6, 6)
+    h = b.conv1(torch.relu(b.norm1(x)))
+    want = b.conv2(torch.relu(b.norm2(h))) + x
+    torch.testing.assert_close(b(x), want)
+    pre = ResNet(1, 3, norm="nn", block="preact")                   # no norm: the ReLU must not touch x in place
+    x = torch.randn(2, 3, 16, 16, requires_grad=True)
+    pre(x).sum().backward()
+    assert torch.isfinite(x.grad).all()
+
+
+def test_dropout_before_the_classifier_keeps_the_weight_names():
+    from resnorm.model import DropoutLinear, build_model
+    for m in (ResNet(1, 4, dropout=0.5), build_model("resnet18", 4, "bn", dropout=0.5)):
+        assert isinstance(m.fc, DropoutLinear) and {"fc.weight", "fc.bias"} <= set(m.state_dict())
+        m.train()
+        feats = torch.ones(64, m.fc.in_features)
+        assert (m.fc(feats) != m.fc(feats)).any()                   # masks differ between calls in training
+        m.eval()
+        torch.testing.assert_close(m.fc(feats), torch.nn.functional.linear(feats, m.fc.weight, m.fc.bias))
+    torch.manual_seed(3)
+    a = ResNet(1, 4)
+    torch.manual_seed(3)
+    b = ResNet(1, 4, dropout=0.3)                                    # the same initial weights with or without it
+    assert all(torch.equal(a.state_dict()[k], b.state_dict()[k]) for k in a.state_dict())
+
+
+def test_model_from_config_rebuilds_every_arch_and_old_checkpoints():
+    from resnorm.model import model_from_config
+    m = model_from_config({"arch": "resnet18", "num_classes": 3, "norm": "gn", "gn_groups": 4, "dropout": 0.1,
+                           "image_size": 32})
+    assert m.fc.out_features == 3 and m.fc.dropout == 0.1
+    old = model_from_config({"n": 2, "num_classes": 5, "norm": "bn", "shortcut": "A", "gn_groups": 4,
+                             "image_size": 32})                      # a checkpoint from before model.arch
+    assert isinstance(old, ResNet) and old.n == 2 and old.block == "basic"
