@@ -19,6 +19,9 @@ from .params import Params, Variant
 BIRDS = ("Cattle Egret", "Coppersmith Barbet", "Indian Peacock", "Red Wattled Lapwing", "Ruddy Shelduck",
          "White Breasted Kingfisher", "White Breasted Waterhen")
 SAME, DIFFERS, OPEN = "same", "differs", "not stated"
+ARCH_NAMES = {"resnet6n2": "6n+2 ResNet (He et al. 4.2)", "resnet18": "torchvision ResNet-18",
+              "resnet34": "torchvision ResNet-34", "resnet50": "torchvision ResNet-50"}
+ARCH_DEPTH = {"resnet18": 18, "resnet34": 34, "resnet50": 50}
 
 
 @dataclass(frozen=True)
@@ -59,6 +62,9 @@ def settings(p: Params, data: dict) -> list[Setting]:
     norms, batch = p.variants("norms"), p.variants("batch")
     study = norms + batch
     t = [v.train for v in study] or [p.train]
+    m = [v.model for v in study] or [p.model]
+    study_or_experiment = study or [p.experiment()]
+    ours = all(x.arch == "resnet6n2" for x in m)
     images = data["images"]
     stop = lambda v: f"after {v.train.early_stopping_patience} epochs without a better val accuracy" \
         if v.train.early_stopping_patience else "none"
@@ -71,12 +77,30 @@ def settings(p: Params, data: dict) -> list[Setting]:
         _row("test split", "scores asked for, split not supplied",
              f"{images['test']:,} images held out by class (seed {p.data.seed}), never used to select", None),
         _row("image size", "256x256", f"{p.data.image_size}x{p.data.image_size}", p.data.image_size == 256),
-        _row("depth", "6n+2 with n = 2", f"6n+2 with n = {p.model.n} ({6 * p.model.n + 2} layers)", p.model.n == 2),
+        _row("architecture", "the 6n+2 ResNet of He et al. 4.2 (16/32/64 filters)",
+             _values(study_or_experiment, lambda v: ARCH_NAMES[v.model.arch]), ours),
+        _row("depth", "6n+2 with n = 2",
+             _values(study_or_experiment, lambda v: f"6n+2 with n = {v.model.n} ({6 * v.model.n + 2} layers)"
+                     if v.model.arch == "resnet6n2" else f"{ARCH_DEPTH[v.model.arch]} layers"),
+             ours and all(x.n == 2 for x in m)),
+        _row("residual block", "basic: conv, norm, ReLU, conv, norm, addition, ReLU",
+             _values(study_or_experiment, lambda v: "pre-activation (norm, ReLU, conv, twice, then the addition)"
+                     if v.model.block == "preact" else "basic"), all(x.block == "basic" for x in m)),
         _row("shortcut", "identity, stride-2 subsampling, zero-padded channels (He et al. 4.2, option A)",
-             {"A": "option A (identity, zero-padded)", "B": "option B (1x1 projection conv + norm)"}[p.model.shortcut],
-             p.model.shortcut == "A"),
-        _row("GN groups", "not stated (Wu & He: 32; 16 channels allow at most 16)", str(p.model.gn_groups), None),
-        _row("BIN gate learning rate", "not stated (Nam & Kim's code: 10x)", f"{p.model.bin_gate_lr:g}x", None),
+             _values(study_or_experiment, lambda v: "1x1 projection conv + norm (torchvision)" if v.model.arch != "resnet6n2"
+                     else {"A": "option A (identity, zero-padded)",
+                           "B": "option B (1x1 projection conv" + (")" if v.model.block == "preact" else " + norm)")
+                           }[v.model.shortcut]),
+             ours and all(x.shortcut == "A" for x in m)),
+        _row("dropout", "none", _values(study_or_experiment, lambda v: f"{v.model.dropout:g} before the classifier"
+                                        if v.model.dropout else "none"), all(x.dropout == 0 for x in m)),
+        _row("initialisation", "from scratch",
+             _values(study_or_experiment, lambda v: f"weights {v.model.weights}, freeze {v.model.freeze}"
+                     if v.model.weights else "from scratch (Kaiming normal)"), not any(x.weights for x in m)),
+        _row("GN groups", "not stated (Wu & He: 32; 16 channels allow at most 16)",
+             _values(study_or_experiment, lambda v: v.model.gn_groups), None),
+        _row("BIN gate learning rate", "not stated (Nam & Kim's code: 10x)",
+             _values(study_or_experiment, lambda v: f"{v.model.bin_gate_lr:g}x"), None),
         _row("optimizer", "SGD", _values(study, lambda v: v.train.optimizer.upper()),
              all(x.optimizer == "sgd" for x in t)),
         _row("momentum", "not stated", _values(study, lambda v: v.train.momentum), None),

@@ -150,6 +150,13 @@ class GradcamParams:
 
 
 @dataclass(frozen=True)
+class VisualizeParams:
+    images: int = 3                     # fixed images (the first of gradcam.split) whose feature maps are drawn
+    channels: int = 8                   # the most active channels shown per feature map
+    stat_images: int = 256              # images over which each norm layer's activation statistics are taken
+
+
+@dataclass(frozen=True)
 class SanityParams:
     steps: int = 30                     # float64 lock-step SGD steps of BN against nn.BatchNorm2d
 
@@ -165,6 +172,7 @@ class Params:
     study: StudyParams = field(default_factory=StudyParams)
     gradcam: GradcamParams = field(default_factory=GradcamParams)
     sanity: SanityParams = field(default_factory=SanityParams)
+    visualize: VisualizeParams = field(default_factory=VisualizeParams)
 
     def experiment(self) -> Variant:
         """The single variant chosen by top-level `norm` and `batch_size` (`dvc exp run -S ...`)."""
@@ -400,6 +408,9 @@ def validate(p: Params) -> Params:
     _check_min("gradcam.per_kind", p.gradcam.per_kind, 1)
     _check_choice("gradcam.split", p.gradcam.split, GRADCAM_SPLITS)
     _check_min("sanity.steps", p.sanity.steps, 1)
+    _check_range("visualize.images", p.visualize.images, 1, 16)
+    _check_range("visualize.channels", p.visualize.channels, 1, 32)
+    _check_min("visualize.stat_images", p.visualize.stat_images, 1)
     return p
 
 

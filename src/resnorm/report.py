@@ -22,7 +22,8 @@ from .io import write_json, console, read_csv, read_json, run_cli, save_figure, 
 from .params import Params, load_params
 from .prepare import skip_kind
 from .stats import Comparison, binomial_se, compare, mean_interval
-from .summary import model_summary
+from .summary import arch_summary, model_summary
+from .transfer import describe as describe_transfer
 
 SPLITS = ("train", "val", "test")
 SCORES = ("accuracy", "micro_f1", "macro_f1")
@@ -476,7 +477,6 @@ def report(p: Params) -> Doc:
     batch = [v.name for v in p.variants("batch")]
     data = read_json(PREPARED / "report.json")
     classes = read_json(PREPARED / "classes.json")
-    summ = model_summary(p.model.n, len(classes), p.data.image_size, "bn", p.model.gn_groups, p.model.shortcut)
     n_tests = 0
     doc = Doc()
     doc.h(1, "ResNet with different normalization schemes: study report")
@@ -511,13 +511,17 @@ def report(p: Params) -> Doc:
     doc.table(["class", *SPLITS], [[c, *(str(v[s]) for s in SPLITS)] for c, v in data["per_class"].items()])
 
     doc.h(2, "Model")
-    doc.p(f"ResNet-{6 * p.model.n + 2} (n = {p.model.n}): {summ['weighted_layers']} weighted layers (every conv and "
-          f"the linear layer counted), {summ['params']:,} parameters with BN ({len(classes)} classes), "
-          f"{summ['macs'] / 1e6:,.1f} M multiply-accumulates per {p.data.image_size}x{p.data.image_size} image; "
-          f"widths 16/32/64 at full, half and quarter resolution; a norm after every conv; "
-          + ("identity shortcuts, subsampled with stride 2 and zero-padded where the width doubles (option A, no "
-             "parameters)" if p.model.shortcut == "A" else "1x1 stride-2 projection shortcuts with a norm where the "
-             "width doubles (option B)") + f"; GN uses {p.model.gn_groups} groups.")
+    doc.p(model_text(p.model, len(classes), p.data.image_size))
+    own = [v for v in p.variants() if v.model != p.model]
+    if own:
+        doc.p("Variants with their own model settings: " + "; ".join(
+            f"{v.name}: " + ", ".join(f"{k} {getattr(v.model, k)}" for k in v.model.__dataclass_fields__
+                                      if getattr(v.model, k) != getattr(p.model, k)) for v in own) + ".")
+    transfers = {v: next((r["transfer"] for r in rs if r.get("transfer")), None) for v, rs in runs.items()}
+    for v, t in transfers.items():
+        if t:
+            doc.p(f"{v} did not start from scratch: {describe_transfer(t)}; freeze {t['freeze']} "
+                  f"({t['trainable_parameters']:,} parameters trained, {t['frozen_parameters']:,} frozen).")
 
     doc.h(2, "All variants")
     head = ["variant", "seeds"] + [f"{s} {k.replace('_', '-')}" for s in SPLITS for k in SCORES]
@@ -626,6 +630,8 @@ def report(p: Params) -> Doc:
             doc.p(text)
             doc.img(f"gradcam/grids/{name}.png", f"Grad-CAM {name}")
 
+    inside_section(doc)
+
     curves = OUT / "curves"
     write_csv(curves / "norms.csv", curve_rows(runs, base))
     write_csv(curves / "sanity.csv", curve_rows(runs, sanity))
@@ -633,6 +639,61 @@ def report(p: Params) -> Doc:
     write_json(curves / "by_variant.json", vega_template(colors))
     write_json(curves / "by_variant_log.json", vega_template(colors, log_y=True))
     return doc
+
+
+def model_text(m, num_classes: int, size: int) -> str:
+    """The Model section's paragraph: the architecture, its size, and the choices that shape it."""
+    if m.arch != "resnet6n2":
+        s = arch_summary(m.arch, num_classes, size, "bn", gn_groups=m.gn_groups, dropout=m.dropout)
+        return (f"torchvision's {m.arch} ({s['depth']} weighted layers on the main path, {s['weighted_layers']} with "
+                f"its projection shortcuts), {s['params']:,} parameters with BN ({num_classes} classes), "
+                f"{s['macs'] / 1e6:,.1f} M multiply-accumulates per {size}x{size} image; torchvision's own "
+                f"builder with this project's norm as `norm_layer`; GN uses {m.gn_groups} groups"
+                + (f"; dropout {m.dropout:g} before the classifier" if m.dropout else "") + ".")
+    s = model_summary(m.n, num_classes, size, "bn", m.gn_groups, m.shortcut, m.block)
+    return (f"ResNet-{6 * m.n + 2} (n = {m.n}): {s['weighted_layers']} weighted layers (every conv and the linear "
+            f"layer counted), {s['params']:,} parameters with BN ({num_classes} classes), "
+            f"{s['macs'] / 1e6:,.1f} M multiply-accumulates per {size}x{size} image; widths 16/32/64 at full, half "
+            f"and quarter resolution; "
+            + ("a norm after every conv" if m.block == "basic" else "pre-activation blocks (He et al. 2016: norm, "
+               "ReLU, conv, twice, then the addition; a final norm and ReLU before the pool)") + "; "
+            + ("identity shortcuts, subsampled with stride 2 and zero-padded where the width doubles (option A, no "
+               "parameters)" if m.shortcut == "A" else "1x1 stride-2 projection shortcuts where the width doubles "
+               "(option B)") + f"; GN uses {m.gn_groups} groups"
+            + (f"; dropout {m.dropout:g} before the classifier" if m.dropout else "") + ".")
+
+
+def inside_section(doc: Doc) -> None:
+    """Inside the best model (stage visualize): its kernels, feature maps and what its norms do."""
+    path = Path("metrics/visualize.json")
+    if not path.exists():
+        return
+    vz = read_json(path)
+    doc.h(2, "Inside the best model")
+    k = vz["kernels"]
+    doc.p(f"{vz['run']} ({vz['arch']}, norm {vz['norm']}), in eval mode, on {vz['split']} images (stage "
+          f"`visualize`). Its first conv layer has {k['kernels']} kernels of {k['size'][0]}x{k['size'][1]}, shown as "
+          f"RGB with each kernel scaled to its own range (mean L2 norm {k['weight_norm_mean']:.2f}, largest "
+          f"{k['weight_norm_max']:.2f}).")
+    doc.img("visualize/kernels.png", "first-layer kernels")
+    doc.p("Feature maps of the stem and of each stage: the most active channels over the images shown, the same "
+          "channels for every image. " + "; ".join(
+              f"{f['name']}: {f['width']} channels at {f['size'][0]}x{f['size'][1]}" for f in vz["feature_maps"]) + ".")
+    doc.img("visualize/feature_maps.png", "feature maps")
+    rows = [[s["stage"], str(s["layers"]), f"{s['mean_before']:+.3f}", f"{s['mean_after']:+.3f}",
+             f"{s['std_before']:.3f}", f"{s['std_after']:.3f}", f"{s['std_after'] / s['std_before']:.2f}"
+             if s["std_before"] else "n/a"] for s in vz["stages"]]
+    doc.p(f"What the norms do, over {vz['stat_images']} images: per stage, the mean over its norm layers of the "
+          f"activation mean and standard deviation at each layer's input (before) and output (after, before the "
+          f"ReLU). The ratio after/before is the factor by which the layers rescale what they receive.")
+    doc.table(["stage", "norm layers", "mean before", "mean after", "std before", "std after", "std ratio"], rows)
+    spread = [s["std_before"] for s in vz["stages"]]
+    after = [s["std_after"] for s in vz["stages"]]
+    if len(spread) > 1 and min(spread) > 0 and min(after) > 0:
+        doc.p(f"Across stages the input scale varies by a factor {max(spread) / min(spread):.1f} "
+              f"({min(spread):.3f} to {max(spread):.3f}) and the output scale by {max(after) / min(after):.1f} "
+              f"({min(after):.3f} to {max(after):.3f}).")
+    doc.img("visualize/activations.png", "activation statistics before and after each norm")
 
 
 STUDY_SUMMARY = Path("metrics/summary/study.json")

@@ -1,0 +1,68 @@
+"""Stage visualize on tiny models: its files, and numbers that say what the norms do."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from resnorm.model import build_model
+from resnorm.params import load_params
+from resnorm.train import model_config, save_checkpoint
+from resnorm.visualize import MODEL, NUMBERS, OUT, activation_stats, visualize
+
+
+def best_checkpoint(arch: str, norm: str, n: int = 1) -> None:
+    """A models/best/best.pt as the gradcam stage leaves it, for an untrained model (weights from init)."""
+    from resnorm.data import load_classes
+    from resnorm.params import ModelParams
+    p = load_params()
+    classes = load_classes()
+    m = ModelParams(arch=arch, n=n, gn_groups=4)
+    torch.manual_seed(0)
+    model = build_model(arch, len(classes), norm, **({"n": n} if arch == "resnet6n2" else {}), gn_groups=4)
+    save_checkpoint(MODEL, {"name": "tiny-0", "model": model.state_dict(), "classes": classes,
+                            "model_config": model_config(m, norm, len(classes), p.data.image_size),
+                            "mean": [120.0] * 3, "std": [60.0] * 3})
+
+
+@pytest.mark.parametrize("arch, norm, kernels", [("resnet6n2", "gn", (16, 3)), ("resnet6n2", "in", (16, 3)),
+                                                 ("resnet18", "bn", (64, 7))])
+def test_visualize_writes_its_figures_and_numbers(prepared, arch, norm, kernels):
+    best_checkpoint(arch, norm)
+    numbers = visualize(load_params())
+    for name in ("kernels.png", "feature_maps.png", "activations.png"):
+        assert (OUT / name).stat().st_size > 5000, name
+    assert json.loads(NUMBERS.read_text()) == json.loads(json.dumps(numbers))
+    assert (numbers["kernels"]["kernels"], numbers["kernels"]["size"][0]) == kernels
+    layers = numbers["layers"]
+    expected = 20 if arch == "resnet18" else 7                # every norm the forward pass reaches, in order
+    assert len(layers) == expected and layers[0]["stage"] == "stem"
+    assert [s["stage"] for s in numbers["stages"]] == ["stem", "stage1", "stage2", "stage3"] + \
+        (["stage4"] if arch == "resnet18" else [])
+    assert [f["name"] for f in numbers["feature_maps"]] == [s["stage"] for s in numbers["stages"]]
+    if norm in ("gn", "in"):
+        # untrained GN / IN (weight 1, bias 0) normalize every sample's groups exactly, in eval as in
+        # training: zero mean and unit std after each layer, whatever came in; the fused ReLU is taken
+        # off for the measurement (with it the mean would be about 0.4)
+        for r in layers:
+            assert abs(r["mean_after"]) < 1e-4 and r["std_after"] == pytest.approx(1, abs=1e-3), r
+        assert any(abs(r["std_before"] - 1) > 0.05 for r in layers)
+
+
+def test_activation_stats_leave_fused_relu_as_it_was():
+    from resnorm.model import ResNet
+    model = ResNet(1, 3, norm="bn").eval()
+    fused = [m for m in model.modules() if getattr(m, "fused_relu", False)]
+    x = torch.randn(4, 3, 16, 16)
+    before = model(x)
+    rows = activation_stats(model, x)
+    assert len(fused) == 4 and all(m.fused_relu for m in fused)          # the stem and each block's first norm
+    torch.testing.assert_close(model(x), before)
+    assert len(rows) == 7 and [r["kind"] for r in rows] == ["BatchNorm"] * 7
+
+
+def test_visualize_without_a_best_model_is_one_line(prepared):
+    from resnorm.io import UserError
+    with pytest.raises(UserError, match="models/best/best.pt: no best model yet; run `dvc repro gradcam`"):
+        visualize(load_params())
