@@ -89,6 +89,7 @@ def copy_repo(dest: Path) -> Path:
     for name in ("dvc.yaml", "params.yaml", ".gitignore"):
         shutil.copy(REPO / name, dest / name)
     shutil.copytree(REPO / "src", dest / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    shutil.copytree(REPO / "weights", dest / "weights")
     subprocess.run(["git", "init", "-q"], cwd=dest, check=True)
     subprocess.run([sys.executable, "-m", "dvc", "init", "-q"], cwd=dest, check=True)
     subprocess.run([sys.executable, "-m", "dvc", "config", "core.analytics", "false"], cwd=dest, check=True)

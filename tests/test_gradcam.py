@@ -114,3 +114,17 @@ def test_analysis_is_computed_from_the_numbers():
     assert "Wrong answers' maps are more concentrated" in text
     assert "In 2 of them (r >= 0.5)" in text and "In 1 (r <= 0)" in text
     assert "3 correct and 3 wrong of 9 test images" in per_class["a"] and "b (3)" in per_class["a"]
+
+
+def test_map_resolution_is_the_last_target_layers_output_and_leaves_the_model_alone():
+    from resnorm.gradcam import map_resolution
+    from resnorm.model import build_model, gradcam_layers
+    m = ResNet(1, 3).eval()
+    x = torch.randn(2, 3, 32, 32)
+    before = m(x)
+    assert map_resolution(m, 32) == 8
+    torch.testing.assert_close(m(x), before)
+    r18 = build_model("resnet18", 3, "bn").eval()
+    assert map_resolution(r18, 64) == 2                          # 1/32 of the input: stem /4, three stride-2 stages
+    layers = gradcam_layers(r18)
+    assert len(layers) == 4 and all(any(l is c for c in r18.layer4.modules()) for l in layers)

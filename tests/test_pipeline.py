@@ -63,13 +63,15 @@ def test_every_declared_output_exists(repo):
     for r in runs:
         assert (repo / "metrics/study" / f"{r}.json").exists()
     for f in ("report.md", "report.html", "gradcam/index.json", "gradcam/grids/class_0.png", "curves/norms.csv",
-              "curves/batch.csv", "figures/curves_norms.png"):
+              "curves/batch.csv", "figures/curves_norms.png", "visualize/kernels.png", "visualize/feature_maps.png",
+              "visualize/activations.png"):
         assert (repo / "plots" / f).exists(), f
     html = (repo / "plots/report.html").read_text()
     assert "data:image/png;base64," in html and "<strong>differs</strong>" in html
     md = (repo / "plots/report.md").read_text()
     for heading in ("## Settings: assignment / this run", "## The norms compared", "## Sanity check",
-                    "## BIN: the learned gates", "## Batch size: BN against GN", "## Grad-CAM", "### Overall"):
+                    "## BIN: the learned gates", "## Batch size: BN against GN", "## Grad-CAM", "### Overall",
+                    "## Inside the best model"):
         assert heading in md, heading
     sanity = json.loads((repo / "metrics/sanity.json").read_text())
     assert sanity["steps"] == 3 and sanity["max_loss_difference"] < 1e-8
@@ -109,7 +111,7 @@ def test_second_repro_runs_nothing_and_one_edit_reruns_only_its_variant(repo):
     stages = ran(dvc(repo, "repro"))
     assert {s for s in stages if s.startswith("study-")} == {
         "study-train@gn-bs4-0", "study-train@gn-bs4-1", "study-evaluate@gn-bs4-0", "study-evaluate@gn-bs4-1"}
-    assert stages - {s for s in stages if s.startswith("study-")} <= {"gradcam", "report"}
+    assert stages - {s for s in stages if s.startswith("study-")} <= {"gradcam", "visualize", "report"}
     assert "Data and pipelines are up to date" in dvc(repo, "status")
 
 
@@ -232,10 +234,10 @@ def test_plots_page_renders_offline_in_a_real_browser(repo, tmp_path):
     declared = yaml.safe_load((repo / "dvc.yaml").read_text())
     top = [next(iter(d)) if isinstance(d, dict) else d for d in declared["plots"]]
     # every top-level chart + the experiment's confusion matrix and per-class bars; no per-run study charts
-    assert charts == len([t for t in top if not t.startswith("plots/gradcam")]) + 2, charts
+    assert charts == len([t for t in top if not t.startswith(("plots/gradcam", "plots/visualize"))]) + 2, charts
     assert "plots/study/" not in html
     grids = sorted((repo / "plots/gradcam/grids").glob("*.png"))
-    assert len(grids) == 2 and html.count("<img") >= len(grids)
+    assert len(grids) == 2 and html.count("<img") >= len(grids) + 3          # + the visualize stage's 3 figures
     dom, console = browser(page, tmp_path / "profile")
     html_tag = re.search(r"<html[^>]*>", dom)[0]               # the template's hook: errors, rejections, failed loads
     assert "data-page-errors" not in html_tag, html_tag

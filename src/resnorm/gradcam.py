@@ -73,7 +73,10 @@ def map_resolution(model: torch.nn.Module, size: int) -> int:
     """The side of the maps: the last target layer's output at a size x size input (size / 4 in the
     6n+2 net; size / 32 in torchvision's ResNets, whose stem and four stages halve it five times)."""
     seen = {}
-    hook = gradcam_layers(model)[-1].register_forward_hook(lambda m, i, o: seen.setdefault("shape", o.shape))
+
+    def record(module, inputs, output):           # a hook that returns nothing leaves the output alone
+        seen["shape"] = output.shape
+    hook = gradcam_layers(model)[-1].register_forward_hook(record)
     try:
         with torch.no_grad():
             model(torch.zeros(1, 3, size, size))

@@ -102,8 +102,12 @@ def feature_maps(model: nn.Module, x: torch.Tensor, channels: int) -> list[dict]
     highest mean activation over x (one choice for every image, so the rows compare)."""
     outs = {}
     points = feature_points(model)
-    hooks = [m.register_forward_hook(lambda mod, i, o, name=name: outs.setdefault(name, o.detach().float()))
-             for name, m in points]
+
+    def keeper(name):
+        def keep(module, inputs, output):         # returns nothing: the forward pass goes on unchanged
+            outs[name] = output.detach().float()
+        return keep
+    hooks = [m.register_forward_hook(keeper(name)) for name, m in points]
     try:
         model(x)
     finally:
