@@ -56,6 +56,12 @@ def test_default_cpu_setting_marks_each_deviation():
 @pytest.mark.parametrize("override, row", [
     ({"model": {"shortcut": "B"}}, "shortcut"),
     ({"model": {"n": 3}}, "depth"),
+    ({"model": {"arch": "resnet18"}}, "architecture"),
+    ({"model": {"arch": "resnet18"}}, "depth"),
+    ({"model": {"block": "preact"}}, "residual block"),
+    ({"model": {"dropout": 0.2}}, "dropout"),
+    ({"model": {"weights": "w.pth", "freeze": "stem"}}, "initialisation"),
+    ({"study": {"variants": {"gn-r18": {"norm": "gn", "batch_size": 32, "arch": "resnet18"}}}}, "architecture"),
     ({"train": {"optimizer": "adam", "nesterov": False}}, "optimizer"),
     ({"train": {"label_smoothing": 0.1}}, "label smoothing"),
     ({"study": {"variants": {"gn-bs32": {"norm": "gn", "batch_size": 32, "early_stopping_patience": 3}}}},
