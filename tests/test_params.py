@@ -139,3 +139,23 @@ def test_params_yaml_is_written_the_way_dvc_exp_run_s_writes_it(tmp_path):
     p = load_params(copy)
     apply_overrides(copy, [f"norm={p.norm}", f"study.seeds=[{','.join(map(str, p.study.seeds))}]"])
     assert copy.read_bytes() == (REPO / "params.yaml").read_bytes()
+
+
+def test_every_knob_is_in_params_yaml_so_dvc_can_set_it():
+    """`dvc exp run -S model.arch=resnet18` can only override a key params.yaml has (DVC: "Could not
+    override 'model.arch' ... Key 'arch' is not in struct"): every field of every section is there."""
+    import dataclasses
+    import typing
+
+    import yaml
+    from resnorm.params import Params
+
+    def missing(cls, node, prefix):
+        hints, out = typing.get_type_hints(cls), []
+        for f in dataclasses.fields(cls):
+            if f.name not in node:
+                out.append(prefix + f.name)
+            elif dataclasses.is_dataclass(hints[f.name]):
+                out += missing(hints[f.name], node[f.name], f"{prefix}{f.name}.")
+        return out
+    assert missing(Params, yaml.safe_load((REPO / "params.yaml").read_text()), "") == []
