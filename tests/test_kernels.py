@@ -250,3 +250,33 @@ def test_a_build_that_does_not_load_is_rebuilt_once(tmp_path, monkeypatch):
     finally:
         kernels_mod.cpu_kernels.cache_clear()
     assert calls == [str(library.parent / "kernels.cpp")] * 2
+
+
+def test_the_build_uses_the_ninja_beside_this_python(monkeypatch, tmp_path):
+    """A venv's ninja and a system ninja hash build commands differently: an activated shell and a bare
+    `.venv/bin/python` would rebuild each other's kernels at every switch. The build runs with this
+    Python's bin folder first on PATH (when it has a ninja), and PATH is restored afterwards."""
+    import os
+    import sys
+    from pathlib import Path
+    import torch.utils.cpp_extension as ext
+    bin_dir = tmp_path / "venv" / "bin"
+    bin_dir.mkdir(parents=True)
+    (bin_dir / "ninja").write_text("#!/bin/sh\n")
+    monkeypatch.setattr(sys, "executable", str(bin_dir / "python"))
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "ext"))
+    seen = []
+    monkeypatch.setattr(ext, "load", lambda *a, **k: seen.append(os.environ["PATH"]) or "module")
+    kernels_mod.cpu_kernels.cache_clear()
+    try:
+        assert kernels_mod.cpu_kernels() == "module"
+    finally:
+        kernels_mod.cpu_kernels.cache_clear()
+    assert seen == [f"{bin_dir}{os.pathsep}/usr/bin:/bin"] and os.environ["PATH"] == "/usr/bin:/bin"
+    (bin_dir / "ninja").unlink()                                   # no ninja there: PATH as it was
+    try:
+        kernels_mod.cpu_kernels()
+    finally:
+        kernels_mod.cpu_kernels.cache_clear()
+    assert seen[-1] == "/usr/bin:/bin" and Path(seen[-1].split(os.pathsep)[0]) != bin_dir

@@ -13,6 +13,7 @@ the engine, `engine()`).
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import logging
@@ -56,6 +57,24 @@ def _source_in(build: Path) -> Path:
     return target
 
 
+@contextlib.contextmanager
+def _ninja_beside_python():
+    """This Python's own bin folder (a venv's) first on PATH while the kernels build, when it has a
+    ninja. Two ninja versions (a venv's 1.13 and a system's 1.11, say) hash build commands
+    differently, so a shell with the venv activated and one without would each find the other's
+    build stale and recompile it (40-60 s) at every switch; with this, every process uses one."""
+    here = Path(sys.executable).parent
+    old = os.environ.get("PATH", "")
+    if not (here / "ninja").exists():
+        yield
+        return
+    os.environ["PATH"] = f"{here}{os.pathsep}{old}"
+    try:
+        yield
+    finally:
+        os.environ["PATH"] = old
+
+
 @functools.cache
 def cpu_kernels():
     """The compiled module (stats, affine, grad_sums, grad_input), or None when unavailable."""
@@ -71,8 +90,9 @@ def cpu_kernels():
             print("resnorm: compiling the fused CPU kernels (once per machine, under a minute)...", file=sys.stderr)
 
         def load():
-            return cpp_extension.load(name=NAME, sources=[str(source)], extra_cflags=CFLAGS,
-                                      extra_ldflags=["-fopenmp"])
+            with _ninja_beside_python():
+                return cpp_extension.load(name=NAME, sources=[str(source)], extra_cflags=CFLAGS,
+                                          extra_ldflags=["-fopenmp"])
         try:
             return load()
         except (ImportError, OSError) as e:       # built, but will not load: rebuild once
