@@ -9,8 +9,12 @@ so the norms' speed is measured beyond the 16-64 channels of the study's n=2 net
 norms are followed by torchvision's own nn.ReLU, ours as well as the built-ins.
 
 Prints median ms/step in NCHW and channels_last (the training default), the ratio of each
-from-scratch norm to its built-in counterpart (BIN: to our BN) and to the no-normalization
-floor (nn). The from-scratch norms apply the ReLU that follows them in their own pass, as
+from-scratch norm to its built-in counterpart (BIN: to our BN) with its 95% interval, and the
+ratio to the no-normalization floor (nn). The ratio is paired by round: each round gives
+median(ours) / median(reference) over its blocks, and the table shows the geometric mean of
+those with a t interval over rounds (`resnorm.stats.mean_interval` on the logs), so that the
+machine's drift from round to round (several percent here) cancels instead of swamping the
+norms' own share of a step. --norms bn,ln times only those norms (with their references and nn). The from-scratch norms apply the ReLU that follows them in their own pass, as
 in training (`resnorm.model.norm_relu`); the built-ins are followed by nn.ReLU. All variants are
 timed in one run, round-robin, so the ratios are side by side; in each round a variant runs a
 block of consecutive steps after a warm-up, as a training loop does (switching models at every
@@ -20,6 +24,7 @@ earlier git revision as "<norm>@REV" rows, timed in the same run (ratio: before 
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import subprocess
 import sys
@@ -32,6 +37,7 @@ from torch import nn
 
 from resnorm.model import build_model
 from resnorm.norms import NORMS
+from resnorm.stats import mean_interval
 
 # built-in references, registered under extra names for this benchmark only
 BUILTINS = {
@@ -98,8 +104,16 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--formats", default="NCHW,channels_last", help="comma-separated subset of NCHW,channels_last")
     ap.add_argument("--before", metavar="REV", help="also time the norms of git revision REV (e.g. 5353712)")
+    ap.add_argument("--norms", help="comma-separated from-scratch norms to time (default: all), with their references")
     args = ap.parse_args()
     order = list(ORDER)
+    if args.norms:
+        wanted = set(args.norms.split(","))
+        unknown = wanted - set(PAIRS)
+        if unknown:
+            ap.error(f"--norms: unknown {', '.join(sorted(unknown))}; choose from {', '.join(PAIRS)}")
+        keep = {"nn"} | wanted | {PAIRS[n] for n in wanted}
+        order = [n for n in order if n in keep]
     if args.before:
         old = norms_at(args.before)
         for n in ("bn", "in", "bin", "ln", "gn"):
@@ -114,28 +128,39 @@ def main() -> None:
     formats = {f: fmt for f, fmt in {"NCHW": torch.contiguous_format, "channels_last": torch.channels_last}.items()
                if f in args.formats.split(",")}
     steps = {(n, f): make_step(n, fmt, args.batch, args.size, args.device, args.arch) for n in order for f, fmt in formats.items()}
-    times = {k: [] for k in steps}
+    times = {k: [] for k in steps}                # ms per step, all rounds
+    per_round = {k: [] for k in steps}            # each round's median
     for _ in range(args.rounds):              # round-robin: every variant sees the same machine state...
         for k, s in steps.items():
             for _ in range(args.warmup):      # ...but runs a block of steps in a row, warm, as in training
                 s()
+            block = []
             for _ in range(args.block):
                 sync()
                 t0 = time.perf_counter()
                 s()
                 sync()
-                times[k].append((time.perf_counter() - t0) * 1e3)
+                block.append((time.perf_counter() - t0) * 1e3)
+            times[k] += block
+            per_round[k].append(statistics.median(block))
     med = {k: statistics.median(v) for k, v in times.items()}
+
+    def paired_ratio(a, b) -> str:
+        """Geometric mean over rounds of a / b, with its 95% t interval."""
+        m, lo, hi = mean_interval([math.log(x / y) for x, y in zip(per_round[a], per_round[b])])
+        bounds = f" [{math.exp(lo):.2f}-{math.exp(hi):.2f}]" if not math.isnan(lo) else ""
+        return f"{math.exp(m):.2f}x{bounds}"
+
     net = "n=2 ResNet" if args.arch == "resnet6n2" else f"torchvision {args.arch}"
     print(f"one SGD step, {net}, batch {args.batch}, {args.size}x{args.size}, {args.device}, "
           f"{args.threads} threads, median of {args.rounds} rounds x {args.block} steps")
-    head = "".join(f" | {f + ' ms':>17} {'vs ref':>16} {'vs floor':>8}" for f in formats)
+    head = "".join(f" | {f + ' ms':>17} {'vs ref [95% interval]':>31} {'vs floor':>8}" for f in formats)
     print(f"{'variant':<14}{head}")
     for n in order:
         ref, row = PAIRS.get(n), ""
         for f in formats:
-            vs = f"{med[(n, f)] / med[(ref, f)]:.2f}x vs {ref}" if ref else ""
-            row += f" | {med[(n, f)]:17.1f} {vs:>16} {med[(n, f)] / med[('nn', f)]:7.2f}x"
+            vs = f"{paired_ratio((n, f), (ref, f))} vs {ref}" if ref in order else ""
+            row += f" | {med[(n, f)]:17.1f} {vs:>31} {med[(n, f)] / med[('nn', f)]:7.2f}x"
         print(f"{n:<14}{row}")
 
 if __name__ == "__main__":

@@ -17,8 +17,10 @@ from resnorm.norms import make_norm
 # (4, 16, 5, 7): 16 channels divide the 64 lanes, 560 values per sample leave a tail of 48;
 # (3, 6, 4, 4): 6 channels do not divide 64 (the plain loop); (2, 8, 32, 32): 1,024-value rows;
 # (2, 128, 2, 2) and (3, 96, 3, 3): the wide channels and tiny maps of torchvision's last stages
-# (channels_last walks rows of C values; NCHW has rows of 4 and 9 values)
-SHAPES = [(4, 16, 5, 7), (3, 6, 4, 4), (2, 8, 32, 32), (2, 128, 2, 2), (3, 96, 3, 3)]
+# (channels_last walks rows of C values; NCHW has rows of 4 and 9 values, summed a sample at a
+# time across rows); (10, 12, 1, 5): NCHW rows of a length without its own unrolled loop, more
+# samples than GN's side-by-side group sums take at once (8), 12 channels in 2 groups
+SHAPES = [(4, 16, 5, 7), (3, 6, 4, 4), (2, 8, 32, 32), (2, 128, 2, 2), (3, 96, 3, 3), (10, 12, 1, 5)]
 NAMES = ["bn", "in", "bin", "ln", "gn"]
 
 

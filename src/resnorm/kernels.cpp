@@ -20,6 +20,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -57,13 +58,31 @@ std::vector<double> values(const at::Tensor& t, int64_t size, double fill) {
   return v;
 }
 
-// per-(n, c) coefficients (N x C doubles) in the element type T; at(n) is row n
+// Scratch array `slot` of this thread, at least `size` long, kept from call to call (Kind tells
+// apart sets of slots of one type). A layer's per-(n, c) arrays are 64-512 KB each; allocated
+// afresh, they come back from the OS as new pages to fault in at every call (a training step
+// frees and takes back far more memory than that), which cost as much as the passes themselves.
+template <typename V, int Kind>
+V* scratch(int slot, int64_t size) {
+  thread_local std::vector<V> arrays[8];
+  std::vector<V>& a = arrays[slot];
+  if (int64_t(a.size()) < size) a.resize(size);
+  return a.data();
+}
+enum Scratch { kWork = 0, kCoef = 1 };
+
+// Coefficients per (n, c) or per channel, in the element type T: `rows` x C doubles, rows = N,
+// or 1 when every sample has the same ones (BN: batch or running statistics); at(n) is sample n's.
+// Each of a call's Coefs takes its own scratch slot.
 template <typename T>
 struct Coef {
-  std::vector<T> v;
-  int64_t c;
-  Coef(const double* p, const Layout& l) : v(p, p + l.n * l.c), c(l.c) {}
-  const T* at(int64_t n) const { return v.data() + n * c; }
+  T* v;
+  int64_t step;
+  Coef(int slot, const double* p, int64_t rows, int64_t channels)
+      : v(scratch<T, kCoef>(slot, rows * channels)), step(rows == 1 ? 0 : channels) {
+    std::copy(p, p + rows * channels, v);
+  }
+  const T* at(int64_t n) const { return v + n * step; }
 };
 
 int64_t grain(int64_t per_item) { return std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(1, per_item)); }
@@ -123,20 +142,10 @@ inline void strided_sums(const T* a, const T* b, int64_t len, int64_t outs, cons
   }
 }
 
-// sums of a'[i] and a'[i] * b[i] over one contiguous row (one gate)
+// sums of a'[i] and a'[i] * b[i] over one contiguous row of kShort or more values (one gate)
 template <bool Gated, typename T>
 inline void row_sums(const T* a, const T* b, int64_t len, T gs, T gb, double& sa, double& sab) {
   double s = 0, q = 0;
-  if (len < 16) {  // a short row (2x2, 4x4 maps): a plain loop, without the vector set-up and tail
-    for (int64_t i = 0; i < len; ++i) {
-      const double va = gate<Gated>(a[i], b[i], gs, gb);
-      s += va;
-      q += va * double(b[i]);
-    }
-    sa = s;
-    sab = q;
-    return;
-  }
 #pragma omp simd reduction(+ : s, q)
   for (int64_t i = 0; i < len; ++i) {
     const double va = gate<Gated>(a[i], b[i], gs, gb);
@@ -147,6 +156,68 @@ inline void row_sums(const T* a, const T* b, int64_t len, T gs, T gb, double& sa
   sab = q;
 }
 
+// NCHW rows shorter than this (maps of 1x1 to 3x5) are handled a sample at a time, vectorised
+// across rows (a row's values in order within a vector lane) instead of one call per row
+constexpr int64_t kShort = 16;
+
+// Calls f(std::integral_constant<int64_t, HW>) for the common short map sizes (1x1, 1x2, 1x3,
+// 2x2, 2x3, 2x4, 3x3, 3x4) so that row loops unroll, and f(HW = 0, read as "hw at run time") otherwise
+template <typename F>
+inline void with_row_length(int64_t hw, F f) {
+  switch (hw) {
+    case 1: return f(std::integral_constant<int64_t, 1>{});
+    case 2: return f(std::integral_constant<int64_t, 2>{});
+    case 3: return f(std::integral_constant<int64_t, 3>{});
+    case 4: return f(std::integral_constant<int64_t, 4>{});
+    case 6: return f(std::integral_constant<int64_t, 6>{});
+    case 8: return f(std::integral_constant<int64_t, 8>{});
+    case 9: return f(std::integral_constant<int64_t, 9>{});
+    case 12: return f(std::integral_constant<int64_t, 12>{});
+    default: return f(std::integral_constant<int64_t, 0>{});
+  }
+}
+
+// row sums of `rows` short rows of length HW (or hw when HW = 0), row r gated by gs[r], gb[r]:
+// each row is summed in order from 0, one row per vector lane
+template <int64_t HW, bool Gated, typename T>
+inline void short_row_sums(const T* a, const T* b, int64_t rows, int64_t hw, const T* gs, const T* gb, double* sa,
+                           double* sab) {
+  const int64_t len = HW ? HW : hw;
+#pragma omp simd
+  for (int64_t r = 0; r < rows; ++r) {
+    double s = 0, q = 0;
+    for (int64_t i = 0; i < len; ++i) {
+      const double va = gate<Gated>(a[r * len + i], b[r * len + i], Gated ? gs[r] : T(0), Gated ? gb[r] : T(0));
+      s += va;
+      q += va * double(b[r * len + i]);
+    }
+    sa[r] = s;
+    sab[r] = q;
+  }
+}
+
+// NCHW maps shorter than kShort: calls body(n, len) once per sample n (its C rows), len the row
+// length as with_row_length passes it; false (and nothing called) for other layouts
+template <typename F>
+bool for_short_rows(const Layout& l, F body) {
+  if (l.channels_last || l.hw >= kShort) return false;
+  with_row_length(l.hw, [&](auto len) {
+    at::parallel_for(0, l.n, grain(l.hw * l.c), [&](int64_t begin, int64_t end) {
+      for (int64_t n = begin; n < end; ++n) body(n, len);
+    });
+  });
+  return true;
+}
+
+// calls f(i, r) for every value i of `rows` rows of length HW (hw when HW = 0), r the row of i
+template <int64_t HW, typename F>
+inline void map_short_rows(int64_t rows, int64_t hw, F f) {
+  const int64_t len = HW ? HW : hw;
+#pragma omp simd
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t k = 0; k < len; ++k) f(r * len + k, r);
+}
+
 // per-(n, c) sums of a' and a' * b over the spatial axes, for a and b in layout l
 template <bool Gated, typename T>
 void sums(const T* a, const T* b, const Layout& l, const Coef<T>* gs, const Coef<T>* gb, double* sa,
@@ -154,11 +225,17 @@ void sums(const T* a, const T* b, const Layout& l, const Coef<T>* gs, const Coef
   const int64_t C = l.c, HW = l.hw;
   const T zero = T(0);
   auto gate_row = [&](const Coef<T>* p, int64_t n) { return Gated ? p->at(n) : &zero; };
+  if (for_short_rows(l, [&](int64_t n, auto len) {
+        short_row_sums<decltype(len)::value, Gated>(a + n * C * HW, b + n * C * HW, C, HW, gate_row(gs, n),
+                                                    gate_row(gb, n), sa + n * C, sab + n * C);
+      }))
+    return;
   if (!l.channels_last) {  // each (n, c) row is contiguous
     at::parallel_for(0, l.n * C, grain(HW), [&](int64_t begin, int64_t end) {
-      for (int64_t r = begin; r < end; ++r) {
-        const int64_t n = r / C, c = Gated ? r % C : 0;
-        row_sums<Gated>(a + r * HW, b + r * HW, HW, gate_row(gs, n)[c], gate_row(gb, n)[c], sa[r], sab[r]);
+      for (int64_t r = begin, n = begin / C, c = begin % C; r < end; ++r) {
+        row_sums<Gated>(a + r * HW, b + r * HW, HW, gate_row(gs, n)[Gated ? c : 0], gate_row(gb, n)[Gated ? c : 0],
+                        sa[r], sab[r]);
+        if (++c == C) c = 0, ++n;
       }
     });
     return;
@@ -238,15 +315,22 @@ inline void map_run(int64_t len, int64_t period, F f) {
 // y = x * scale + shift (then max(y, 0) when Relu), one pass
 template <bool Relu, typename T>
 void affine_pass(const T* x, const Layout& l, const Coef<T>& scale, const Coef<T>& shift, T* y) {
+  auto op = [](T v, T s, T b) {
+    const T o = v * s + b;
+    return Relu ? std::max(o, T(0)) : o;
+  };
+  if (for_short_rows(l, [&](int64_t n, auto len) {
+        const T *s = scale.at(n), *b = shift.at(n), *px = x + n * l.c * l.hw;
+        T* py = y + n * l.c * l.hw;
+        map_short_rows<decltype(len)::value>(l.c, l.hw, [&](int64_t i, int64_t r) { py[i] = op(px[i], s[r], b[r]); });
+      }))
+    return;
   for_runs(l, [&](int64_t off, int64_t len, int64_t n, int64_t c, int64_t period) {
-    const T *s = scale.at(n) + c, *b = shift.at(n) + c, *px = x + off;
+    const T *px = x + off;
     T* py = y + off;
-    const LaneCoef<T> ls(s, period), lb(b, period);
+    const LaneCoef<T> ls(scale.at(n) + c, period), lb(shift.at(n) + c, period);
     const T *vs = ls.v, *vb = lb.v;
-    map_run(len, period, [&](int64_t i, int64_t k) {
-      const T o = px[i] * vs[k] + vb[k];
-      py[i] = Relu ? std::max(o, T(0)) : o;
-    });
+    map_run(len, period, [&](int64_t i, int64_t k) { py[i] = op(px[i], vs[k], vb[k]); });
   });
 }
 
@@ -254,40 +338,84 @@ void affine_pass(const T* x, const Layout& l, const Coef<T>& scale, const Coef<T
 template <bool Gated, typename T>
 void grad_input_pass(const T* g, const T* x, const Layout& l, const Coef<T>& scale,
                      const Coef<T>& shift, const Coef<T>& c1, const Coef<T>& c0, T* out) {
+  auto op = [](T gv, T xv, T s, T b, T k1, T k0) { return gate<Gated>(gv, xv, s, b) * s + (xv * k1 + k0); };
+  if (for_short_rows(l, [&](int64_t n, auto len) {
+        const int64_t off = n * l.c * l.hw;
+        const T *s = scale.at(n), *b = shift.at(n), *k1 = c1.at(n), *k0 = c0.at(n), *pg = g + off, *px = x + off;
+        T* po = out + off;
+        map_short_rows<decltype(len)::value>(l.c, l.hw, [&](int64_t i, int64_t r) {
+          po[i] = op(pg[i], px[i], s[r], b[r], k1[r], k0[r]);
+        });
+      }))
+    return;
   for_runs(l, [&](int64_t off, int64_t len, int64_t n, int64_t c, int64_t period) {
-    const T *s = scale.at(n) + c, *b = shift.at(n) + c, *k1 = c1.at(n) + c, *k0 = c0.at(n) + c;
     const T *pg = g + off, *px = x + off;
     T* po = out + off;
-    const LaneCoef<T> ls(s, period), lb(b, period), l1(k1, period), l0(k0, period);
+    const LaneCoef<T> ls(scale.at(n) + c, period), lb(shift.at(n) + c, period), l1(c1.at(n) + c, period),
+        l0(c0.at(n) + c, period);
     const T *vs = ls.v, *vb = lb.v, *v1 = l1.v, *v0 = l0.v;
-    map_run(len, period, [&](int64_t i, int64_t k) {
-      po[i] = gate<Gated>(pg[i], px[i], vs[k], vb[k]) * vs[k] + (px[i] * v1[k] + v0[k]);
-    });
+    map_run(len, period, [&](int64_t i, int64_t k) { po[i] = op(pg[i], px[i], vs[k], vb[k], v1[k], v0[k]); });
   });
 }
 
 // A part's statistics are pooled by kind (the codes of resnorm.norms FIXED, CELL, SAMPLES, GROUPS)
 enum Kind : int64_t { kFixed = 0, kCell = 1, kSamples = 2, kGroups = 3 };
 
-// average each group of cells of t (N x C, by kind) and broadcast it back, in place
-void pool(double* t, int64_t N, int64_t C, int64_t kind, int64_t groups) {
-  if (kind == kSamples) {  // row by row (contiguous), each channel's sum still in sample order
-    std::vector<double> m(t, t + C);
-    for (int64_t n = 1; n < N; ++n)
-      for (int64_t c = 0; c < C; ++c) m[c] += t[n * C + c];
-    for (int64_t c = 0; c < C; ++c) m[c] /= double(N);
-    for (int64_t n = 0; n < N; ++n) std::copy(m.begin(), m.end(), t + n * C);
-  } else if (kind == kGroups) {
-    const int64_t per = C / groups;
-    for (int64_t n = 0; n < N; ++n)
-      for (int64_t g = 0; g < groups; ++g) {
-        double* p = t + n * C + g * per;
-        double m = 0;
-        for (int64_t c = 0; c < per; ++c) m += p[c];
-        m /= double(per);
-        std::fill(p, p + per, m);
-      }
+// 1 / sqrt(var + eps), the one rounding of every rstd here
+inline double rstd_of(double var, double eps) { return 1.0 / std::sqrt(var + eps); }
+
+// BN's pooling: average each channel over the samples of t (N x C) and broadcast it back, in
+// place, row by row (contiguous), each channel's sum still in sample order. (IN's cells are not
+// pooled; GN's and LN's groups are pooled by over_groups.)
+void pool_samples(double* t, int64_t N, int64_t C) {
+  std::vector<double> m(t, t + C);
+  for (int64_t n = 1; n < N; ++n)
+    for (int64_t c = 0; c < C; ++c) m[c] += t[n * C + c];
+  for (int64_t c = 0; c < C; ++c) m[c] /= double(N);
+  for (int64_t n = 0; n < N; ++n) std::copy(m.begin(), m.end(), t + n * C);
+}
+
+// calls f(c0, c1, m, v) for each group of channels [c0, c1) of width per = C / groups, where m[n]
+// and v[n] are the means over sample n's group of a[i] and of fb(n, i, m[n]) (i = n * C + c: the
+// second term may use the first's mean). Each sum runs in channel order, as a plain loop would add
+// it, with kSide samples' sums side by side (independent additions, not one long chain).
+constexpr int64_t kSide = 8;
+template <typename FB, typename F>
+void over_groups(const double* a, int64_t N, int64_t C, int64_t groups, FB fb, F f) {
+  const int64_t per = C / groups;
+  std::vector<double> m(N), v(N);
+  for (int64_t c0 = 0; c0 < C; c0 += per) {
+    std::fill(m.begin(), m.end(), 0.0);
+    std::fill(v.begin(), v.end(), 0.0);
+    for (int64_t n0 = 0; n0 < N; n0 += kSide) {  // kSide samples at a time: as many streams, each contiguous
+      const int64_t n1 = std::min(N, n0 + kSide);
+      for (int64_t c = c0; c < c0 + per; ++c)
+        for (int64_t n = n0; n < n1; ++n) m[n] += a[n * C + c];
+      for (int64_t n = n0; n < n1; ++n) m[n] /= double(per);
+      for (int64_t c = c0; c < c0 + per; ++c)
+        for (int64_t n = n0; n < n1; ++n) v[n] += fb(n, n * C + c, m[n]);
+      for (int64_t n = n0; n < n1; ++n) v[n] /= double(per);
+    }
+    f(c0, c0 + per, m, v);
   }
+}
+
+// GN's and LN's statistics straight into the part's mean and rstd (N x C): each sample's group
+// mean, and its variance pooled exactly, mean(var + (mean_c - mean)^2)
+void group_stats(const double* mean, const double* var, int64_t N, int64_t C, int64_t groups, double eps,
+                 double* pm, double* pr) {
+  over_groups(
+      mean, N, C, groups,
+      [&](int64_t, int64_t i, double m) {
+        const double d = mean[i] - m;
+        return var[i] + d * d;
+      },
+      [&](int64_t c0, int64_t c1, const std::vector<double>& m, const std::vector<double>& v) {
+        for (int64_t n = 0; n < N; ++n) {
+          std::fill(pm + n * C + c0, pm + n * C + c1, m[n]);
+          std::fill(pr + n * C + c0, pr + n * C + c1, rstd_of(v[n], eps));
+        }
+      });
 }
 
 // running = lerp(running, value, factor) in place, for BN's running statistics
@@ -299,58 +427,100 @@ void lerp_into(const at::Tensor& running, const double* value, double scale, dou
   });
 }
 
+// One sample's per-cell backward terms of a part (restrict: vectorised across channels):
+// gxhat = sum of g * x_hat in the cell, d_alpha += gxhat, bb = alpha * gxhat, ag = alpha * sum(g)
+inline void cell_terms(int64_t C, const double* __restrict sg, const double* __restrict sgx,
+                       const double* __restrict pm, const double* __restrict pr, const double* __restrict a,
+                       double* __restrict d_alpha, double* __restrict bb, double* __restrict ag) {
+  for (int64_t c = 0; c < C; ++c) {
+    const double gxhat = pr[c] * (sgx[c] - pm[c] * sg[c]);
+    d_alpha[c] += gxhat;
+    bb[c] = a[c] * gxhat;
+    ag[c] = a[c] * sg[c];
+  }
+}
+
+// A part's share of grad_x = g' * scale + x * c1 + c0 in one cell, from its pooled bb and ag
+inline void input_term(double inv, double pm, double pr, double bb, double ag, double& c1, double& c0) {
+  const double k = pr * inv, r2b = k * pr * bb;
+  c1 -= r2b;
+  c0 += pm * r2b - k * ag;
+}
+
+// The number of coefficient rows of a layer: 1 when every part's statistics are per channel
+// (BN: batch or running ones), so that every sample has the same scale and shift; else N
+int64_t coef_rows(const std::vector<int64_t>& kinds, int64_t n) {
+  const bool per_channel = std::all_of(kinds.begin(), kinds.end(), [](int64_t k) { return k == kFixed || k == kSamples; });
+  return per_channel ? 1 : n;
+}
+
 }  // namespace
 
 // Forward of a layer with parts p = 0..P-1. Returns y and one float64 state tensor of shape
-// (2 + 2P, N, C): scale, shift, then mean and rstd of each part (what norm_backward needs).
+// (2 + 2P, R, C): scale, shift, then mean and rstd of each part (what norm_backward needs), with
+// R = 1 when they are per channel (coef_rows), else R = N.
 std::vector<at::Tensor> norm_forward(const at::Tensor& x, const std::vector<int64_t>& kinds,
                                      const std::vector<int64_t>& groups, const std::vector<at::Tensor>& alphas,
                                      const std::vector<at::Tensor>& fixed_mean, const std::vector<at::Tensor>& fixed_var,
                                      const std::vector<at::Tensor>& run_mean, const std::vector<at::Tensor>& run_var,
                                      double factor, double unbias, const at::Tensor& bias, double eps, bool relu) {
   const Layout l = layout_of(x);
-  const int64_t N = l.n, C = l.c, NC = N * C, P = int64_t(kinds.size());
-  at::Tensor state = at::empty({2 + 2 * P, N, C}, at::kDouble);
+  const int64_t N = l.n, C = l.c, NC = N * C, P = int64_t(kinds.size()), R = coef_rows(kinds, N), RC = R * C;
+  at::Tensor state = at::empty({2 + 2 * P, R, C}, at::kDouble);
   double* scale = state.data_ptr<double>();
-  double* shift = scale + NC;
-  std::vector<double> mean(NC), var(NC), pv(NC);
+  double* shift = scale + RC;
+  double *mean = scratch<double, kWork>(0, NC), *var = scratch<double, kWork>(1, NC),
+         *pooled = scratch<double, kWork>(2, NC), *pv = scratch<double, kWork>(3, NC);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "resnorm_stats", [&] {
     const scalar_t* p = x.data_ptr<scalar_t>();
-    sums<false, scalar_t>(p, p, l, nullptr, nullptr, mean.data(), var.data());
+    sums<false, scalar_t>(p, p, l, nullptr, nullptr, mean, var);
   });
-  for (int64_t i = 0; i < NC; ++i) {  // sums -> mean and biased variance
-    mean[i] /= double(l.hw);
-    var[i] = std::max(var[i] / double(l.hw) - mean[i] * mean[i], 0.0);
+  if ((l.hw & (l.hw - 1)) == 0) {  // sums -> mean and biased variance; / 2^k is * 2^-k, exactly
+    const double inv = 1.0 / double(l.hw);
+    for (int64_t i = 0; i < NC; ++i) {
+      mean[i] *= inv;
+      var[i] = std::max(var[i] * inv - mean[i] * mean[i], 0.0);
+    }
+  } else {
+    for (int64_t i = 0; i < NC; ++i) {
+      mean[i] /= double(l.hw);
+      var[i] = std::max(var[i] / double(l.hw) - mean[i] * mean[i], 0.0);
+    }
   }
   const std::vector<double> b = values(bias, C, 0.0);
-  for (int64_t n = 0; n < N; ++n) std::copy(b.begin(), b.end(), shift + n * C);
-  std::fill(scale, scale + NC, 0.0);
+  for (int64_t r = 0; r < R; ++r) std::copy(b.begin(), b.end(), shift + r * C);
+  std::fill(scale, scale + RC, 0.0);
   for (int64_t p = 0; p < P; ++p) {
-    double* pm = shift + NC + 2 * p * NC;
-    double* pr = pm + NC;
+    double* pm = shift + RC + 2 * p * RC;
+    double* pr = pm + RC;
     if (kinds[p] == kFixed) {
       const std::vector<double> fm = values(fixed_mean[p], C, 0.0), fv = values(fixed_var[p], C, 1.0);
-      for (int64_t n = 0; n < N; ++n) {
-        std::copy(fm.begin(), fm.end(), pm + n * C);
-        std::copy(fv.begin(), fv.end(), pv.begin() + n * C);
-      }
+      for (int64_t r = 0; r < R; ++r) std::copy(fm.begin(), fm.end(), pm + r * C);
+      std::copy(fv.begin(), fv.end(), pv);
+    } else if (kinds[p] == kGroups) {
+      group_stats(mean, var, N, C, groups[p], eps, pm, pr);
+    } else if (kinds[p] == kCell) {
+      std::copy(mean, mean + NC, pm);
+      for (int64_t i = 0; i < NC; ++i) pr[i] = rstd_of(var[i] + 0.0, eps);  // var + (mean - mean)^2, as pooled
     } else {  // exact pooling of equal-sized cells: var = mean(var) + var(means)
-      std::copy(mean.begin(), mean.end(), pm);
-      pool(pm, N, C, kinds[p], groups[p]);
-      for (int64_t i = 0; i < NC; ++i) pv[i] = var[i] + (mean[i] - pm[i]) * (mean[i] - pm[i]);
-      pool(pv.data(), N, C, kinds[p], groups[p]);
+      std::copy(mean, mean + NC, pooled);
+      pool_samples(pooled, N, C);
+      for (int64_t i = 0; i < NC; ++i) pv[i] = var[i] + (mean[i] - pooled[i]) * (mean[i] - pooled[i]);
+      pool_samples(pv, N, C);
       if (run_mean[p].numel()) {  // row 0 holds the pooled per-channel values
-        lerp_into(run_mean[p], pm, 1.0, factor);
-        lerp_into(run_var[p], pv.data(), unbias, factor);
+        lerp_into(run_mean[p], pooled, 1.0, factor);
+        lerp_into(run_var[p], pv, unbias, factor);
       }
+      std::copy(pooled, pooled + RC, pm);
     }
     const std::vector<double> a = values(alphas[p], C, 1.0);
     const bool per_channel = kinds[p] == kFixed || kinds[p] == kSamples;  // every sample's row is row 0's
-    for (int64_t i = 0; i < (per_channel ? C : NC); ++i) pr[i] = 1.0 / std::sqrt(pv[i] + eps);
-    if (per_channel)
-      for (int64_t n = 1; n < N; ++n) std::copy(pr, pr + C, pr + n * C);
-    for (int64_t n = 0; n < N; ++n)
-      for (int64_t c = 0, i = n * C; c < C; ++c, ++i) {
+    if (per_channel) {  // (GN, LN and IN have theirs)
+      for (int64_t c = 0; c < C; ++c) pr[c] = rstd_of(pv[c], eps);
+      for (int64_t r = 1; r < R; ++r) std::copy(pr, pr + C, pr + r * C);
+    }
+    for (int64_t r = 0; r < R; ++r)
+      for (int64_t c = 0, i = r * C; c < C; ++c, ++i) {
         const double s = a[c] * pr[i];
         scale[i] += s;
         shift[i] -= s * pm[i];
@@ -358,7 +528,7 @@ std::vector<at::Tensor> norm_forward(const at::Tensor& x, const std::vector<int6
   }
   at::Tensor y = at::empty_like(x);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "resnorm_affine", [&] {
-    const Coef<scalar_t> s(scale, l), t(shift, l);
+    const Coef<scalar_t> s(0, scale, R, C), t(1, shift, R, C);
     if (relu)
       affine_pass<true>(x.data_ptr<scalar_t>(), l, s, t, y.data_ptr<scalar_t>());
     else
@@ -373,20 +543,24 @@ std::vector<at::Tensor> norm_backward(const at::Tensor& g_in, const at::Tensor& 
                                       const std::vector<int64_t>& kinds, const std::vector<int64_t>& groups,
                                       const std::vector<at::Tensor>& alphas, bool relu, bool need_x) {
   const Layout l = layout_of(x);
-  const int64_t N = l.n, C = l.c, NC = N * C, P = int64_t(kinds.size());
-  TORCH_CHECK(state.scalar_type() == at::kDouble && state.is_contiguous() && state.numel() == (2 + 2 * P) * NC,
+  const int64_t N = l.n, C = l.c, NC = N * C, P = int64_t(kinds.size()), R = coef_rows(kinds, N), RC = R * C;
+  TORCH_CHECK(state.scalar_type() == at::kDouble && state.is_contiguous() && state.numel() == (2 + 2 * P) * RC,
               "resnorm kernels: state does not match the layer");
   const double* scale = state.data_ptr<double>();
-  const double* shift = scale + NC;
+  const double* shift = scale + RC;
   const at::Tensor g = like(g_in, l);
-  std::vector<double> sg(NC), sgx(NC), c1(NC, 0.0), c0(NC, 0.0), gxhat(NC), bb(NC), ag(NC);
+  double *sg = scratch<double, kWork>(0, NC), *sgx = scratch<double, kWork>(1, NC),
+         *bb = scratch<double, kWork>(2, NC), *ag = scratch<double, kWork>(3, NC), *c1 = scratch<double, kWork>(4, RC),
+         *c0 = scratch<double, kWork>(5, RC);
+  std::fill(c1, c1 + RC, 0.0);
+  std::fill(c0, c0 + RC, 0.0);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "resnorm_grad_sums", [&] {
     const scalar_t *pg = g.data_ptr<scalar_t>(), *px = x.data_ptr<scalar_t>();
     if (relu) {
-      const Coef<scalar_t> s(scale, l), t(shift, l);
-      sums<true>(pg, px, l, &s, &t, sg.data(), sgx.data());
+      const Coef<scalar_t> s(0, scale, R, C), t(1, shift, R, C);
+      sums<true>(pg, px, l, &s, &t, sg, sgx);
     } else {
-      sums<false, scalar_t>(pg, px, l, nullptr, nullptr, sg.data(), sgx.data());
+      sums<false, scalar_t>(pg, px, l, nullptr, nullptr, sg, sgx);
     }
   });
   at::Tensor grads = at::zeros({1 + P, C}, at::kDouble);
@@ -394,32 +568,35 @@ std::vector<at::Tensor> norm_backward(const at::Tensor& g_in, const at::Tensor& 
   for (int64_t n = 0; n < N; ++n)
     for (int64_t c = 0; c < C; ++c) d_bias[c] += sg[n * C + c];
   const double inv = 1.0 / double(l.hw);
+  const int64_t step = R == 1 ? 0 : C;  // row n of the statistics: n * step
   for (int64_t p = 0; p < P; ++p) {
-    const double* pm = shift + NC + 2 * p * NC;
-    const double* pr = pm + NC;
+    const double* pm = shift + RC + 2 * p * RC;
+    const double* pr = pm + RC;
     double* d_alpha = d_bias + (1 + p) * C;
     const std::vector<double> a = values(alphas[p], C, 1.0);
     for (int64_t n = 0; n < N; ++n)
-      for (int64_t c = 0, i = n * C; c < C; ++c, ++i) {
-        gxhat[i] = pr[i] * (sgx[i] - pm[i] * sg[i]);  // per cell: sum of g * x_hat
-        d_alpha[c] += gxhat[i];
-        bb[i] = a[c] * gxhat[i];
-        ag[i] = a[c] * sg[i];
-      }
+      cell_terms(C, sg + n * C, sgx + n * C, pm + n * step, pr + n * step, a.data(), d_alpha, bb + n * C, ag + n * C);
     if (kinds[p] == kFixed || !need_x) continue;  // constant statistics pass no gradient through
-    pool(bb.data(), N, C, kinds[p], groups[p]);
-    pool(ag.data(), N, C, kinds[p], groups[p]);
-    for (int64_t i = 0; i < NC; ++i) {
-      const double k = pr[i] * inv, r2b = k * pr[i] * bb[i];
-      c1[i] -= r2b;
-      c0[i] += pm[i] * r2b - k * ag[i];
+    if (kinds[p] == kGroups) {  // bb and ag pooled over each group, as in group_stats
+      over_groups(
+          bb, N, C, groups[p], [&](int64_t, int64_t i, double) { return ag[i]; },
+          [&](int64_t g0, int64_t g1, const std::vector<double>& pb, const std::vector<double>& pa) {
+            for (int64_t n = 0; n < N; ++n)
+              for (int64_t i = n * C + g0; i < n * C + g1; ++i) input_term(inv, pm[i], pr[i], pb[n], pa[n], c1[i], c0[i]);
+          });
+      continue;
     }
+    if (kinds[p] == kSamples) {
+      pool_samples(bb, N, C);
+      pool_samples(ag, N, C);
+    }
+    for (int64_t i = 0; i < RC; ++i) input_term(inv, pm[i], pr[i], bb[i], ag[i], c1[i], c0[i]);  // R = 1: row 0
   }
   at::Tensor grad_x;
   if (need_x) {
     grad_x = at::empty_like(x);
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "resnorm_grad_input", [&] {
-      const Coef<scalar_t> s(scale, l), t(shift, l), k1(c1.data(), l), k0(c0.data(), l);
+      const Coef<scalar_t> s(0, scale, R, C), t(1, shift, R, C), k1(2, c1, R, C), k0(3, c0, R, C);
       const scalar_t *pg = g.data_ptr<scalar_t>(), *px = x.data_ptr<scalar_t>();
       if (relu)
         grad_input_pass<true>(pg, px, l, s, t, k1, k0, grad_x.data_ptr<scalar_t>());
