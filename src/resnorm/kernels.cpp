@@ -71,18 +71,21 @@ V* scratch(int slot, int64_t size) {
 }
 enum Scratch { kWork = 0, kCoef = 1 };
 
-// Coefficients per (n, c) or per channel, in the element type T: `rows` x C doubles, rows = N,
-// or 1 when every sample has the same ones (BN: batch or running statistics); at(n) is sample n's.
-// Each of a call's Coefs takes its own scratch slot.
+// Coefficients per (n, c) or per channel, in the element type T: `rows` x C values, rows = N, or
+// 1 when every sample has the same ones (BN: batch or running statistics); at(n) is sample n's.
+// A view of T values, or doubles converted into the thread's scratch slot `slot`.
 template <typename T>
 struct Coef {
-  T* v;
+  const T* v;
   int64_t step;
-  Coef(int slot, const double* p, int64_t rows, int64_t channels)
-      : v(scratch<T, kCoef>(slot, rows * channels)), step(rows == 1 ? 0 : channels) {
-    std::copy(p, p + rows * channels, v);
-  }
+  Coef(const T* p, int64_t rows, int64_t channels) : v(p), step(rows == 1 ? 0 : channels) {}
+  Coef(int slot, const double* p, int64_t rows, int64_t channels) : Coef(convert(slot, p, rows * channels), rows, channels) {}
   const T* at(int64_t n) const { return v + n * step; }
+  static const T* convert(int slot, const double* p, int64_t size) {
+    T* t = scratch<T, kCoef>(slot, size);
+    std::copy(p, p + size, t);
+    return t;
+  }
 };
 
 int64_t grain(int64_t per_item) { return std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(1, per_item)); }
@@ -400,20 +403,21 @@ void over_groups(const double* a, int64_t N, int64_t C, int64_t groups, FB fb, F
   }
 }
 
-// GN's and LN's statistics straight into the part's mean and rstd (N x C): each sample's group
-// mean, and its variance pooled exactly, mean(var + (mean_c - mean)^2)
+// GN's and LN's statistics, one mean and rstd per (sample, group) (N x groups): each sample's
+// group mean, and its variance pooled exactly, mean(var + (mean_c - mean)^2)
 void group_stats(const double* mean, const double* var, int64_t N, int64_t C, int64_t groups, double eps,
                  double* pm, double* pr) {
+  const int64_t per = C / groups;
   over_groups(
       mean, N, C, groups,
       [&](int64_t, int64_t i, double m) {
         const double d = mean[i] - m;
         return var[i] + d * d;
       },
-      [&](int64_t c0, int64_t c1, const std::vector<double>& m, const std::vector<double>& v) {
-        for (int64_t n = 0; n < N; ++n) {
-          std::fill(pm + n * C + c0, pm + n * C + c1, m[n]);
-          std::fill(pr + n * C + c0, pr + n * C + c1, rstd_of(v[n], eps));
+      [&](int64_t c0, int64_t, const std::vector<double>& m, const std::vector<double>& v) {
+        for (int64_t n = 0, j = c0 / per; n < N; ++n, j += groups) {
+          pm[j] = m[n];
+          pr[j] = rstd_of(v[n], eps);
         }
       });
 }
@@ -427,13 +431,16 @@ void lerp_into(const at::Tensor& running, const double* value, double scale, dou
   });
 }
 
-// One sample's per-cell backward terms of a part (restrict: vectorised across channels):
-// gxhat = sum of g * x_hat in the cell, d_alpha += gxhat, bb = alpha * gxhat, ag = alpha * sum(g)
-inline void cell_terms(int64_t C, const double* __restrict sg, const double* __restrict sgx,
+// One sample's per-cell backward terms of a part, over `len` channels (restrict: vectorised
+// across them): gxhat = sum of g * x_hat in the cell, d_alpha += gxhat, bb = alpha * gxhat,
+// ag = alpha * sum(g). The part's mean and rstd are pm[c * Stride], pr[c * Stride]: Stride 1 for
+// a value per channel, 0 for one value (a GN/LN group's).
+template <int64_t Stride>
+inline void cell_terms(int64_t len, const double* __restrict sg, const double* __restrict sgx,
                        const double* __restrict pm, const double* __restrict pr, const double* __restrict a,
                        double* __restrict d_alpha, double* __restrict bb, double* __restrict ag) {
-  for (int64_t c = 0; c < C; ++c) {
-    const double gxhat = pr[c] * (sgx[c] - pm[c] * sg[c]);
+  for (int64_t c = 0; c < len; ++c) {
+    const double gxhat = pr[c * Stride] * (sgx[c] - pm[c * Stride] * sg[c]);
     d_alpha[c] += gxhat;
     bb[c] = a[c] * gxhat;
     ag[c] = a[c] * sg[c];
@@ -447,6 +454,42 @@ inline void input_term(double inv, double pm, double pr, double bb, double ag, d
   c0 += pm * r2b - k * ag;
 }
 
+// Where a part keeps its statistics (mean, then rstd, each `size` doubles) in the state: at their
+// own resolution, one value per channel (BN, running statistics), per (n, c) (IN) or per (n, group)
+// (GN, LN); at(n, c) is the index of the value that cell (n, c) uses.
+struct Stats {
+  int64_t kind, size, per, groups, C;
+  Stats(int64_t kind_, int64_t groups_, int64_t N, int64_t C_)
+      : kind(kind_), per(kind_ == kGroups ? C_ / groups_ : 1), groups(groups_), C(C_) {
+    size = kind == kCell ? N * C : kind == kGroups ? N * groups : C;
+  }
+  int64_t at(int64_t n, int64_t c) const {
+    return kind == kCell ? n * C + c : kind == kGroups ? n * groups + c / per : c;
+  }
+};
+
+// calls f(i, c, j) for every cell i = r * C + c of R coefficient rows, j = sp.at(r, c) (without a
+// division per cell)
+template <typename F>
+void for_cells(const Stats& sp, int64_t R, int64_t C, F f) {
+  for (int64_t r = 0; r < R; ++r) {
+    if (sp.kind == kGroups) {
+      for (int64_t q = 0, j = r * sp.groups; q < sp.groups; ++q, ++j)
+        for (int64_t c = q * sp.per; c < (q + 1) * sp.per; ++c) f(r * C + c, c, j);
+    } else {
+      const int64_t j0 = sp.kind == kCell ? r * C : 0;
+      for (int64_t c = 0; c < C; ++c) f(r * C + c, c, j0 + c);
+    }
+  }
+}
+
+std::vector<Stats> layer_stats(const std::vector<int64_t>& kinds, const std::vector<int64_t>& groups, int64_t N,
+                               int64_t C) {
+  std::vector<Stats> st;
+  for (size_t p = 0; p < kinds.size(); ++p) st.emplace_back(kinds[p], groups[p], N, C);
+  return st;
+}
+
 // The number of coefficient rows of a layer: 1 when every part's statistics are per channel
 // (BN: batch or running ones), so that every sample has the same scale and shift; else N
 int64_t coef_rows(const std::vector<int64_t>& kinds, int64_t n) {
@@ -456,9 +499,11 @@ int64_t coef_rows(const std::vector<int64_t>& kinds, int64_t n) {
 
 }  // namespace
 
-// Forward of a layer with parts p = 0..P-1. Returns y and one float64 state tensor of shape
-// (2 + 2P, R, C): scale, shift, then mean and rstd of each part (what norm_backward needs), with
-// R = 1 when they are per channel (coef_rows), else R = N.
+// Forward of a layer with parts p = 0..P-1. Returns y, the float64 state (each part's mean and
+// rstd at its own resolution, see Stats) and the coefficients scale and shift in x's dtype,
+// (2, R, C) with R = 1 when they are per channel (coef_rows), else R = N: what norm_backward needs.
+// (Small on purpose: at 2x2 maps a per-(n, c) float64 state would be 4x the data, freshly
+// allocated memory to fault in at every call.)
 std::vector<at::Tensor> norm_forward(const at::Tensor& x, const std::vector<int64_t>& kinds,
                                      const std::vector<int64_t>& groups, const std::vector<at::Tensor>& alphas,
                                      const std::vector<at::Tensor>& fixed_mean, const std::vector<at::Tensor>& fixed_var,
@@ -466,11 +511,13 @@ std::vector<at::Tensor> norm_forward(const at::Tensor& x, const std::vector<int6
                                      double factor, double unbias, const at::Tensor& bias, double eps, bool relu) {
   const Layout l = layout_of(x);
   const int64_t N = l.n, C = l.c, NC = N * C, P = int64_t(kinds.size()), R = coef_rows(kinds, N), RC = R * C;
-  at::Tensor state = at::empty({2 + 2 * P, R, C}, at::kDouble);
-  double* scale = state.data_ptr<double>();
-  double* shift = scale + RC;
+  const std::vector<Stats> st = layer_stats(kinds, groups, N, C);
+  int64_t total = 0;
+  for (const Stats& t : st) total += 2 * t.size;
+  at::Tensor state = at::empty({total}, at::kDouble);
   double *mean = scratch<double, kWork>(0, NC), *var = scratch<double, kWork>(1, NC),
-         *pooled = scratch<double, kWork>(2, NC), *pv = scratch<double, kWork>(3, NC);
+         *pooled = scratch<double, kWork>(2, NC), *pv = scratch<double, kWork>(3, NC),
+         *scale = scratch<double, kWork>(4, RC), *shift = scratch<double, kWork>(5, RC);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "resnorm_stats", [&] {
     const scalar_t* p = x.data_ptr<scalar_t>();
     sums<false, scalar_t>(p, p, l, nullptr, nullptr, mean, var);
@@ -490,13 +537,12 @@ std::vector<at::Tensor> norm_forward(const at::Tensor& x, const std::vector<int6
   const std::vector<double> b = values(bias, C, 0.0);
   for (int64_t r = 0; r < R; ++r) std::copy(b.begin(), b.end(), shift + r * C);
   std::fill(scale, scale + RC, 0.0);
-  for (int64_t p = 0; p < P; ++p) {
-    double* pm = shift + RC + 2 * p * RC;
-    double* pr = pm + RC;
+  double* pm = state.data_ptr<double>();
+  for (int64_t p = 0; p < P; pm += 2 * st[p].size, ++p) {
+    double* pr = pm + st[p].size;
     if (kinds[p] == kFixed) {
       const std::vector<double> fm = values(fixed_mean[p], C, 0.0), fv = values(fixed_var[p], C, 1.0);
-      for (int64_t r = 0; r < R; ++r) std::copy(fm.begin(), fm.end(), pm + r * C);
-      std::copy(fv.begin(), fv.end(), pv);
+      for (int64_t c = 0; c < C; ++c) pm[c] = fm[c], pr[c] = rstd_of(fv[c], eps);
     } else if (kinds[p] == kGroups) {
       group_stats(mean, var, N, C, groups[p], eps, pm, pr);
     } else if (kinds[p] == kCell) {
@@ -511,43 +557,45 @@ std::vector<at::Tensor> norm_forward(const at::Tensor& x, const std::vector<int6
         lerp_into(run_mean[p], pooled, 1.0, factor);
         lerp_into(run_var[p], pv, unbias, factor);
       }
-      std::copy(pooled, pooled + RC, pm);
+      for (int64_t c = 0; c < C; ++c) pm[c] = pooled[c], pr[c] = rstd_of(pv[c], eps);
     }
     const std::vector<double> a = values(alphas[p], C, 1.0);
-    const bool per_channel = kinds[p] == kFixed || kinds[p] == kSamples;  // every sample's row is row 0's
-    if (per_channel) {  // (GN, LN and IN have theirs)
-      for (int64_t c = 0; c < C; ++c) pr[c] = rstd_of(pv[c], eps);
-      for (int64_t r = 1; r < R; ++r) std::copy(pr, pr + C, pr + r * C);
-    }
-    for (int64_t r = 0; r < R; ++r)
-      for (int64_t c = 0, i = r * C; c < C; ++c, ++i) {
-        const double s = a[c] * pr[i];
-        scale[i] += s;
-        shift[i] -= s * pm[i];
-      }
+    for_cells(st[p], R, C, [&](int64_t i, int64_t c, int64_t j) {
+      const double s = a[c] * pr[j];
+      scale[i] += s;
+      shift[i] -= s * pm[j];
+    });
   }
+  at::Tensor coef = at::empty({2, R, C}, x.options().memory_format(at::MemoryFormat::Contiguous));
   at::Tensor y = at::empty_like(x);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "resnorm_affine", [&] {
-    const Coef<scalar_t> s(0, scale, R, C), t(1, shift, R, C);
+    scalar_t* k = coef.data_ptr<scalar_t>();
+    std::copy(scale, scale + RC, k);
+    std::copy(shift, shift + RC, k + RC);
+    const Coef<scalar_t> s(k, R, C), t(k + RC, R, C);
     if (relu)
       affine_pass<true>(x.data_ptr<scalar_t>(), l, s, t, y.data_ptr<scalar_t>());
     else
       affine_pass<false>(x.data_ptr<scalar_t>(), l, s, t, y.data_ptr<scalar_t>());
   });
-  return {y, state};
+  return {y, state, coef};
 }
 
-// Backward of the layer that norm_forward ran. Returns grad_x (undefined unless need_x) and one
-// float64 tensor of shape (1 + P, C): the gradient of the bias, then of each part's alpha.
+// Backward of the layer that norm_forward ran (state and coef are its outputs). Returns grad_x
+// (undefined unless need_x) and one float64 tensor of shape (1 + P, C): the gradient of the bias,
+// then of each part's alpha.
 std::vector<at::Tensor> norm_backward(const at::Tensor& g_in, const at::Tensor& x, const at::Tensor& state,
-                                      const std::vector<int64_t>& kinds, const std::vector<int64_t>& groups,
-                                      const std::vector<at::Tensor>& alphas, bool relu, bool need_x) {
+                                      const at::Tensor& coef, const std::vector<int64_t>& kinds,
+                                      const std::vector<int64_t>& groups, const std::vector<at::Tensor>& alphas,
+                                      bool relu, bool need_x) {
   const Layout l = layout_of(x);
   const int64_t N = l.n, C = l.c, NC = N * C, P = int64_t(kinds.size()), R = coef_rows(kinds, N), RC = R * C;
-  TORCH_CHECK(state.scalar_type() == at::kDouble && state.is_contiguous() && state.numel() == (2 + 2 * P) * RC,
+  const std::vector<Stats> st = layer_stats(kinds, groups, N, C);
+  int64_t total = 0;
+  for (const Stats& t : st) total += 2 * t.size;
+  TORCH_CHECK(state.scalar_type() == at::kDouble && state.is_contiguous() && state.numel() == total &&
+                  coef.scalar_type() == x.scalar_type() && coef.is_contiguous() && coef.numel() == 2 * RC,
               "resnorm kernels: state does not match the layer");
-  const double* scale = state.data_ptr<double>();
-  const double* shift = scale + RC;
   const at::Tensor g = like(g_in, l);
   double *sg = scratch<double, kWork>(0, NC), *sgx = scratch<double, kWork>(1, NC),
          *bb = scratch<double, kWork>(2, NC), *ag = scratch<double, kWork>(3, NC), *c1 = scratch<double, kWork>(4, RC),
@@ -555,9 +603,9 @@ std::vector<at::Tensor> norm_backward(const at::Tensor& g_in, const at::Tensor& 
   std::fill(c1, c1 + RC, 0.0);
   std::fill(c0, c0 + RC, 0.0);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "resnorm_grad_sums", [&] {
-    const scalar_t *pg = g.data_ptr<scalar_t>(), *px = x.data_ptr<scalar_t>();
+    const scalar_t *pg = g.data_ptr<scalar_t>(), *px = x.data_ptr<scalar_t>(), *k = coef.data_ptr<scalar_t>();
     if (relu) {
-      const Coef<scalar_t> s(0, scale, R, C), t(1, shift, R, C);
+      const Coef<scalar_t> s(k, R, C), t(k + RC, R, C);
       sums<true>(pg, px, l, &s, &t, sg, sgx);
     } else {
       sums<false, scalar_t>(pg, px, l, nullptr, nullptr, sg, sgx);
@@ -568,21 +616,36 @@ std::vector<at::Tensor> norm_backward(const at::Tensor& g_in, const at::Tensor& 
   for (int64_t n = 0; n < N; ++n)
     for (int64_t c = 0; c < C; ++c) d_bias[c] += sg[n * C + c];
   const double inv = 1.0 / double(l.hw);
-  const int64_t step = R == 1 ? 0 : C;  // row n of the statistics: n * step
-  for (int64_t p = 0; p < P; ++p) {
-    const double* pm = shift + RC + 2 * p * RC;
-    const double* pr = pm + RC;
+  const double* pm = state.data_ptr<double>();
+  for (int64_t p = 0; p < P; pm += 2 * st[p].size, ++p) {
+    const Stats& sp = st[p];
+    const double* pr = pm + sp.size;
     double* d_alpha = d_bias + (1 + p) * C;
     const std::vector<double> a = values(alphas[p], C, 1.0);
-    for (int64_t n = 0; n < N; ++n)
-      cell_terms(C, sg + n * C, sgx + n * C, pm + n * step, pr + n * step, a.data(), d_alpha, bb + n * C, ag + n * C);
+    for (int64_t n = 0; n < N; ++n) {
+      const double *gs = sg + n * C, *gx = sgx + n * C;
+      double *pb = bb + n * C, *pa = ag + n * C;
+      if (kinds[p] == kGroups) {
+        for (int64_t q = 0, c0 = 0; q < sp.groups; ++q, c0 += sp.per) {
+          const int64_t j = n * sp.groups + q;
+          cell_terms<0>(sp.per, gs + c0, gx + c0, pm + j, pr + j, a.data() + c0, d_alpha + c0, pb + c0, pa + c0);
+        }
+      } else {
+        const int64_t j = sp.at(n, 0);
+        cell_terms<1>(C, gs, gx, pm + j, pr + j, a.data(), d_alpha, pb, pa);
+      }
+    }
     if (kinds[p] == kFixed || !need_x) continue;  // constant statistics pass no gradient through
     if (kinds[p] == kGroups) {  // bb and ag pooled over each group, as in group_stats
       over_groups(
           bb, N, C, groups[p], [&](int64_t, int64_t i, double) { return ag[i]; },
-          [&](int64_t g0, int64_t g1, const std::vector<double>& pb, const std::vector<double>& pa) {
-            for (int64_t n = 0; n < N; ++n)
-              for (int64_t i = n * C + g0; i < n * C + g1; ++i) input_term(inv, pm[i], pr[i], pb[n], pa[n], c1[i], c0[i]);
+          [&](int64_t g0, int64_t g1, const std::vector<double>& mb, const std::vector<double>& ma) {
+            for (int64_t n = 0; n < N; ++n) {
+              const int64_t j = sp.at(n, g0);
+              double k1 = 0.0, k0 = 0.0;
+              input_term(inv, pm[j], pr[j], mb[n], ma[n], k1, k0);
+              for (int64_t i = n * C + g0; i < n * C + g1; ++i) c1[i] += k1, c0[i] += k0;
+            }
           });
       continue;
     }
@@ -590,13 +653,16 @@ std::vector<at::Tensor> norm_backward(const at::Tensor& g_in, const at::Tensor& 
       pool_samples(bb, N, C);
       pool_samples(ag, N, C);
     }
-    for (int64_t i = 0; i < RC; ++i) input_term(inv, pm[i], pr[i], bb[i], ag[i], c1[i], c0[i]);  // R = 1: row 0
+    for_cells(sp, R, C, [&](int64_t i, int64_t, int64_t j) {  // R = 1: the pooled rows are all row 0
+      input_term(inv, pm[j], pr[j], bb[i], ag[i], c1[i], c0[i]);
+    });
   }
   at::Tensor grad_x;
   if (need_x) {
     grad_x = at::empty_like(x);
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "resnorm_grad_input", [&] {
-      const Coef<scalar_t> s(0, scale, R, C), t(1, shift, R, C), k1(2, c1, R, C), k0(3, c0, R, C);
+      const scalar_t* k = coef.data_ptr<scalar_t>();
+      const Coef<scalar_t> s(k, R, C), t(k + RC, R, C), k1(2, c1, R, C), k0(3, c0, R, C);
       const scalar_t *pg = g.data_ptr<scalar_t>(), *px = x.data_ptr<scalar_t>();
       if (relu)
         grad_input_pass<true>(pg, px, l, s, t, k1, k0, grad_x.data_ptr<scalar_t>());

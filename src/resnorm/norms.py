@@ -106,8 +106,8 @@ class _Normalize(torch.autograd.Function):
         (x,) = ctx.saved_tensors
         relu, need_x = ctx.layer.fused_relu, ctx.needs_input_grad[0]
         if ctx.kernel_state is not None:
-            specs, alphas, state = ctx.kernel_state
-            grad_x, grads = _kernels_for(x).norm_backward(g, x, state, [sp.kind for sp in specs],
+            specs, alphas, state, coef = ctx.kernel_state
+            grad_x, grads = _kernels_for(x).norm_backward(g, x, state, coef, [sp.kind for sp in specs],
                                                           [sp.groups for sp in specs], [_or_empty(a) for a in alphas],
                                                           relu, need_x)
             d_bias, *d_alphas = grads.unbind(0)
@@ -241,7 +241,7 @@ def _or_empty(t: torch.Tensor | None) -> torch.Tensor:
 
 def _kernel_forward(kernels, layer, x: torch.Tensor, params) -> tuple[torch.Tensor, tuple]:
     """The whole forward in kernels.cpp: returns y and what the backward needs (specs, alphas,
-    and the float64 state: scale, shift, each part's mean and rstd)."""
+    the float64 state: each part's mean and rstd, and the coefficients scale and shift)."""
     specs = layer._spec(x)
     with torch.no_grad():
         alphas = layer._alphas(*params)
@@ -252,7 +252,7 @@ def _kernel_forward(kernels, layer, x: torch.Tensor, params) -> tuple[torch.Tens
         [sp.running[0] if sp.running else _EMPTY for sp in specs],
         [sp.running[1] if sp.running else _EMPTY for sp in specs],
         run[2] if run else 0.0, run[3] if run else 1.0, _or_empty(params[-1]), layer.eps, layer.fused_relu)
-    return out[0], (specs, alphas, out[1])
+    return out[0], (specs, alphas, *out[1:])
 
 
 def _run(layer: nn.Module, x: torch.Tensor, *params) -> torch.Tensor:
