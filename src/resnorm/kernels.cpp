@@ -69,7 +69,7 @@ V* scratch(int slot, int64_t size) {
   if (int64_t(a.size()) < size) a.resize(size);
   return a.data();
 }
-enum Scratch { kWork = 0, kCoef = 1 };
+enum Scratch { kWork = 0, kCoef = 1, kGate = 2 };
 
 // Coefficients per (n, c) or per channel, in the element type T: `rows` x C values, rows = N, or
 // 1 when every sample has the same ones (BN: batch or running statistics); at(n) is sample n's.
@@ -145,7 +145,7 @@ inline void strided_sums(const T* a, const T* b, int64_t len, int64_t outs, cons
   }
 }
 
-// sums of a'[i] and a'[i] * b[i] over one contiguous row of kShort or more values (one gate)
+// sums of a'[i] and a'[i] * b[i] over one contiguous row of more than kShort values (one gate)
 template <bool Gated, typename T>
 inline void row_sums(const T* a, const T* b, int64_t len, T gs, T gb, double& sa, double& sab) {
   double s = 0, q = 0;
@@ -159,12 +159,12 @@ inline void row_sums(const T* a, const T* b, int64_t len, T gs, T gb, double& sa
   sab = q;
 }
 
-// NCHW rows shorter than this (maps of 1x1 to 3x5) are handled a sample at a time, vectorised
+// NCHW rows up to this long (maps of 1x1 to 4x4) are handled a sample at a time, vectorised
 // across rows (a row's values in order within a vector lane) instead of one call per row
 constexpr int64_t kShort = 16;
 
 // Calls f(std::integral_constant<int64_t, HW>) for the common short map sizes (1x1, 1x2, 1x3,
-// 2x2, 2x3, 2x4, 3x3, 3x4) so that row loops unroll, and f(HW = 0, read as "hw at run time") otherwise
+// 2x2, 2x3, 2x4, 3x3, 3x4, 4x4) so that row loops unroll, and f(HW = 0, read as "hw at run time") otherwise
 template <typename F>
 inline void with_row_length(int64_t hw, F f) {
   switch (hw) {
@@ -176,21 +176,21 @@ inline void with_row_length(int64_t hw, F f) {
     case 8: return f(std::integral_constant<int64_t, 8>{});
     case 9: return f(std::integral_constant<int64_t, 9>{});
     case 12: return f(std::integral_constant<int64_t, 12>{});
+    case 16: return f(std::integral_constant<int64_t, 16>{});
     default: return f(std::integral_constant<int64_t, 0>{});
   }
 }
 
-// row sums of `rows` short rows of length HW (or hw when HW = 0), row r gated by gs[r], gb[r]:
-// each row is summed in order from 0, one row per vector lane
-template <int64_t HW, bool Gated, typename T>
-inline void short_row_sums(const T* a, const T* b, int64_t rows, int64_t hw, const T* gs, const T* gb, double* sa,
-                           double* sab) {
+// row sums of a[i] and a[i] * b[i] over `rows` short rows of length HW (or hw when HW = 0): each
+// row is summed in order from 0, one row per vector lane
+template <int64_t HW, typename T>
+inline void short_row_sums(const T* a, const T* b, int64_t rows, int64_t hw, double* sa, double* sab) {
   const int64_t len = HW ? HW : hw;
 #pragma omp simd
   for (int64_t r = 0; r < rows; ++r) {
     double s = 0, q = 0;
     for (int64_t i = 0; i < len; ++i) {
-      const double va = gate<Gated>(a[r * len + i], b[r * len + i], Gated ? gs[r] : T(0), Gated ? gb[r] : T(0));
+      const double va = a[r * len + i];
       s += va;
       q += va * double(b[r * len + i]);
     }
@@ -199,11 +199,11 @@ inline void short_row_sums(const T* a, const T* b, int64_t rows, int64_t hw, con
   }
 }
 
-// NCHW maps shorter than kShort: calls body(n, len) once per sample n (its C rows), len the row
+// NCHW maps of up to kShort values: calls body(n, len) once per sample n (its C rows), len the row
 // length as with_row_length passes it; false (and nothing called) for other layouts
 template <typename F>
 bool for_short_rows(const Layout& l, F body) {
-  if (l.channels_last || l.hw >= kShort) return false;
+  if (l.channels_last || l.hw > kShort) return false;
   with_row_length(l.hw, [&](auto len) {
     at::parallel_for(0, l.n, grain(l.hw * l.c), [&](int64_t begin, int64_t end) {
       for (int64_t n = begin; n < end; ++n) body(n, len);
@@ -229,8 +229,15 @@ void sums(const T* a, const T* b, const Layout& l, const Coef<T>* gs, const Coef
   const T zero = T(0);
   auto gate_row = [&](const Coef<T>* p, int64_t n) { return Gated ? p->at(n) : &zero; };
   if (for_short_rows(l, [&](int64_t n, auto len) {
-        short_row_sums<decltype(len)::value, Gated>(a + n * C * HW, b + n * C * HW, C, HW, gate_row(gs, n),
-                                                    gate_row(gb, n), sa + n * C, sab + n * C);
+        constexpr int64_t L = decltype(len)::value;
+        const T *pa = a + n * C * HW, *pb = b + n * C * HW;
+        if constexpr (Gated) {  // the gate first, in its own vectorised pass over the sample's rows
+          T* t = scratch<T, kGate>(0, C * HW);
+          const T *s = gs->at(n), *t0 = gb->at(n);
+          map_short_rows<L>(C, HW, [&](int64_t i, int64_t r) { t[i] = gate<true>(pa[i], pb[i], s[r], t0[r]); });
+          pa = t;
+        }
+        short_row_sums<L>(pa, pb, C, HW, sa + n * C, sab + n * C);
       }))
     return;
   if (!l.channels_last) {  // each (n, c) row is contiguous
