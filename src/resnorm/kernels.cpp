@@ -69,7 +69,7 @@ V* scratch(int slot, int64_t size) {
   if (int64_t(a.size()) < size) a.resize(size);
   return a.data();
 }
-enum Scratch { kWork = 0, kCoef = 1, kGate = 2 };
+enum Scratch { kWork = 0, kCoef = 1, kGate = 2, kOut = 3 };
 
 // Coefficients per (n, c) or per channel, in the element type T: `rows` x C values, rows = N, or
 // 1 when every sample has the same ones (BN: batch or running statistics); at(n) is sample n's.
@@ -439,17 +439,16 @@ void lerp_into(const at::Tensor& running, const double* value, double scale, dou
 }
 
 // One sample's per-cell backward terms of a part, over `len` channels (restrict: vectorised
-// across them): gxhat = sum of g * x_hat in the cell, d_alpha += gxhat, bb = alpha * gxhat,
+// across them): gxhat = sum of g * x_hat in the cell (d alpha's share), bb = alpha * gxhat,
 // ag = alpha * sum(g). The part's mean and rstd are pm[c * Stride], pr[c * Stride]: Stride 1 for
 // a value per channel, 0 for one value (a GN/LN group's).
 template <int64_t Stride>
 inline void cell_terms(int64_t len, const double* __restrict sg, const double* __restrict sgx,
                        const double* __restrict pm, const double* __restrict pr, const double* __restrict a,
-                       double* __restrict d_alpha, double* __restrict bb, double* __restrict ag) {
+                       double* __restrict gxhat, double* __restrict bb, double* __restrict ag) {
   for (int64_t c = 0; c < len; ++c) {
-    const double gxhat = pr[c * Stride] * (sgx[c] - pm[c * Stride] * sg[c]);
-    d_alpha[c] += gxhat;
-    bb[c] = a[c] * gxhat;
+    gxhat[c] = pr[c * Stride] * (sgx[c] - pm[c * Stride] * sg[c]);
+    bb[c] = a[c] * gxhat[c];
     ag[c] = a[c] * sg[c];
   }
 }
@@ -490,18 +489,193 @@ void for_cells(const Stats& sp, int64_t R, int64_t C, F f) {
   }
 }
 
-std::vector<Stats> layer_stats(const std::vector<int64_t>& kinds, const std::vector<int64_t>& groups, int64_t N,
-                               int64_t C) {
-  std::vector<Stats> st;
-  for (size_t p = 0; p < kinds.size(); ++p) st.emplace_back(kinds[p], groups[p], N, C);
-  return st;
-}
-
 // The number of coefficient rows of a layer: 1 when every part's statistics are per channel
 // (BN: batch or running ones), so that every sample has the same scale and shift; else N
 int64_t coef_rows(const std::vector<int64_t>& kinds, int64_t n) {
   const bool per_channel = std::all_of(kinds.begin(), kinds.end(), [](int64_t k) { return k == kFixed || k == kSamples; });
   return per_channel ? 1 : n;
+}
+
+// IN, GN and LN: every statistic stays within a sample, so a whole layer can run a sample at a
+// time, each sample's passes back to back while its values are still in cache (over_samples)
+bool sample_local(const std::vector<int64_t>& kinds) {
+  return std::all_of(kinds.begin(), kinds.end(), [](int64_t k) { return k == kCell || k == kGroups; });
+}
+
+// Runs body(n0, Layout of the samples from n0): once for the whole batch, or for sample-local
+// layers once per sample, the samples spread over the threads (the passes inside then run serially)
+template <typename F>
+void over_samples(const Layout& l, bool local, F body) {
+  if (!local || l.n == 1) return body(int64_t(0), l);
+  at::parallel_for(0, l.n, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) body(n, Layout{1, l.c, l.hw, l.channels_last});
+  });
+}
+
+// One part of a layer as the forward and backward cores see it: its kind and groups, its
+// per-channel alpha (and fixed or running statistics), and where its mean and rstd are in the state
+struct Part {
+  Stats st;
+  std::vector<double> alpha, fixed_mean, fixed_var;
+  at::Tensor run_mean, run_var;
+  double* base;  // the part's mean in the state: st.size values, then its rstd
+  int64_t offset(int64_t n0) const { return st.kind == kCell ? n0 * st.C : st.kind == kGroups ? n0 * st.groups : 0; }
+  double* mean(int64_t n0) const { return base + offset(n0); }  // from sample n0 on
+  double* rstd(int64_t n0) const { return base + st.size + offset(n0); }
+};
+
+int64_t state_size(const std::vector<int64_t>& kinds, const std::vector<int64_t>& groups, int64_t N, int64_t C) {
+  int64_t total = 0;
+  for (size_t p = 0; p < kinds.size(); ++p) total += 2 * Stats(kinds[p], groups[p], N, C).size;
+  return total;
+}
+
+std::vector<Part> layer_parts(const std::vector<int64_t>& kinds, const std::vector<int64_t>& groups,
+                              const std::vector<at::Tensor>& alphas, int64_t N, int64_t C, double* state) {
+  std::vector<Part> parts;
+  for (size_t p = 0; p < kinds.size(); ++p) {
+    Part part{Stats(kinds[p], groups[p], N, C), values(alphas[p], C, 1.0), {}, {}, {}, {}, state};
+    state += 2 * part.st.size;
+    parts.push_back(std::move(part));
+  }
+  return parts;
+}
+
+std::vector<int64_t> kinds_of(const std::vector<Part>& parts) {
+  std::vector<int64_t> kinds;
+  for (const Part& p : parts) kinds.push_back(p.st.kind);
+  return kinds;
+}
+
+// The forward of the samples of layout l from n0 on (x and y offset to them): statistics, each
+// part's mean and rstd, the coefficient rows scale and shift (R x C, offset to the samples) and y
+template <typename T>
+void forward_core(const T* x, T* y, const Layout& l, int64_t n0, const std::vector<Part>& parts,
+                  const std::vector<double>& b, double eps, double factor, double unbias, bool relu, T* scale_out,
+                  T* shift_out) {
+  const int64_t N = l.n, C = l.c, NC = N * C;
+  const std::vector<int64_t> kinds = kinds_of(parts);
+  const int64_t R = coef_rows(kinds, N), RC = R * C;
+  double *mean = scratch<double, kWork>(0, NC), *var = scratch<double, kWork>(1, NC),
+         *pooled = scratch<double, kWork>(2, NC), *pv = scratch<double, kWork>(3, NC),
+         *scale = scratch<double, kWork>(4, RC), *shift = scratch<double, kWork>(5, RC);
+  if (!std::all_of(kinds.begin(), kinds.end(), [](int64_t k) { return k == kFixed; })) {  // (running ones need none)
+    sums<false, T>(x, x, l, nullptr, nullptr, mean, var);
+    if ((l.hw & (l.hw - 1)) == 0) {  // sums -> mean and biased variance; / 2^k is * 2^-k, exactly
+      const double inv = 1.0 / double(l.hw);
+      for (int64_t i = 0; i < NC; ++i) {
+        mean[i] *= inv;
+        var[i] = std::max(var[i] * inv - mean[i] * mean[i], 0.0);
+      }
+    } else {
+      for (int64_t i = 0; i < NC; ++i) {
+        mean[i] /= double(l.hw);
+        var[i] = std::max(var[i] / double(l.hw) - mean[i] * mean[i], 0.0);
+      }
+    }
+  }
+  for (int64_t r = 0; r < R; ++r) std::copy(b.begin(), b.end(), shift + r * C);
+  std::fill(scale, scale + RC, 0.0);
+  for (const Part& part : parts) {
+    double *pm = part.mean(n0), *pr = part.rstd(n0);
+    const Stats st(part.st.kind, part.st.groups, N, C);  // its statistics for these samples
+    if (st.kind == kFixed) {
+      for (int64_t c = 0; c < C; ++c) pm[c] = part.fixed_mean[c], pr[c] = rstd_of(part.fixed_var[c], eps);
+    } else if (st.kind == kGroups) {
+      group_stats(mean, var, N, C, st.groups, eps, pm, pr);
+    } else if (st.kind == kCell) {
+      std::copy(mean, mean + NC, pm);
+      for (int64_t i = 0; i < NC; ++i) pr[i] = rstd_of(var[i] + 0.0, eps);  // var + (mean - mean)^2, as pooled
+    } else {  // exact pooling of equal-sized cells: var = mean(var) + var(means)
+      std::copy(mean, mean + NC, pooled);
+      pool_samples(pooled, N, C);
+      for (int64_t i = 0; i < NC; ++i) pv[i] = var[i] + (mean[i] - pooled[i]) * (mean[i] - pooled[i]);
+      pool_samples(pv, N, C);
+      if (part.run_mean.numel()) {  // row 0 holds the pooled per-channel values
+        lerp_into(part.run_mean, pooled, 1.0, factor);
+        lerp_into(part.run_var, pv, unbias, factor);
+      }
+      for (int64_t c = 0; c < C; ++c) pm[c] = pooled[c], pr[c] = rstd_of(pv[c], eps);
+    }
+    for_cells(st, R, C, [&](int64_t i, int64_t c, int64_t j) {
+      const double s = part.alpha[c] * pr[j];
+      scale[i] += s;
+      shift[i] -= s * pm[j];
+    });
+  }
+  std::copy(scale, scale + RC, scale_out);
+  std::copy(shift, shift + RC, shift_out);
+  const Coef<T> s(scale_out, R, C), t(shift_out, R, C);
+  if (relu)
+    affine_pass<true>(x, l, s, t, y);
+  else
+    affine_pass<false>(x, l, s, t, y);
+}
+
+// The backward of the samples of layout l from n0 on (g, x and grad_x offset to them; scale and
+// shift their coefficient rows): grad_x (when not null), and per (n, c) the sum of g' (sg) and
+// each part's sum of g' * x_hat (gxhat), offset to the samples, which the caller adds up over the
+// samples in sample order for the parameters' gradients
+template <typename T>
+void backward_core(const T* g, const T* x, T* grad_x, const Layout& l, int64_t n0, const std::vector<Part>& parts,
+                   const T* scale, const T* shift, bool relu, double* sg, const std::vector<double*>& gxhat) {
+  const int64_t N = l.n, C = l.c, NC = N * C, P = int64_t(parts.size());
+  const int64_t R = coef_rows(kinds_of(parts), N), RC = R * C;
+  double *sgx = scratch<double, kWork>(0, NC), *bb = scratch<double, kWork>(1, NC),
+         *ag = scratch<double, kWork>(2, NC), *c1 = scratch<double, kWork>(3, RC), *c0 = scratch<double, kWork>(4, RC);
+  std::fill(c1, c1 + RC, 0.0);
+  std::fill(c0, c0 + RC, 0.0);
+  const Coef<T> s(scale, R, C), t(shift, R, C);
+  if (relu)
+    sums<true>(g, x, l, &s, &t, sg, sgx);
+  else
+    sums<false, T>(g, x, l, nullptr, nullptr, sg, sgx);
+  const double inv = 1.0 / double(l.hw);
+  for (int64_t p = 0; p < P; ++p) {
+    const Part& part = parts[p];
+    const Stats st(part.st.kind, part.st.groups, N, C);
+    const double *pm = part.mean(n0), *pr = part.rstd(n0), *a = part.alpha.data();
+    for (int64_t n = 0; n < N; ++n) {
+      const double *gs = sg + n * C, *gx = sgx + n * C;
+      double *pb = bb + n * C, *pa = ag + n * C, *gh = gxhat[p] + n * C;
+      if (st.kind == kGroups) {
+        for (int64_t q = 0, g0 = 0; q < st.groups; ++q, g0 += st.per) {
+          const int64_t j = n * st.groups + q;
+          cell_terms<0>(st.per, gs + g0, gx + g0, pm + j, pr + j, a + g0, gh + g0, pb + g0, pa + g0);
+        }
+      } else {
+        const int64_t j = st.at(n, 0);
+        cell_terms<1>(C, gs, gx, pm + j, pr + j, a, gh, pb, pa);
+      }
+    }
+    if (st.kind == kFixed || !grad_x) continue;  // constant statistics pass no gradient through
+    if (st.kind == kGroups) {  // bb and ag pooled over each group, as in group_stats
+      over_groups(
+          bb, N, C, st.groups, [&](int64_t, int64_t i, double) { return ag[i]; },
+          [&](int64_t g0, int64_t g1, const std::vector<double>& mb, const std::vector<double>& ma) {
+            for (int64_t n = 0; n < N; ++n) {
+              const int64_t j = st.at(n, g0);
+              double k1 = 0.0, k0 = 0.0;
+              input_term(inv, pm[j], pr[j], mb[n], ma[n], k1, k0);
+              for (int64_t i = n * C + g0; i < n * C + g1; ++i) c1[i] += k1, c0[i] += k0;
+            }
+          });
+      continue;
+    }
+    if (st.kind == kSamples) {
+      pool_samples(bb, N, C);
+      pool_samples(ag, N, C);
+    }
+    for_cells(st, R, C, [&](int64_t i, int64_t, int64_t j) {  // R = 1: the pooled rows are all row 0
+      input_term(inv, pm[j], pr[j], bb[i], ag[i], c1[i], c0[i]);
+    });
+  }
+  if (!grad_x) return;
+  const Coef<T> k1(0, c1, R, C), k0(1, c0, R, C);
+  if (relu)
+    grad_input_pass<true>(g, x, l, s, t, k1, k0, grad_x);
+  else
+    grad_input_pass<false>(g, x, l, s, t, k1, k0, grad_x);
 }
 
 }  // namespace
@@ -517,73 +691,27 @@ std::vector<at::Tensor> norm_forward(const at::Tensor& x, const std::vector<int6
                                      const std::vector<at::Tensor>& run_mean, const std::vector<at::Tensor>& run_var,
                                      double factor, double unbias, const at::Tensor& bias, double eps, bool relu) {
   const Layout l = layout_of(x);
-  const int64_t N = l.n, C = l.c, NC = N * C, P = int64_t(kinds.size()), R = coef_rows(kinds, N), RC = R * C;
-  const std::vector<Stats> st = layer_stats(kinds, groups, N, C);
-  int64_t total = 0;
-  for (const Stats& t : st) total += 2 * t.size;
-  at::Tensor state = at::empty({total}, at::kDouble);
-  double *mean = scratch<double, kWork>(0, NC), *var = scratch<double, kWork>(1, NC),
-         *pooled = scratch<double, kWork>(2, NC), *pv = scratch<double, kWork>(3, NC),
-         *scale = scratch<double, kWork>(4, RC), *shift = scratch<double, kWork>(5, RC);
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "resnorm_stats", [&] {
-    const scalar_t* p = x.data_ptr<scalar_t>();
-    sums<false, scalar_t>(p, p, l, nullptr, nullptr, mean, var);
-  });
-  if ((l.hw & (l.hw - 1)) == 0) {  // sums -> mean and biased variance; / 2^k is * 2^-k, exactly
-    const double inv = 1.0 / double(l.hw);
-    for (int64_t i = 0; i < NC; ++i) {
-      mean[i] *= inv;
-      var[i] = std::max(var[i] * inv - mean[i] * mean[i], 0.0);
+  const int64_t N = l.n, C = l.c, R = coef_rows(kinds, N), RC = R * C;
+  at::Tensor state = at::empty({state_size(kinds, groups, N, C)}, at::kDouble);
+  std::vector<Part> parts = layer_parts(kinds, groups, alphas, N, C, state.data_ptr<double>());
+  for (size_t p = 0; p < parts.size(); ++p) {
+    if (kinds[p] == kFixed) {
+      parts[p].fixed_mean = values(fixed_mean[p], C, 0.0);
+      parts[p].fixed_var = values(fixed_var[p], C, 1.0);
     }
-  } else {
-    for (int64_t i = 0; i < NC; ++i) {
-      mean[i] /= double(l.hw);
-      var[i] = std::max(var[i] / double(l.hw) - mean[i] * mean[i], 0.0);
-    }
+    parts[p].run_mean = run_mean[p];
+    parts[p].run_var = run_var[p];
   }
   const std::vector<double> b = values(bias, C, 0.0);
-  for (int64_t r = 0; r < R; ++r) std::copy(b.begin(), b.end(), shift + r * C);
-  std::fill(scale, scale + RC, 0.0);
-  double* pm = state.data_ptr<double>();
-  for (int64_t p = 0; p < P; pm += 2 * st[p].size, ++p) {
-    double* pr = pm + st[p].size;
-    if (kinds[p] == kFixed) {
-      const std::vector<double> fm = values(fixed_mean[p], C, 0.0), fv = values(fixed_var[p], C, 1.0);
-      for (int64_t c = 0; c < C; ++c) pm[c] = fm[c], pr[c] = rstd_of(fv[c], eps);
-    } else if (kinds[p] == kGroups) {
-      group_stats(mean, var, N, C, groups[p], eps, pm, pr);
-    } else if (kinds[p] == kCell) {
-      std::copy(mean, mean + NC, pm);
-      for (int64_t i = 0; i < NC; ++i) pr[i] = rstd_of(var[i] + 0.0, eps);  // var + (mean - mean)^2, as pooled
-    } else {  // exact pooling of equal-sized cells: var = mean(var) + var(means)
-      std::copy(mean, mean + NC, pooled);
-      pool_samples(pooled, N, C);
-      for (int64_t i = 0; i < NC; ++i) pv[i] = var[i] + (mean[i] - pooled[i]) * (mean[i] - pooled[i]);
-      pool_samples(pv, N, C);
-      if (run_mean[p].numel()) {  // row 0 holds the pooled per-channel values
-        lerp_into(run_mean[p], pooled, 1.0, factor);
-        lerp_into(run_var[p], pv, unbias, factor);
-      }
-      for (int64_t c = 0; c < C; ++c) pm[c] = pooled[c], pr[c] = rstd_of(pv[c], eps);
-    }
-    const std::vector<double> a = values(alphas[p], C, 1.0);
-    for_cells(st[p], R, C, [&](int64_t i, int64_t c, int64_t j) {
-      const double s = a[c] * pr[j];
-      scale[i] += s;
-      shift[i] -= s * pm[j];
-    });
-  }
   at::Tensor coef = at::empty({2, R, C}, x.options().memory_format(at::MemoryFormat::Contiguous));
   at::Tensor y = at::empty_like(x);
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "resnorm_affine", [&] {
-    scalar_t* k = coef.data_ptr<scalar_t>();
-    std::copy(scale, scale + RC, k);
-    std::copy(shift, shift + RC, k + RC);
-    const Coef<scalar_t> s(k, R, C), t(k + RC, R, C);
-    if (relu)
-      affine_pass<true>(x.data_ptr<scalar_t>(), l, s, t, y.data_ptr<scalar_t>());
-    else
-      affine_pass<false>(x.data_ptr<scalar_t>(), l, s, t, y.data_ptr<scalar_t>());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "resnorm_forward", [&] {
+    const scalar_t* px = x.data_ptr<scalar_t>();
+    scalar_t *py = y.data_ptr<scalar_t>(), *k = coef.data_ptr<scalar_t>();
+    over_samples(l, sample_local(kinds), [&](int64_t n0, const Layout& ls) {
+      const int64_t off = n0 * C * l.hw, row = R == 1 ? 0 : n0 * C;
+      forward_core(px + off, py + off, ls, n0, parts, b, eps, factor, unbias, relu, k + row, k + RC + row);
+    });
   });
   return {y, state, coef};
 }
@@ -597,85 +725,34 @@ std::vector<at::Tensor> norm_backward(const at::Tensor& g_in, const at::Tensor& 
                                       bool relu, bool need_x) {
   const Layout l = layout_of(x);
   const int64_t N = l.n, C = l.c, NC = N * C, P = int64_t(kinds.size()), R = coef_rows(kinds, N), RC = R * C;
-  const std::vector<Stats> st = layer_stats(kinds, groups, N, C);
-  int64_t total = 0;
-  for (const Stats& t : st) total += 2 * t.size;
-  TORCH_CHECK(state.scalar_type() == at::kDouble && state.is_contiguous() && state.numel() == total &&
-                  coef.scalar_type() == x.scalar_type() && coef.is_contiguous() && coef.numel() == 2 * RC,
+  TORCH_CHECK(state.scalar_type() == at::kDouble && state.is_contiguous() &&
+                  state.numel() == state_size(kinds, groups, N, C) && coef.scalar_type() == x.scalar_type() &&
+                  coef.is_contiguous() && coef.numel() == 2 * RC,
               "resnorm kernels: state does not match the layer");
+  const std::vector<Part> parts = layer_parts(kinds, groups, alphas, N, C, state.data_ptr<double>());  // read only
   const at::Tensor g = like(g_in, l);
-  double *sg = scratch<double, kWork>(0, NC), *sgx = scratch<double, kWork>(1, NC),
-         *bb = scratch<double, kWork>(2, NC), *ag = scratch<double, kWork>(3, NC), *c1 = scratch<double, kWork>(4, RC),
-         *c0 = scratch<double, kWork>(5, RC);
-  std::fill(c1, c1 + RC, 0.0);
-  std::fill(c0, c0 + RC, 0.0);
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "resnorm_grad_sums", [&] {
+  double* sg = scratch<double, kOut>(0, NC);
+  std::vector<double*> gxhat;
+  for (int64_t p = 0; p < P; ++p) gxhat.push_back(scratch<double, kOut>(1 + int(p), NC));
+  at::Tensor grad_x = need_x ? at::empty_like(x) : at::Tensor();
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "resnorm_backward", [&] {
     const scalar_t *pg = g.data_ptr<scalar_t>(), *px = x.data_ptr<scalar_t>(), *k = coef.data_ptr<scalar_t>();
-    if (relu) {
-      const Coef<scalar_t> s(k, R, C), t(k + RC, R, C);
-      sums<true>(pg, px, l, &s, &t, sg, sgx);
-    } else {
-      sums<false, scalar_t>(pg, px, l, nullptr, nullptr, sg, sgx);
-    }
+    scalar_t* po = need_x ? grad_x.data_ptr<scalar_t>() : nullptr;
+    over_samples(l, sample_local(kinds), [&](int64_t n0, const Layout& ls) {
+      const int64_t off = n0 * C * l.hw, row = R == 1 ? 0 : n0 * C;
+      std::vector<double*> gh;
+      for (double* p : gxhat) gh.push_back(p + n0 * C);
+      backward_core(pg + off, px + off, po ? po + off : nullptr, ls, n0, parts, k + row, k + RC + row, relu,
+                    sg + n0 * C, gh);
+    });
   });
-  at::Tensor grads = at::zeros({1 + P, C}, at::kDouble);
-  double* d_bias = grads.data_ptr<double>();
-  for (int64_t n = 0; n < N; ++n)
-    for (int64_t c = 0; c < C; ++c) d_bias[c] += sg[n * C + c];
-  const double inv = 1.0 / double(l.hw);
-  const double* pm = state.data_ptr<double>();
-  for (int64_t p = 0; p < P; pm += 2 * st[p].size, ++p) {
-    const Stats& sp = st[p];
-    const double* pr = pm + sp.size;
-    double* d_alpha = d_bias + (1 + p) * C;
-    const std::vector<double> a = values(alphas[p], C, 1.0);
-    for (int64_t n = 0; n < N; ++n) {
-      const double *gs = sg + n * C, *gx = sgx + n * C;
-      double *pb = bb + n * C, *pa = ag + n * C;
-      if (kinds[p] == kGroups) {
-        for (int64_t q = 0, c0 = 0; q < sp.groups; ++q, c0 += sp.per) {
-          const int64_t j = n * sp.groups + q;
-          cell_terms<0>(sp.per, gs + c0, gx + c0, pm + j, pr + j, a.data() + c0, d_alpha + c0, pb + c0, pa + c0);
-        }
-      } else {
-        const int64_t j = sp.at(n, 0);
-        cell_terms<1>(C, gs, gx, pm + j, pr + j, a.data(), d_alpha, pb, pa);
-      }
-    }
-    if (kinds[p] == kFixed || !need_x) continue;  // constant statistics pass no gradient through
-    if (kinds[p] == kGroups) {  // bb and ag pooled over each group, as in group_stats
-      over_groups(
-          bb, N, C, groups[p], [&](int64_t, int64_t i, double) { return ag[i]; },
-          [&](int64_t g0, int64_t g1, const std::vector<double>& mb, const std::vector<double>& ma) {
-            for (int64_t n = 0; n < N; ++n) {
-              const int64_t j = sp.at(n, g0);
-              double k1 = 0.0, k0 = 0.0;
-              input_term(inv, pm[j], pr[j], mb[n], ma[n], k1, k0);
-              for (int64_t i = n * C + g0; i < n * C + g1; ++i) c1[i] += k1, c0[i] += k0;
-            }
-          });
-      continue;
-    }
-    if (kinds[p] == kSamples) {
-      pool_samples(bb, N, C);
-      pool_samples(ag, N, C);
-    }
-    for_cells(sp, R, C, [&](int64_t i, int64_t, int64_t j) {  // R = 1: the pooled rows are all row 0
-      input_term(inv, pm[j], pr[j], bb[i], ag[i], c1[i], c0[i]);
-    });
-  }
-  at::Tensor grad_x;
-  if (need_x) {
-    grad_x = at::empty_like(x);
-    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "resnorm_grad_input", [&] {
-      const scalar_t* k = coef.data_ptr<scalar_t>();
-      const Coef<scalar_t> s(k, R, C), t(k + RC, R, C), k1(2, c1, R, C), k0(3, c0, R, C);
-      const scalar_t *pg = g.data_ptr<scalar_t>(), *px = x.data_ptr<scalar_t>();
-      if (relu)
-        grad_input_pass<true>(pg, px, l, s, t, k1, k0, grad_x.data_ptr<scalar_t>());
-      else
-        grad_input_pass<false>(pg, px, l, s, t, k1, k0, grad_x.data_ptr<scalar_t>());
-    });
+  at::Tensor grads = at::zeros({1 + P, C}, at::kDouble);  // the parameters' gradients, summed in sample order
+  double* d = grads.data_ptr<double>();
+  for (int64_t p = -1; p < P; ++p) {
+    const double* v = p < 0 ? sg : gxhat[p];
+    double* out = d + (1 + p) * C;
+    for (int64_t n = 0; n < N; ++n)
+      for (int64_t c = 0; c < C; ++c) out[c] += v[n * C + c];
   }
   return {grad_x, grads};
 }
