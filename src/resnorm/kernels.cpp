@@ -717,12 +717,13 @@ std::vector<at::Tensor> norm_forward(const at::Tensor& x, const std::vector<int6
 }
 
 // Backward of the layer that norm_forward ran (state and coef are its outputs). Returns grad_x
-// (undefined unless need_x) and one float64 tensor of shape (1 + P, C): the gradient of the bias,
-// then of each part's alpha.
+// (undefined unless need_x), then the gradients of the bias and of each part's alpha, (C,) each:
+// in float64, or in x's dtype when `in_x_dtype` (the layer's parameters take them as they are:
+// converted here as Tensor.to would, without a Python call per tensor).
 std::vector<at::Tensor> norm_backward(const at::Tensor& g_in, const at::Tensor& x, const at::Tensor& state,
                                       const at::Tensor& coef, const std::vector<int64_t>& kinds,
                                       const std::vector<int64_t>& groups, const std::vector<at::Tensor>& alphas,
-                                      bool relu, bool need_x) {
+                                      bool relu, bool need_x, bool in_x_dtype) {
   const Layout l = layout_of(x);
   const int64_t N = l.n, C = l.c, NC = N * C, P = int64_t(kinds.size()), R = coef_rows(kinds, N), RC = R * C;
   TORCH_CHECK(state.scalar_type() == at::kDouble && state.is_contiguous() &&
@@ -746,18 +747,23 @@ std::vector<at::Tensor> norm_backward(const at::Tensor& g_in, const at::Tensor& 
                     sg + n0 * C, gh);
     });
   });
-  at::Tensor grads = at::zeros({1 + P, C}, at::kDouble);  // the parameters' gradients, summed in sample order
-  double* d = grads.data_ptr<double>();
-  for (int64_t p = -1; p < P; ++p) {
+  std::vector<at::Tensor> out{grad_x};
+  std::vector<double> d(C);
+  for (int64_t p = -1; p < P; ++p) {  // the parameters' gradients, summed in sample order
     const double* v = p < 0 ? sg : gxhat[p];
-    double* out = d + (1 + p) * C;
+    std::fill(d.begin(), d.end(), 0.0);
     for (int64_t n = 0; n < N; ++n)
-      for (int64_t c = 0; c < C; ++c) out[c] += v[n * C + c];
+      for (int64_t c = 0; c < C; ++c) d[c] += v[n * C + c];
+    at::Tensor t = at::empty({C}, x.options().dtype(in_x_dtype ? x.scalar_type() : at::kDouble));
+    AT_DISPATCH_FLOATING_TYPES(t.scalar_type(), "resnorm_param_grads", [&] {
+      std::copy(d.begin(), d.end(), t.data_ptr<scalar_t>());
+    });
+    out.push_back(t);
   }
-  return {grad_x, grads};
+  return out;
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("norm_forward", &norm_forward, "a norm layer's forward: y and its state (see resnorm.norms)");
-  m.def("norm_backward", &norm_backward, "a norm layer's backward: grad_x and (d_bias, d_alpha...)");
+  m.def("norm_backward", &norm_backward, "a norm layer's backward: grad_x, d_bias, d_alpha...");
 }

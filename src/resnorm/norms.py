@@ -106,12 +106,13 @@ class _Normalize(torch.autograd.Function):
         (x,) = ctx.saved_tensors
         relu, need_x = ctx.layer.fused_relu, ctx.needs_input_grad[0]
         if ctx.kernel_state is not None:
-            specs, alphas, state, coef = ctx.kernel_state
-            grad_x, grads = _kernels_for(x).norm_backward(g, x, state, coef, [sp.kind for sp in specs],
-                                                          [sp.groups for sp in specs], [_or_empty(a) for a in alphas],
-                                                          relu, need_x)
-            d_bias, *d_alphas = grads.unbind(0)
-            return ctx.layer._finish_grads(ctx, grad_x if need_x else None, d_alphas, d_bias)
+            kernels, args, direct = ctx.kernel_state
+            grad_x, d_bias, *d_alphas = kernels.norm_backward(g, x, *args, relu, need_x, direct)
+            grad_x = grad_x if need_x else None
+            if direct:                        # (weight, bias) take (d_alpha, d_bias) as they are
+                need_w, need_b = ctx.needs_input_grad[2:]
+                return grad_x, None, d_alphas[0] if need_w else None, d_bias if need_b else None
+            return ctx.layer._finish_grads(ctx, grad_x, d_alphas, d_bias)
         scale, shift = ctx.scale, ctx.shift
         if relu:                                                          # the ReLU's mask, recomputed
             g = g * (_affine(x, scale, shift) > 0)
@@ -240,19 +241,34 @@ def _or_empty(t: torch.Tensor | None) -> torch.Tensor:
 
 
 def _kernel_forward(kernels, layer, x: torch.Tensor, params) -> tuple[torch.Tensor, tuple]:
-    """The whole forward in kernels.cpp: returns y and what the backward needs (specs, alphas,
-    the float64 state: each part's mean and rstd, and the coefficients scale and shift)."""
+    """The whole forward in kernels.cpp: returns y and what the backward needs (the kernels, their
+    arguments: the float64 statistics, the coefficients, each part's kind, groups and alpha, and
+    whether the parameters take the kernels' gradients directly). In a training step this runs
+    between convolutions that flush the caches, so it makes as few Python-level calls as it can."""
     specs = layer._spec(x)
-    with torch.no_grad():
+    if layer._mixes:                                      # BIN: alphas computed from several parameters
+        with torch.no_grad():
+            alphas = layer._alphas(*params)
+    else:
         alphas = layer._alphas(*params)
-    run = next((sp.running for sp in specs if sp.running is not None), None)
-    out = kernels.norm_forward(
-        x, [sp.kind for sp in specs], [sp.groups for sp in specs], [_or_empty(a) for a in alphas],
-        [sp.fixed[0] if sp.fixed else _EMPTY for sp in specs], [sp.fixed[1] if sp.fixed else _EMPTY for sp in specs],
-        [sp.running[0] if sp.running else _EMPTY for sp in specs],
-        [sp.running[1] if sp.running else _EMPTY for sp in specs],
-        run[2] if run else 0.0, run[3] if run else 1.0, _or_empty(params[-1]), layer.eps, layer.fused_relu)
-    return out[0], (specs, alphas, *out[1:])
+    kinds, groups, alpha_args, fixed_mean, fixed_var, run_mean, run_var = [], [], [], [], [], [], []
+    run = None
+    for sp, a in zip(specs, alphas):
+        kinds.append(sp.kind)
+        groups.append(sp.groups)
+        alpha_args.append(_EMPTY if a is None else a)
+        fixed_mean.append(sp.fixed[0] if sp.fixed else _EMPTY)
+        fixed_var.append(sp.fixed[1] if sp.fixed else _EMPTY)
+        if sp.running:
+            run = sp.running
+        run_mean.append(sp.running[0] if sp.running else _EMPTY)
+        run_var.append(sp.running[1] if sp.running else _EMPTY)
+    bias = params[-1]
+    y, state, coef = kernels.norm_forward(x, kinds, groups, alpha_args, fixed_mean, fixed_var, run_mean, run_var,
+                                          run[2] if run else 0.0, run[3] if run else 1.0, _or_empty(bias),
+                                          layer.eps, layer.fused_relu)
+    direct = not layer._mixes and (bias is None or bias.dtype == x.dtype)
+    return y, (kernels, (state, coef, kinds, groups, alpha_args), direct)
 
 
 def _run(layer: nn.Module, x: torch.Tensor, *params) -> torch.Tensor:
@@ -291,6 +307,8 @@ class _Norm(nn.Module):
     parameters) and `_param_grads` (the parameters' gradients from the coefficients'); the
     rest is shared, and run by kernels.cpp on CPU or by tensor ops elsewhere.
     """
+
+    _mixes = False        # whether _alphas mixes parameters (BIN), so that _param_grads must unmix
 
     def __init__(self, num_channels: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True):
         super().__init__()
@@ -439,6 +457,8 @@ class BatchInstanceNorm(_RunningStats):
     calls it after each optimizer step, as the authors do). Both terms are affine in
     x per (sample, channel), so the whole layer is one fused multiply-add.
     """
+
+    _mixes = True
 
     def __init__(self, num_channels: int, eps: float = 1e-5, momentum: float | None = 0.1,
                  affine: bool = True, track_running_stats: bool = True, rho_init: float = 1.0):
