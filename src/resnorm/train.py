@@ -28,7 +28,7 @@ from .data import EpochBatches, batches, channel_stats, load_classes, load_split
 from .io import UserError, append_csv, atomic_path, console, run_cli, write_csv
 from .metrics import predict, scores
 from .kernels import engine
-from .model import build_model
+from .model import model_from_config
 from .norms import bin_layers, clamp_gates_
 from .params import ModelParams, Params, TrainParams, Variant, load_params
 from .transfer import HEAD, describe, file_sha1, freeze, keep_frozen_norms, load_weights
@@ -100,9 +100,7 @@ def model_config(m: ModelParams, norm: str, num_classes: int, image_size: int) -
 
 def make_model(m: ModelParams, norm: str, num_classes: int) -> nn.Module:
     """The model `model.*` describes, with norm `norm`, freshly initialised (weights: `prepare_model`)."""
-    config = model_config(m, norm, num_classes, 0)
-    del config["image_size"]
-    return build_model(config.pop("arch"), config.pop("num_classes"), config.pop("norm"), **config)
+    return model_from_config(model_config(m, norm, num_classes, image_size=0))
 
 
 def prepare_model(m: ModelParams, norm: str, num_classes: int) -> tuple[nn.Module, dict | None]:
