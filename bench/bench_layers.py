@@ -15,6 +15,10 @@ then the whole network's norm time per step (each shape's median times the numbe
 that shape) with the ratio's 95% interval over reps (`resnorm.stats.mean_interval` on the logs of
 each rep's ratio of totals). The norms are timed without the ReLU that follows them (torchvision's
 blocks keep their own nn.ReLU, for ours and the built-ins alike).
+
+--split adds a column for ours without autograd: the C++ kernels' forward and backward called
+directly with their arguments (`norms._kernel_forward`, `norm_backward`), so that the cost of
+the Python autograd.Function round trip is the difference to the "ours" column.
 """
 from __future__ import annotations
 
@@ -28,7 +32,7 @@ import torch
 from torch import nn
 
 from resnorm.model import build_model
-from resnorm.norms import make_norm
+from resnorm.norms import _kernel_forward, _kernels_for, make_norm
 from resnorm.stats import mean_interval
 
 BUILTINS = {
@@ -51,6 +55,16 @@ def norm_shapes(arch: str, batch: int, size: int) -> collections.Counter:
     return shapes
 
 
+def kernels_only(layer: nn.Module, x: torch.Tensor, g: torch.Tensor) -> None:
+    """Our layer's forward and backward in the C++ kernels, called directly (no autograd)."""
+    kernels = _kernels_for(x)
+    if kernels is None:
+        raise SystemExit("--split: the C++ kernels are not available here")
+    x = x.detach()
+    _, (k, args, direct) = _kernel_forward(kernels, layer, x, (layer.weight, layer.bias))
+    k.norm_backward(g, x, *args, False, True, direct)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--arch", default="resnet18", choices=("resnet6n2", "resnet18", "resnet34", "resnet50"))
@@ -60,6 +74,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=15)
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--formats", default="NCHW,channels_last", help="comma-separated subset of NCHW,channels_last")
+    ap.add_argument("--split", action="store_true", help="also time ours without autograd (the kernels called directly)")
     args = ap.parse_args()
     norms = args.norms.split(",")
     unknown = set(norms) - set(BUILTINS)
@@ -76,7 +91,8 @@ def main() -> None:
           f"backward of each layer alone, caches flushed between calls, median of {args.reps} reps, microseconds")
     for fname, fmt in formats.items():
         for norm in norms:
-            times = {(v, s): [] for v in ("ours", "builtin") for s in shapes}
+            variants = ("ours", "builtin") + (("kernels",) if args.split else ())
+            times = {(v, s): [] for v in variants for s in shapes}
             cases = {}
             for s in shapes:
                 torch.manual_seed(0)
@@ -87,18 +103,20 @@ def main() -> None:
                 cases[s] = (ours, ref, x, g)
             for _ in range(args.reps + 2):                # the first two are warm-up
                 for s, (ours, ref, x, g) in cases.items():
-                    for v, m in (("ours", ours), ("builtin", ref)):
+                    for v, run in (("ours", lambda: ours(x).backward(g)), ("builtin", lambda: ref(x).backward(g)),
+                                   ("kernels", lambda: kernels_only(ours, x, g)))[:len(variants)]:
                         flush.fill_(1.0)
                         t0 = time.perf_counter()
-                        m(x).backward(g)
+                        run()
                         times[(v, s)].append((time.perf_counter() - t0) * 1e6)
                         x.grad = None
             for key in times:
                 del times[key][:2]
-            print(f"\n{norm} ({fname})      layers      ours  built-in   ratio")
+            print(f"\n{norm} ({fname})      layers      ours  built-in   ratio" + ("   kernels" if args.split else ""))
             for s, count in sorted(shapes.items(), key=lambda kv: -kv[0][2]):
                 a, b = (statistics.median(times[(v, s)]) for v in ("ours", "builtin"))
-                print(f"  {str(s):22} {count:3d} {a:9.0f} {b:9.0f}   {a / b:.2f}x")
+                k = f" {statistics.median(times[('kernels', s)]):9.0f}" if args.split else ""
+                print(f"  {str(s):22} {count:3d} {a:9.0f} {b:9.0f}   {a / b:.2f}x{k}")
             totals = {v: [sum(count * times[(v, s)][r] for s, count in shapes.items()) for r in range(args.reps)]
                       for v in ("ours", "builtin")}
             m, lo, hi = mean_interval([math.log(a / b) for a, b in zip(totals["ours"], totals["builtin"])])
