@@ -240,11 +240,10 @@ def _or_empty(t: torch.Tensor | None) -> torch.Tensor:
     return _EMPTY if t is None else t
 
 
-def _kernel_forward(kernels, layer, x: torch.Tensor, params) -> tuple[torch.Tensor, tuple]:
-    """The whole forward in kernels.cpp: returns y and what the backward needs (the kernels, their
-    arguments: the float64 statistics, the coefficients, each part's kind, groups and alpha, and
-    whether the parameters take the kernels' gradients directly). In a training step this runs
-    between convolutions that flush the caches, so it makes as few Python-level calls as it can."""
+def _kernel_args(layer, x: torch.Tensor, params) -> tuple:
+    """What kernels.cpp takes for the layer: each part's kind, groups and alpha, fixed and running
+    statistics, and the running statistics' factor and unbias. Built in one loop: in a training
+    step this runs between convolutions that flush the caches, so every Python-level call counts."""
     specs = layer._spec(x)
     if layer._mixes:                                      # BIN: alphas computed from several parameters
         with torch.no_grad():
@@ -263,12 +262,29 @@ def _kernel_forward(kernels, layer, x: torch.Tensor, params) -> tuple[torch.Tens
             run = sp.running
         run_mean.append(sp.running[0] if sp.running else _EMPTY)
         run_var.append(sp.running[1] if sp.running else _EMPTY)
+    return (kinds, groups, alpha_args, fixed_mean, fixed_var, run_mean, run_var,
+            run[2] if run else 0.0, run[3] if run else 1.0)
+
+
+def _kernel_forward(kernels, layer, x: torch.Tensor, params) -> tuple[torch.Tensor, tuple]:
+    """The whole forward in kernels.cpp: returns y and what the backward needs (the kernels, their
+    arguments: the float64 statistics, the coefficients, each part's kind, groups and alpha, and
+    whether the parameters take the kernels' gradients directly)."""
+    kinds, groups, alpha_args, fixed_mean, fixed_var, run_mean, run_var, factor, unbias = _kernel_args(layer, x, params)
     bias = params[-1]
     y, state, coef = kernels.norm_forward(x, kinds, groups, alpha_args, fixed_mean, fixed_var, run_mean, run_var,
-                                          run[2] if run else 0.0, run[3] if run else 1.0, _or_empty(bias),
-                                          layer.eps, layer.fused_relu)
+                                          factor, unbias, _or_empty(bias), layer.eps, layer.fused_relu)
     direct = not layer._mixes and (bias is None or bias.dtype == x.dtype)
     return y, (kernels, (state, coef, kinds, groups, alpha_args), direct)
+
+
+def _kernel_node(kernels, layer, x: torch.Tensor, params) -> torch.Tensor:
+    """A layer with weight and bias only (not BIN) as one C++ autograd node (kernels.cpp NormNode):
+    the same kernels as _Normalize, without the engine calling back into Python for the backward."""
+    kinds, groups, _, fixed_mean, fixed_var, run_mean, run_var, factor, unbias = _kernel_args(layer, x, params)
+    weight, bias = params
+    return kernels.norm_autograd(x, weight, bias, kinds, groups, fixed_mean, fixed_var, run_mean, run_var,
+                                 factor, unbias, layer.eps, layer.fused_relu)
 
 
 def _run(layer: nn.Module, x: torch.Tensor, *params) -> torch.Tensor:
@@ -278,6 +294,9 @@ def _run(layer: nn.Module, x: torch.Tensor, *params) -> torch.Tensor:
     compiling = torch.compiler.is_compiling()
     if not compiling and torch.is_grad_enabled() and \
             (x.requires_grad or any(p is not None and p.requires_grad for p in params)):
+        kernels = _kernels_for(x)
+        if kernels and not layer._mixes and (params[-1] is None or params[-1].dtype == x.dtype):
+            return _kernel_node(kernels, layer, x, params)
         return _Normalize.apply(x, layer, *params)
     kernels = _kernels_for(x)
     if kernels:
