@@ -14,7 +14,8 @@ ratio to the no-normalization floor (nn). The ratio is paired by round: each rou
 median(ours) / median(reference) over its blocks, and the table shows the geometric mean of
 those with a t interval over rounds (`resnorm.stats.mean_interval` on the logs), so that the
 machine's drift from round to round (several percent here) cancels instead of swamping the
-norms' own share of a step. --norms bn,ln times only those norms (with their references and nn). The from-scratch norms apply the ReLU that follows them in their own pass, as
+norms' own share of a step. --norms bn,ln times only those norms (with their references and nn).
+The from-scratch norms apply the ReLU that follows them in their own pass, as
 in training (`resnorm.model.norm_relu`); the built-ins are followed by nn.ReLU. All variants are
 timed in one run, round-robin, so the ratios are side by side; in each round a variant runs a
 block of consecutive steps after a warm-up, as a training loop does (switching models at every
