@@ -61,8 +61,8 @@ def kernels_only(layer: nn.Module, x: torch.Tensor, g: torch.Tensor) -> None:
     if kernels is None:
         raise SystemExit("--split: the C++ kernels are not available here")
     x = x.detach()
-    _, (k, args, direct) = _kernel_forward(kernels, layer, x, (layer.weight, layer.bias))
-    k.norm_backward(g, x, *args, False, True, direct)
+    _, (k, args) = _kernel_forward(kernels, layer, x, (layer.weight, layer.bias))
+    k.norm_backward(g, x, *args, False, True, True)
 
 
 def main() -> None:

@@ -65,9 +65,12 @@ std::vector<double> values(const at::Tensor& t, int64_t size, double fill) {
 template <typename V, int Kind>
 V* scratch(int slot, int64_t size) {
   thread_local std::vector<V> arrays[8];
+  constexpr int64_t kPage = 4096 / sizeof(V);
+  const int64_t shift = (Kind * 8 + slot + 1) * (64 / sizeof(V));  // each slot at its own offset within a page
   std::vector<V>& a = arrays[slot];
-  if (int64_t(a.size()) < size) a.resize(size);
-  return a.data();
+  if (int64_t(a.size()) < size + kPage + shift) a.resize(size + kPage + shift);
+  const uintptr_t base = reinterpret_cast<uintptr_t>(a.data());
+  return a.data() + (4096 - base % 4096) % 4096 / sizeof(V) + shift;
 }
 enum Scratch { kWork = 0, kCoef = 1, kGate = 2, kOut = 3 };
 
@@ -385,26 +388,49 @@ void pool_samples(double* t, int64_t N, int64_t C) {
   for (int64_t n = 0; n < N; ++n) std::copy(m.begin(), m.end(), t + n * C);
 }
 
+// s[k] = the sum over c in [c0, c1) of f(k, c), for k < K, each in channel order from 0, the K
+// sums side by side in registers: K independent chains of additions (a sum kept in memory instead
+// waits for its own store at every step: at 512 channels that cost more than the layer's passes)
+template <int64_t K, typename F>
+inline void side_sums(int64_t c0, int64_t c1, double* s, F f) {
+  double acc[K] = {};
+  for (int64_t c = c0; c < c1; ++c)
+    for (int64_t k = 0; k < K; ++k) acc[k] += f(k, c);
+  std::copy(acc, acc + K, s);
+}
+
+// the same for K = count, 1 to kSide
+constexpr int64_t kSide = 8;
+template <typename F>
+inline void side_sums(int64_t count, int64_t c0, int64_t c1, double* s, F f) {
+  switch (count) {
+    case 1: return side_sums<1>(c0, c1, s, f);
+    case 2: return side_sums<2>(c0, c1, s, f);
+    case 3: return side_sums<3>(c0, c1, s, f);
+    case 4: return side_sums<4>(c0, c1, s, f);
+    case 5: return side_sums<5>(c0, c1, s, f);
+    case 6: return side_sums<6>(c0, c1, s, f);
+    case 7: return side_sums<7>(c0, c1, s, f);
+    default: return side_sums<kSide>(c0, c1, s, f);
+  }
+}
+
 // calls f(c0, c1, m, v) for each group of channels [c0, c1) of width per = C / groups, where m[n]
 // and v[n] are the means over sample n's group of a[i] and of fb(n, i, m[n]) (i = n * C + c: the
 // second term may use the first's mean). Each sum runs in channel order, as a plain loop would add
-// it, with kSide samples' sums side by side (independent additions, not one long chain).
-constexpr int64_t kSide = 8;
+// it, with kSide samples' sums side by side (side_sums).
 template <typename FB, typename F>
 void over_groups(const double* a, int64_t N, int64_t C, int64_t groups, FB fb, F f) {
   const int64_t per = C / groups;
   std::vector<double> m(N), v(N);
   for (int64_t c0 = 0; c0 < C; c0 += per) {
-    std::fill(m.begin(), m.end(), 0.0);
-    std::fill(v.begin(), v.end(), 0.0);
-    for (int64_t n0 = 0; n0 < N; n0 += kSide) {  // kSide samples at a time: as many streams, each contiguous
-      const int64_t n1 = std::min(N, n0 + kSide);
-      for (int64_t c = c0; c < c0 + per; ++c)
-        for (int64_t n = n0; n < n1; ++n) m[n] += a[n * C + c];
-      for (int64_t n = n0; n < n1; ++n) m[n] /= double(per);
-      for (int64_t c = c0; c < c0 + per; ++c)
-        for (int64_t n = n0; n < n1; ++n) v[n] += fb(n, n * C + c, m[n]);
-      for (int64_t n = n0; n < n1; ++n) v[n] /= double(per);
+    for (int64_t n0 = 0; n0 < N; n0 += kSide) {
+      const int64_t count = std::min(kSide, N - n0);
+      side_sums(count, c0, c0 + per, &m[n0], [&](int64_t k, int64_t c) { return a[(n0 + k) * C + c]; });
+      for (int64_t n = n0; n < n0 + count; ++n) m[n] /= double(per);
+      side_sums(count, c0, c0 + per, &v[n0],
+                [&](int64_t k, int64_t c) { return fb(n0 + k, (n0 + k) * C + c, m[n0 + k]); });
+      for (int64_t n = n0; n < n0 + count; ++n) v[n] /= double(per);
     }
     f(c0, c0 + per, m, v);
   }
@@ -446,12 +472,16 @@ template <int64_t Stride>
 inline void cell_terms(int64_t len, const double* __restrict sg, const double* __restrict sgx,
                        const double* __restrict pm, const double* __restrict pr, const double* __restrict a,
                        double* __restrict gxhat, double* __restrict bb, double* __restrict ag) {
-  for (int64_t c = 0; c < len; ++c) {
-    gxhat[c] = pr[c * Stride] * (sgx[c] - pm[c * Stride] * sg[c]);
-    bb[c] = a[c] * gxhat[c];
-    ag[c] = a[c] * sg[c];
+  for (int64_t c = 0; c < len; ++c) {  // every load before any store: see below
+    const double s = sg[c], sx = sgx[c], al = a[c], gh = pr[c * Stride] * (sx - pm[c * Stride] * s);
+    gxhat[c] = gh;
+    bb[c] = al * gh;
+    ag[c] = al * s;
   }
 }
+// (At 512 channels a sample's row is 4 KB, so these arrays often sit at the same offset within a
+// page; a load that follows a store to such an address waits for the store ("4K aliasing"). With
+// a[c] loaded after gxhat[c] was stored, this loop ran at a third of its speed.)
 
 // A part's share of grad_x = g' * scale + x * c1 + c0 in one cell, from its pooled bb and ag
 inline void input_term(double inv, double pm, double pr, double bb, double ag, double& c1, double& c0) {
@@ -496,19 +526,36 @@ int64_t coef_rows(const std::vector<int64_t>& kinds, int64_t n) {
   return per_channel ? 1 : n;
 }
 
-// IN, GN and LN: every statistic stays within a sample, so a whole layer can run a sample at a
-// time, each sample's passes back to back while its values are still in cache (over_samples)
+// IN, GN and LN: every statistic stays within a sample, so a whole layer can run a few samples at
+// a time, their passes back to back while their values are still in cache (over_samples)
 bool sample_local(const std::vector<int64_t>& kinds) {
   return std::all_of(kinds.begin(), kinds.end(), [](int64_t k) { return k == kCell || k == kGroups; });
 }
 
+// Samples per block of a sample-local layer (over_samples): up to kSide, so that over_groups
+// sums that many samples side by side (one sample alone is one chain of dependent additions per
+// group: at 512 channels that chain cost more than the layer's passes); at most kBlockValues
+// values, so that a block's arrays stay in this core's cache between its passes; and at most
+// N / threads, so that every thread gets samples. Each sample's results do not depend on the
+// block it is in: every sum inside runs over one sample, in the same order whatever the block.
+constexpr int64_t kBlockValues = int64_t(1) << 16;
+int64_t block_of(const Layout& l) {
+  const int64_t per_thread = (l.n + at::get_num_threads() - 1) / at::get_num_threads();
+  return std::max<int64_t>(1, std::min({kSide, per_thread, kBlockValues / std::max<int64_t>(1, l.c * l.hw)}));
+}
+
 // Runs body(n0, Layout of the samples from n0): once for the whole batch, or for sample-local
-// layers once per sample, the samples spread over the threads (the passes inside then run serially)
+// layers once per block of samples (block_of), the blocks spread over the threads (the passes
+// inside then run serially)
 template <typename F>
 void over_samples(const Layout& l, bool local, F body) {
   if (!local || l.n == 1) return body(int64_t(0), l);
-  at::parallel_for(0, l.n, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t n = begin; n < end; ++n) body(n, Layout{1, l.c, l.hw, l.channels_last});
+  const int64_t block = block_of(l), blocks = (l.n + block - 1) / block;
+  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      const int64_t n0 = b * block;
+      body(n0, Layout{std::min(block, l.n - n0), l.c, l.hw, l.channels_last});
+    }
   });
 }
 
@@ -519,9 +566,8 @@ struct Part {
   std::vector<double> alpha, fixed_mean, fixed_var;
   at::Tensor run_mean, run_var;
   double* base;  // the part's mean in the state: st.size values, then its rstd
-  int64_t offset(int64_t n0) const { return st.kind == kCell ? n0 * st.C : st.kind == kGroups ? n0 * st.groups : 0; }
-  double* mean(int64_t n0) const { return base + offset(n0); }  // from sample n0 on
-  double* rstd(int64_t n0) const { return base + st.size + offset(n0); }
+  double* mean(int64_t n0) const { return base + st.at(n0, 0); }  // from sample n0 on
+  double* rstd(int64_t n0) const { return base + st.size + st.at(n0, 0); }
 };
 
 int64_t state_size(const std::vector<int64_t>& kinds, const std::vector<int64_t>& groups, int64_t N, int64_t C) {
@@ -547,12 +593,33 @@ std::vector<int64_t> kinds_of(const std::vector<Part>& parts) {
   return kinds;
 }
 
+// The coefficients of y = x * scale + shift for R rows of the samples from n0 on (R x C, double),
+// from the parts' statistics in the state: scale = sum of alpha * rstd, shift = b - sum of
+// alpha * rstd * mean, the parts added in order. The forward computes them, and the backward
+// computes them again rather than keeping them: for IN, GN and LN they are N x C values, half
+// the size of x at 2x2 maps, to write, keep and read back per layer.
+void coefficients(const std::vector<Part>& parts, const std::vector<double>& b, int64_t n0, int64_t N, int64_t C,
+                  int64_t R, double* scale, double* shift) {
+  for (int64_t r = 0; r < R; ++r) std::copy(b.begin(), b.end(), shift + r * C);
+  std::fill(scale, scale + R * C, 0.0);
+  for (const Part& part : parts) {
+    const double *pm = part.mean(n0), *pr = part.rstd(n0);
+    for_cells(Stats(part.st.kind, part.st.groups, N, C), R, C, [&](int64_t i, int64_t c, int64_t j) {
+      const double s = part.alpha[c] * pr[j];
+      scale[i] += s;
+      shift[i] -= s * pm[j];
+    });
+  }
+}
+
+// The scratch slots (kCoef) of the coefficients in x's dtype: scale and shift, then the backward's c1 and c0
+enum CoefSlot { kScale = 0, kShift = 1, kC1 = 2, kC0 = 3 };
+
 // The forward of the samples of layout l from n0 on (x and y offset to them): statistics, each
-// part's mean and rstd, the coefficient rows scale and shift (R x C, offset to the samples) and y
+// part's mean and rstd (into the state) and y
 template <typename T>
 void forward_core(const T* x, T* y, const Layout& l, int64_t n0, const std::vector<Part>& parts,
-                  const std::vector<double>& b, double eps, double factor, double unbias, bool relu, T* scale_out,
-                  T* shift_out) {
+                  const std::vector<double>& b, double eps, double factor, double unbias, bool relu) {
   const int64_t N = l.n, C = l.c, NC = N * C;
   const std::vector<int64_t> kinds = kinds_of(parts);
   const int64_t R = coef_rows(kinds, N), RC = R * C;
@@ -574,8 +641,6 @@ void forward_core(const T* x, T* y, const Layout& l, int64_t n0, const std::vect
       }
     }
   }
-  for (int64_t r = 0; r < R; ++r) std::copy(b.begin(), b.end(), shift + r * C);
-  std::fill(scale, scale + RC, 0.0);
   for (const Part& part : parts) {
     double *pm = part.mean(n0), *pr = part.rstd(n0);
     const Stats st(part.st.kind, part.st.groups, N, C);  // its statistics for these samples
@@ -597,35 +662,31 @@ void forward_core(const T* x, T* y, const Layout& l, int64_t n0, const std::vect
       }
       for (int64_t c = 0; c < C; ++c) pm[c] = pooled[c], pr[c] = rstd_of(pv[c], eps);
     }
-    for_cells(st, R, C, [&](int64_t i, int64_t c, int64_t j) {
-      const double s = part.alpha[c] * pr[j];
-      scale[i] += s;
-      shift[i] -= s * pm[j];
-    });
   }
-  std::copy(scale, scale + RC, scale_out);
-  std::copy(shift, shift + RC, shift_out);
-  const Coef<T> s(scale_out, R, C), t(shift_out, R, C);
+  coefficients(parts, b, n0, N, C, R, scale, shift);
+  const Coef<T> s(kScale, scale, R, C), t(kShift, shift, R, C);
   if (relu)
     affine_pass<true>(x, l, s, t, y);
   else
     affine_pass<false>(x, l, s, t, y);
 }
 
-// The backward of the samples of layout l from n0 on (g, x and grad_x offset to them; scale and
-// shift their coefficient rows): grad_x (when not null), and per (n, c) the sum of g' (sg) and
+// The backward of the samples of layout l from n0 on (g, x and grad_x offset to them; b the bias,
+// for the coefficients): grad_x (when not null), and per (n, c) the sum of g' (sg) and
 // each part's sum of g' * x_hat (gxhat), offset to the samples, which the caller adds up over the
 // samples in sample order for the parameters' gradients
 template <typename T>
 void backward_core(const T* g, const T* x, T* grad_x, const Layout& l, int64_t n0, const std::vector<Part>& parts,
-                   const T* scale, const T* shift, bool relu, double* sg, const std::vector<double*>& gxhat) {
+                   const std::vector<double>& b, bool relu, double* sg, const std::vector<double*>& gxhat) {
   const int64_t N = l.n, C = l.c, NC = N * C, P = int64_t(parts.size());
   const int64_t R = coef_rows(kinds_of(parts), N), RC = R * C;
   double *sgx = scratch<double, kWork>(0, NC), *bb = scratch<double, kWork>(1, NC),
-         *ag = scratch<double, kWork>(2, NC), *c1 = scratch<double, kWork>(3, RC), *c0 = scratch<double, kWork>(4, RC);
+         *ag = scratch<double, kWork>(2, NC), *c1 = scratch<double, kWork>(3, RC), *c0 = scratch<double, kWork>(4, RC),
+         *scale = scratch<double, kWork>(5, RC), *shift = scratch<double, kWork>(6, RC);
   std::fill(c1, c1 + RC, 0.0);
   std::fill(c0, c0 + RC, 0.0);
-  const Coef<T> s(scale, R, C), t(shift, R, C);
+  coefficients(parts, b, n0, N, C, R, scale, shift);
+  const Coef<T> s(kScale, scale, R, C), t(kShift, shift, R, C);
   if (relu)
     sums<true>(g, x, l, &s, &t, sg, sgx);
   else
@@ -671,7 +732,7 @@ void backward_core(const T* g, const T* x, T* grad_x, const Layout& l, int64_t n
     });
   }
   if (!grad_x) return;
-  const Coef<T> k1(0, c1, R, C), k0(1, c0, R, C);
+  const Coef<T> k1(kC1, c1, R, C), k0(kC0, c0, R, C);
   if (relu)
     grad_input_pass<true>(g, x, l, s, t, k1, k0, grad_x);
   else
@@ -680,10 +741,9 @@ void backward_core(const T* g, const T* x, T* grad_x, const Layout& l, int64_t n
 
 }  // namespace
 
-// Forward of a layer with parts p = 0..P-1. Returns y, the float64 state (each part's mean and
-// rstd at its own resolution, see Stats) and the coefficients scale and shift in x's dtype,
-// (2, R, C) with R = 1 when they are per channel (coef_rows), else R = N: what norm_backward needs.
-// (Small on purpose: at 2x2 maps a per-(n, c) float64 state would be 4x the data, freshly
+// Forward of a layer with parts p = 0..P-1. Returns y and the float64 state (each part's mean and
+// rstd at its own resolution, see Stats): with the layer's alphas and bias, what norm_backward
+// needs. (Small on purpose: at 2x2 maps a per-(n, c) float64 state would be 4x the data, freshly
 // allocated memory to fault in at every call.)
 std::vector<at::Tensor> norm_forward(const at::Tensor& x, const std::vector<int64_t>& kinds,
                                      const std::vector<int64_t>& groups, const std::vector<at::Tensor>& alphas,
@@ -691,7 +751,7 @@ std::vector<at::Tensor> norm_forward(const at::Tensor& x, const std::vector<int6
                                      const std::vector<at::Tensor>& run_mean, const std::vector<at::Tensor>& run_var,
                                      double factor, double unbias, const at::Tensor& bias, double eps, bool relu) {
   const Layout l = layout_of(x);
-  const int64_t N = l.n, C = l.c, R = coef_rows(kinds, N), RC = R * C;
+  const int64_t N = l.n, C = l.c;
   at::Tensor state = at::empty({state_size(kinds, groups, N, C)}, at::kDouble);
   std::vector<Part> parts = layer_parts(kinds, groups, alphas, N, C, state.data_ptr<double>());
   for (size_t p = 0; p < parts.size(); ++p) {
@@ -703,48 +763,47 @@ std::vector<at::Tensor> norm_forward(const at::Tensor& x, const std::vector<int6
     parts[p].run_var = run_var[p];
   }
   const std::vector<double> b = values(bias, C, 0.0);
-  at::Tensor coef = at::empty({2, R, C}, x.options().memory_format(at::MemoryFormat::Contiguous));
   at::Tensor y = at::empty_like(x);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "resnorm_forward", [&] {
     const scalar_t* px = x.data_ptr<scalar_t>();
-    scalar_t *py = y.data_ptr<scalar_t>(), *k = coef.data_ptr<scalar_t>();
+    scalar_t* py = y.data_ptr<scalar_t>();
     over_samples(l, sample_local(kinds), [&](int64_t n0, const Layout& ls) {
-      const int64_t off = n0 * C * l.hw, row = R == 1 ? 0 : n0 * C;
-      forward_core(px + off, py + off, ls, n0, parts, b, eps, factor, unbias, relu, k + row, k + RC + row);
+      const int64_t off = n0 * C * l.hw;
+      forward_core(px + off, py + off, ls, n0, parts, b, eps, factor, unbias, relu);
     });
   });
-  return {y, state, coef};
+  return {y, state};
 }
 
-// Backward of the layer that norm_forward ran (state and coef are its outputs). Returns grad_x
+// Backward of the layer that norm_forward ran (state is its output; alphas and bias are the
+// forward's). Returns grad_x
 // (undefined unless need_x), then the gradients of the bias and of each part's alpha, (C,) each:
 // in float64, or in x's dtype when `in_x_dtype` (the layer's parameters take them as they are:
 // converted here as Tensor.to would, without a Python call per tensor).
 std::vector<at::Tensor> norm_backward(const at::Tensor& g_in, const at::Tensor& x, const at::Tensor& state,
-                                      const at::Tensor& coef, const std::vector<int64_t>& kinds,
-                                      const std::vector<int64_t>& groups, const std::vector<at::Tensor>& alphas,
-                                      bool relu, bool need_x, bool in_x_dtype) {
+                                      const std::vector<int64_t>& kinds, const std::vector<int64_t>& groups,
+                                      const std::vector<at::Tensor>& alphas, const at::Tensor& bias, bool relu,
+                                      bool need_x, bool in_x_dtype) {
   const Layout l = layout_of(x);
-  const int64_t N = l.n, C = l.c, NC = N * C, P = int64_t(kinds.size()), R = coef_rows(kinds, N), RC = R * C;
+  const int64_t N = l.n, C = l.c, NC = N * C, P = int64_t(kinds.size());
   TORCH_CHECK(state.scalar_type() == at::kDouble && state.is_contiguous() &&
-                  state.numel() == state_size(kinds, groups, N, C) && coef.scalar_type() == x.scalar_type() &&
-                  coef.is_contiguous() && coef.numel() == 2 * RC,
+                  state.numel() == state_size(kinds, groups, N, C),
               "resnorm kernels: state does not match the layer");
   const std::vector<Part> parts = layer_parts(kinds, groups, alphas, N, C, state.data_ptr<double>());  // read only
+  const std::vector<double> b = values(bias, C, 0.0);
   const at::Tensor g = like(g_in, l);
   double* sg = scratch<double, kOut>(0, NC);
   std::vector<double*> gxhat;
   for (int64_t p = 0; p < P; ++p) gxhat.push_back(scratch<double, kOut>(1 + int(p), NC));
   at::Tensor grad_x = need_x ? at::empty_like(x) : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "resnorm_backward", [&] {
-    const scalar_t *pg = g.data_ptr<scalar_t>(), *px = x.data_ptr<scalar_t>(), *k = coef.data_ptr<scalar_t>();
+    const scalar_t *pg = g.data_ptr<scalar_t>(), *px = x.data_ptr<scalar_t>();
     scalar_t* po = need_x ? grad_x.data_ptr<scalar_t>() : nullptr;
     over_samples(l, sample_local(kinds), [&](int64_t n0, const Layout& ls) {
-      const int64_t off = n0 * C * l.hw, row = R == 1 ? 0 : n0 * C;
+      const int64_t off = n0 * C * l.hw;
       std::vector<double*> gh;
       for (double* p : gxhat) gh.push_back(p + n0 * C);
-      backward_core(pg + off, px + off, po ? po + off : nullptr, ls, n0, parts, k + row, k + RC + row, relu,
-                    sg + n0 * C, gh);
+      backward_core(pg + off, px + off, po ? po + off : nullptr, ls, n0, parts, b, relu, sg + n0 * C, gh);
     });
   });
   std::vector<at::Tensor> out{grad_x};
@@ -763,38 +822,39 @@ std::vector<at::Tensor> norm_backward(const at::Tensor& g_in, const at::Tensor& 
   return out;
 }
 
-// A layer whose only parameters are weight (its one part's alpha) and bias, as one autograd node
-// in C++: the engine calls norm_backward without a round trip through Python (about 250 us a
-// layer in a training step, where the convolutions leave the caches cold). BIN, whose alphas
-// mix its parameters, keeps resnorm.norms._Normalize.
+// A layer of one part whose only parameters are weight (its alpha) and bias, as one autograd node
+// in C++: the engine calls norm_backward without a round trip through Python (60-90 us a layer
+// measured in a training step, where the convolutions leave the caches cold). Its arguments are
+// the layer's own, not lists: every tensor argument is an input the node records and every list
+// a conversion, and at 2x2 maps those fixed costs are a third of the layer's time. stat_mean and
+// stat_var are the fixed statistics (kind kFixed) or the running ones to update (kSamples), else
+// absent. BIN, whose alphas mix its parameters, keeps resnorm.norms._Normalize.
 struct NormNode : public torch::autograd::Function<NormNode> {
   static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x,
                             const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
-                            std::vector<int64_t> kinds, std::vector<int64_t> groups, std::vector<at::Tensor> fixed_mean,
-                            std::vector<at::Tensor> fixed_var, std::vector<at::Tensor> run_mean,
-                            std::vector<at::Tensor> run_var, double factor, double unbias, double eps, bool relu) {
-    const at::Tensor w = weight.value_or(at::Tensor()), b = bias.value_or(at::Tensor());
+                            const std::optional<at::Tensor>& stat_mean, const std::optional<at::Tensor>& stat_var,
+                            int64_t kind, int64_t groups, double factor, double unbias, double eps, bool relu) {
     const at::Tensor empty = at::empty({0}, at::kFloat);
-    std::vector<at::Tensor> out = norm_forward(x, kinds, groups, {w.defined() ? w : empty}, fixed_mean, fixed_var,
-                                               run_mean, run_var, factor, unbias, b.defined() ? b : empty, eps, relu);
-    ctx->save_for_backward({x, w.defined() ? w : empty});
-    ctx->saved_data["state"] = out[1];
-    ctx->saved_data["coef"] = out[2];
-    ctx->saved_data["kinds"] = kinds;
-    ctx->saved_data["groups"] = groups;
-    ctx->saved_data["relu"] = relu;
+    const at::Tensor w = weight.value_or(empty), b = bias.value_or(empty);
+    const at::Tensor mean = stat_mean.value_or(empty), var = stat_var.value_or(empty);
+    const bool fixed = kind == kFixed;
+    std::vector<at::Tensor> out = norm_forward(x, {kind}, {groups}, {w}, {fixed ? mean : empty}, {fixed ? var : empty},
+                                               {fixed ? empty : mean}, {fixed ? empty : var}, factor, unbias, b, eps,
+                                               relu);
+    ctx->save_for_backward({x, w, b, out[1]});
+    ctx->saved_data["layer"] = std::vector<int64_t>{kind, groups, relu};
     return out[0];
   }
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grads) {
     const auto saved = ctx->get_saved_variables();
+    const std::vector<int64_t> layer = ctx->saved_data["layer"].toIntVector();
     const bool need_x = ctx->needs_input_grad(0);
-    std::vector<at::Tensor> r = norm_backward(
-        grads[0], saved[0], ctx->saved_data["state"].toTensor(), ctx->saved_data["coef"].toTensor(),
-        ctx->saved_data["kinds"].toIntVector(), ctx->saved_data["groups"].toIntVector(), {saved[1]},
-        ctx->saved_data["relu"].toBool(), need_x, true);
-    torch::autograd::variable_list out(13);
+    std::vector<at::Tensor> r =
+        norm_backward(grads[0], saved[0], saved[3], {layer[0]}, {layer[1]}, {saved[1]}, saved[2], layer[2] != 0, need_x,
+                      true);
+    torch::autograd::variable_list out(11);
     out[0] = need_x ? r[0] : at::Tensor();
     out[1] = ctx->needs_input_grad(1) ? r[2] : at::Tensor();
     out[2] = ctx->needs_input_grad(2) ? r[1] : at::Tensor();
@@ -803,12 +863,10 @@ struct NormNode : public torch::autograd::Function<NormNode> {
 };
 
 at::Tensor norm_autograd(const at::Tensor& x, const std::optional<at::Tensor>& weight,
-                         const std::optional<at::Tensor>& bias, std::vector<int64_t> kinds, std::vector<int64_t> groups,
-                         std::vector<at::Tensor> fixed_mean, std::vector<at::Tensor> fixed_var,
-                         std::vector<at::Tensor> run_mean, std::vector<at::Tensor> run_var, double factor,
+                         const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& stat_mean,
+                         const std::optional<at::Tensor>& stat_var, int64_t kind, int64_t groups, double factor,
                          double unbias, double eps, bool relu) {
-  return NormNode::apply(x, weight, bias, kinds, groups, fixed_mean, fixed_var, run_mean, run_var, factor, unbias,
-                         eps, relu);
+  return NormNode::apply(x, weight, bias, stat_mean, stat_var, kind, groups, factor, unbias, eps, relu);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

@@ -85,10 +85,9 @@ class _Normalize(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, layer, *params):
+    def forward(ctx, x, layer, kernels, *params):
         ctx.save_for_backward(x)
         ctx.layer, ctx.params = layer, params
-        kernels = _kernels_for(x)
         if kernels:                                               # CPU: the whole layer in kernels.cpp
             y, ctx.kernel_state = _kernel_forward(kernels, layer, x, params)
             return y
@@ -106,13 +105,9 @@ class _Normalize(torch.autograd.Function):
         (x,) = ctx.saved_tensors
         relu, need_x = ctx.layer.fused_relu, ctx.needs_input_grad[0]
         if ctx.kernel_state is not None:
-            kernels, args, direct = ctx.kernel_state
-            grad_x, d_bias, *d_alphas = kernels.norm_backward(g, x, *args, relu, need_x, direct)
-            grad_x = grad_x if need_x else None
-            if direct:                        # (weight, bias) take (d_alpha, d_bias) as they are
-                need_w, need_b = ctx.needs_input_grad[2:]
-                return grad_x, None, d_alphas[0] if need_w else None, d_bias if need_b else None
-            return ctx.layer._finish_grads(ctx, grad_x, d_alphas, d_bias)
+            kernels, args = ctx.kernel_state
+            grad_x, d_bias, *d_alphas = kernels.norm_backward(g, x, *args, relu, need_x, False)
+            return ctx.layer._finish_grads(ctx, grad_x if need_x else None, d_alphas, d_bias)
         scale, shift = ctx.scale, ctx.shift
         if relu:                                                          # the ReLU's mask, recomputed
             g = g * (_affine(x, scale, shift) > 0)
@@ -267,24 +262,26 @@ def _kernel_args(layer, x: torch.Tensor, params) -> tuple:
 
 
 def _kernel_forward(kernels, layer, x: torch.Tensor, params) -> tuple[torch.Tensor, tuple]:
-    """The whole forward in kernels.cpp: returns y and what the backward needs (the kernels, their
-    arguments: the float64 statistics, the coefficients, each part's kind, groups and alpha, and
-    whether the parameters take the kernels' gradients directly)."""
+    """The whole forward in kernels.cpp: returns y and what the backward needs (the kernels, and
+    norm_backward's arguments after g and x: the float64 statistics, each part's kind, groups and
+    alpha, and the bias)."""
     kinds, groups, alpha_args, fixed_mean, fixed_var, run_mean, run_var, factor, unbias = _kernel_args(layer, x, params)
-    bias = params[-1]
-    y, state, coef = kernels.norm_forward(x, kinds, groups, alpha_args, fixed_mean, fixed_var, run_mean, run_var,
-                                          factor, unbias, _or_empty(bias), layer.eps, layer.fused_relu)
-    direct = not layer._mixes and (bias is None or bias.dtype == x.dtype)
-    return y, (kernels, (state, coef, kinds, groups, alpha_args), direct)
+    bias = _or_empty(params[-1])
+    y, state = kernels.norm_forward(x, kinds, groups, alpha_args, fixed_mean, fixed_var, run_mean, run_var,
+                                    factor, unbias, bias, layer.eps, layer.fused_relu)
+    return y, (kernels, (state, kinds, groups, alpha_args, bias))
 
 
 def _kernel_node(kernels, layer, x: torch.Tensor, params) -> torch.Tensor:
-    """A layer with weight and bias only (not BIN) as one C++ autograd node (kernels.cpp NormNode):
-    the same kernels as _Normalize, without the engine calling back into Python for the backward."""
-    kinds, groups, _, fixed_mean, fixed_var, run_mean, run_var, factor, unbias = _kernel_args(layer, x, params)
+    """A layer of one part with weight and bias only (not BIN) as one C++ autograd node (kernels.cpp
+    NormNode): the same kernels as _Normalize, without the engine calling back into Python for the
+    backward, and with the layer's own arguments rather than _kernel_args' lists."""
+    (sp,) = layer._spec(x)
+    stats = sp.fixed or sp.running or (None, None)
+    factor, unbias = (sp.running[2], sp.running[3]) if sp.running else (0.0, 1.0)
     weight, bias = params
-    return kernels.norm_autograd(x, weight, bias, kinds, groups, fixed_mean, fixed_var, run_mean, run_var,
-                                 factor, unbias, layer.eps, layer.fused_relu)
+    return kernels.norm_autograd(x, weight, bias, stats[0], stats[1], sp.kind, sp.groups, factor, unbias,
+                                 layer.eps, layer.fused_relu)
 
 
 def _run(layer: nn.Module, x: torch.Tensor, *params) -> torch.Tensor:
@@ -297,7 +294,7 @@ def _run(layer: nn.Module, x: torch.Tensor, *params) -> torch.Tensor:
         kernels = _kernels_for(x)
         if kernels and not layer._mixes and (params[-1] is None or params[-1].dtype == x.dtype):
             return _kernel_node(kernels, layer, x, params)
-        return _Normalize.apply(x, layer, *params)
+        return _Normalize.apply(x, layer, kernels, *params)
     kernels = _kernels_for(x)
     if kernels:
         with torch.no_grad():
@@ -360,8 +357,8 @@ class _Norm(nn.Module):
     def _finish_grads(self, ctx, grad_x, d_alphas, d_bias) -> tuple:
         """_Normalize.backward's return value: grad_x, and the parameters' gradients in their dtype."""
         grads = self._param_grads(ctx.params, d_alphas, d_bias)
-        return (grad_x, None, *(gr.to(p.dtype) if need else None
-                                for gr, p, need in zip(grads, ctx.params, ctx.needs_input_grad[2:])))
+        return (grad_x, None, None, *(gr.to(p.dtype) if need else None
+                                      for gr, p, need in zip(grads, ctx.params, ctx.needs_input_grad[3:])))
 
     def extra_repr(self) -> str:
         relu = ", fused_relu=True" if self.fused_relu else ""
