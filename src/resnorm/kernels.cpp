@@ -377,15 +377,14 @@ enum Kind : int64_t { kFixed = 0, kCell = 1, kSamples = 2, kGroups = 3 };
 // 1 / sqrt(var + eps), the one rounding of every rstd here
 inline double rstd_of(double var, double eps) { return 1.0 / std::sqrt(var + eps); }
 
-// BN's pooling: average each channel over the samples of t (N x C) and broadcast it back, in
-// place, row by row (contiguous), each channel's sum still in sample order. (IN's cells are not
-// pooled; GN's and LN's groups are pooled by over_groups.)
-void pool_samples(double* t, int64_t N, int64_t C) {
-  std::vector<double> m(t, t + C);
+// BN's pooling: out[c] = the mean of channel c over the samples of t (N x C), summed in sample
+// order, row by row (contiguous). out may be t's row 0. (IN's cells are not pooled; GN's and LN's
+// groups are pooled by over_groups.)
+void pool_samples(const double* t, int64_t N, int64_t C, double* out) {
+  if (out != t) std::copy(t, t + C, out);
   for (int64_t n = 1; n < N; ++n)
-    for (int64_t c = 0; c < C; ++c) m[c] += t[n * C + c];
-  for (int64_t c = 0; c < C; ++c) m[c] /= double(N);
-  for (int64_t n = 0; n < N; ++n) std::copy(m.begin(), m.end(), t + n * C);
+    for (int64_t c = 0; c < C; ++c) out[c] += t[n * C + c];
+  for (int64_t c = 0; c < C; ++c) out[c] /= double(N);
 }
 
 // s[k] = the sum over c in [c0, c1) of f(k, c), for k < K, each in channel order from 0, the K
@@ -652,11 +651,11 @@ void forward_core(const T* x, T* y, const Layout& l, int64_t n0, const std::vect
       std::copy(mean, mean + NC, pm);
       for (int64_t i = 0; i < NC; ++i) pr[i] = rstd_of(var[i] + 0.0, eps);  // var + (mean - mean)^2, as pooled
     } else {  // exact pooling of equal-sized cells: var = mean(var) + var(means)
-      std::copy(mean, mean + NC, pooled);
-      pool_samples(pooled, N, C);
-      for (int64_t i = 0; i < NC; ++i) pv[i] = var[i] + (mean[i] - pooled[i]) * (mean[i] - pooled[i]);
-      pool_samples(pv, N, C);
-      if (part.run_mean.numel()) {  // row 0 holds the pooled per-channel values
+      pool_samples(mean, N, C, pooled);  // per channel (C values)
+      for (int64_t n = 0; n < N; ++n)
+        for (int64_t c = 0, i = n * C; c < C; ++c, ++i) pv[i] = var[i] + (mean[i] - pooled[c]) * (mean[i] - pooled[c]);
+      pool_samples(pv, N, C, pv);
+      if (part.run_mean.numel()) {
         lerp_into(part.run_mean, pooled, 1.0, factor);
         lerp_into(part.run_var, pv, unbias, factor);
       }
@@ -723,12 +722,12 @@ void backward_core(const T* g, const T* x, T* grad_x, const Layout& l, int64_t n
           });
       continue;
     }
-    if (st.kind == kSamples) {
-      pool_samples(bb, N, C);
-      pool_samples(ag, N, C);
+    if (st.kind == kSamples) {  // into row 0, where cell (n, c) finds them at j = c
+      pool_samples(bb, N, C, bb);
+      pool_samples(ag, N, C, ag);
     }
-    for_cells(st, R, C, [&](int64_t i, int64_t, int64_t j) {  // R = 1: the pooled rows are all row 0
-      input_term(inv, pm[j], pr[j], bb[i], ag[i], c1[i], c0[i]);
+    for_cells(st, R, C, [&](int64_t i, int64_t, int64_t j) {
+      input_term(inv, pm[j], pr[j], bb[j], ag[j], c1[i], c0[i]);
     });
   }
   if (!grad_x) return;

@@ -133,10 +133,13 @@ class _Normalize(torch.autograd.Function):
         return ctx.layer._finish_grads(ctx, grad_x, d_alphas, sum_g.sum(0))
 
 
+_KERNEL_DTYPES = (torch.float32, torch.float64)
+
+
 def _kernels_for(x: torch.Tensor):
-    """The compiled CPU kernels when they handle x (float32/64, contiguous or channels_last), else None."""
-    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64) or x.dim() < 3 \
-            or torch.compiler.is_compiling():
+    """The compiled CPU kernels when they handle x (float32/64, contiguous or channels_last), else None.
+    (Called for every layer of every step: plain attribute tests, cheapest first.)"""
+    if not x.is_cpu or x.dtype not in _KERNEL_DTYPES or x.dim() < 3 or torch.compiler.is_compiling():
         return None
     if not (x.is_contiguous() or (x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last))):
         return None
@@ -395,14 +398,16 @@ class _RunningStats(_Norm):
     def _bn_pool(self, x: torch.Tensor) -> _Pool:
         """The BN term: batch statistics (counting the batch for the running ones) in training,
         the running ones in eval."""
+        buffers = self._buffers      # (not self.running_mean: nn.Module.__getattr__ costs a microsecond a name)
         if not self._uses_batch:
-            return _Pool(FIXED, fixed=(self.running_mean, self.running_var))
+            return _Pool(FIXED, fixed=(buffers["running_mean"], buffers["running_var"]))
         running = None
         if self.training and self.track_running_stats:
-            self.num_batches_tracked.add_(1)
-            factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+            tracked = buffers["num_batches_tracked"]
+            tracked.add_(1)
+            factor = 1.0 / float(tracked) if self.momentum is None else self.momentum
             count = x.numel() // x.shape[1]
-            running = (self.running_mean, self.running_var, factor, count / max(count - 1, 1))
+            running = (buffers["running_mean"], buffers["running_var"], factor, count / max(count - 1, 1))
         return _Pool(SAMPLES, running=running)
 
     def extra_repr(self) -> str:
