@@ -108,21 +108,27 @@ inline T gate(T g, T x, T s, T b) {
 // large activations and gradients would overflow; the passes stay memory-bound.
 constexpr int64_t kLanes = 64;
 
-// lane-wise s[k] = sum_i a'[i * kLanes + k] and q[k] = sum_i a' * b, over `rows` rows, where
+// kLanes zeros: the gate coefficients where there is no gate
+template <typename T>
+alignas(64) constexpr T kZeros[kLanes] = {};
+
+// lane-wise s[k] = sum_i a'[i * stride + k] and q[k] = sum_i a' * b, over `rows` rows, where
 // a' is a gated by b * ls[k] + lb[k] > 0 when Gated (a = g, b = x)
 template <bool Gated, typename T>
-inline void lane_sums(const T* a, const T* b, int64_t rows, const T* ls, const T* lb, double* s, double* q) {
-  std::fill(s, s + kLanes, 0.0);
-  std::fill(q, q + kLanes, 0.0);
+inline void lane_sums(const T* a, const T* b, int64_t rows, int64_t stride, const T* ls, const T* lb, double* s,
+                      double* q) {
+  double as[kLanes] = {}, aq[kLanes] = {};  // in registers, not read back from memory at every row
   for (int64_t i = 0; i < rows; ++i) {
-    const T* ra = a + i * kLanes;
-    const T* rb = b + i * kLanes;
+    const T* ra = a + i * stride;
+    const T* rb = b + i * stride;
     for (int64_t k = 0; k < kLanes; ++k) {
       const double va = gate<Gated>(ra[k], rb[k], ls[k], lb[k]);
-      s[k] += va;
-      q[k] += va * double(rb[k]);
+      as[k] += va;
+      aq[k] += va * double(rb[k]);
     }
   }
+  std::copy(as, as + kLanes, s);
+  std::copy(aq, aq + kLanes, q);
 }
 
 // sums of a'[i] and a'[i] * b[i] over i < len folded into `outs` interleaved outputs (out[i % outs],
@@ -136,7 +142,7 @@ inline void strided_sums(const T* a, const T* b, int64_t len, int64_t outs, cons
       for (int64_t j = 0; j < outs; ++j) ls[base + j] = gs[j], lb[base + j] = gb[j];
   double s[kLanes], q[kLanes];
   const int64_t main = len - len % kLanes;
-  lane_sums<Gated>(a, b, main / kLanes, ls, lb, s, q);
+  lane_sums<Gated>(a, b, main / kLanes, kLanes, ls, lb, s, q);
   std::fill(sa, sa + outs, 0.0);
   std::fill(sab, sab + outs, 0.0);
   for (int64_t base = 0; base < kLanes; base += outs)
@@ -262,11 +268,17 @@ void sums(const T* a, const T* b, const Layout& l, const Coef<T>* gs, const Coef
         strided_sums<Gated>(pa, pb, HW * C, C, s, t, sa + n * C, sab + n * C);
         continue;
       }
-      double *oa = sa + n * C, *ob = sab + n * C;  // other widths: a plain double loop
-      std::fill(oa, oa + C, 0.0);
-      std::fill(ob, ob + C, 0.0);
+      // other widths: kLanes channels at a time summed down the rows in registers, the rest
+      // (C % kLanes channels) in a plain double loop
+      double *oa = sa + n * C, *ob = sab + n * C;
+      const int64_t full = C - C % kLanes;
+      for (int64_t c0 = 0; c0 < full; c0 += kLanes)
+        lane_sums<Gated>(pa + c0, pb + c0, HW, C, Gated ? s + c0 : kZeros<T>, Gated ? t + c0 : kZeros<T>, oa + c0,
+                         ob + c0);
+      std::fill(oa + full, oa + C, 0.0);
+      std::fill(ob + full, ob + C, 0.0);
       for (int64_t i = 0; i < HW; ++i)
-        for (int64_t c = 0; c < C; ++c) {
+        for (int64_t c = full; c < C; ++c) {
           const T va = gate<Gated>(pa[i * C + c], pb[i * C + c], Gated ? s[c] : zero, Gated ? t[c] : zero);
           oa[c] += va;
           ob[c] += double(va) * double(pb[i * C + c]);
