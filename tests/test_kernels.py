@@ -160,6 +160,25 @@ def test_kernel_results_do_not_depend_on_thread_count():
     assert all(torch.equal(a, b) for a, b in zip(gp1[0], gp2[0]))
 
 
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last])
+@pytest.mark.parametrize("name", ["in", "ln", "gn"])
+def test_sample_local_results_do_not_depend_on_the_blocks_of_samples(name, fmt):
+    """IN, GN and LN run in blocks of samples sized by the thread count (kernels.cpp block_of): 11
+    samples go in blocks of 8 + 3 on one thread, 6 + 5 on two, 4 + 4 + 3 on three; 160 channels
+    are two 64-channel runs and a tail of 32 (channels_last). Every result is the same bit for bit."""
+    def run(threads):
+        saved = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            return run_pair(name, (11, 160, 3, 3), fmt, relu=True)
+        finally:
+            torch.set_num_threads(saved)
+    (_, _, ys1, gx1, gp1), *others = [run(t) for t in (1, 2, 3)]
+    for _, _, ys, gx, gp in others:
+        assert torch.equal(ys1[0], ys[0]) and torch.equal(gx1[0], gx[0])
+        assert all(torch.equal(a, b) for a, b in zip(gp1[0], gp[0]))
+
+
 def test_model_fuses_relu_into_from_scratch_norms_only():
     ours, builtin = ResNet(1, 3, norm="gn"), ResNet(1, 3, norm="torch_bn")
     assert ours.norm1.fused_relu and isinstance(ours.act1, nn.Identity)
