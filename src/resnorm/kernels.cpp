@@ -21,6 +21,7 @@
 #include <algorithm>
 #include <cmath>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 namespace {
@@ -626,6 +627,28 @@ void coefficients(const std::vector<Part>& parts, const std::vector<double>& b, 
 // The scratch slots (kCoef) of the coefficients in x's dtype: scale and shift, then the backward's c1 and c0
 enum CoefSlot { kScale = 0, kShift = 1, kC1 = 2, kC0 = 3 };
 
+// The coefficients in x's dtype T (in this thread's kCoef slots kScale and kShift). A layer of
+// one part (all but BIN) has them written straight in T from the same double arithmetic
+// (0 + s and b - s * mean, as coefficients() adds them up); several parts are added up in the
+// double arrays `scale` and `shift` (R x C) first.
+template <typename T>
+std::pair<Coef<T>, Coef<T>> coefficients_in(const std::vector<Part>& parts, const std::vector<double>& b, int64_t n0,
+                                            int64_t N, int64_t C, int64_t R, double* scale, double* shift) {
+  if (parts.size() != 1) {
+    coefficients(parts, b, n0, N, C, R, scale, shift);
+    return {Coef<T>(kScale, scale, R, C), Coef<T>(kShift, shift, R, C)};
+  }
+  T *ts = scratch<T, kCoef>(kScale, R * C), *tt = scratch<T, kCoef>(kShift, R * C);
+  const Part& part = parts[0];
+  const double *pm = part.mean(n0), *pr = part.rstd(n0), *a = part.alpha.data();
+  for_cells(Stats(part.st.kind, part.st.groups, N, C), R, C, [&](int64_t i, int64_t c, int64_t j) {
+    const double s = a[c] * pr[j];
+    ts[i] = T(0.0 + s);
+    tt[i] = T(b[c] - s * pm[j]);
+  });
+  return {Coef<T>(ts, R, C), Coef<T>(tt, R, C)};
+}
+
 // The forward of the samples of layout l from n0 on (x and y offset to them): statistics, each
 // part's mean and rstd (into the state) and y
 template <typename T>
@@ -674,8 +697,7 @@ void forward_core(const T* x, T* y, const Layout& l, int64_t n0, const std::vect
       for (int64_t c = 0; c < C; ++c) pm[c] = pooled[c], pr[c] = rstd_of(pv[c], eps);
     }
   }
-  coefficients(parts, b, n0, N, C, R, scale, shift);
-  const Coef<T> s(kScale, scale, R, C), t(kShift, shift, R, C);
+  const auto [s, t] = coefficients_in<T>(parts, b, n0, N, C, R, scale, shift);
   if (relu)
     affine_pass<true>(x, l, s, t, y);
   else
@@ -694,10 +716,15 @@ void backward_core(const T* g, const T* x, T* grad_x, const Layout& l, int64_t n
   double *sgx = scratch<double, kWork>(0, NC), *bb = scratch<double, kWork>(1, NC),
          *ag = scratch<double, kWork>(2, NC), *c1 = scratch<double, kWork>(3, RC), *c0 = scratch<double, kWork>(4, RC),
          *scale = scratch<double, kWork>(5, RC), *shift = scratch<double, kWork>(6, RC);
-  std::fill(c1, c1 + RC, 0.0);
-  std::fill(c0, c0 + RC, 0.0);
-  coefficients(parts, b, n0, N, C, R, scale, shift);
-  const Coef<T> s(kScale, scale, R, C), t(kShift, shift, R, C);
+  // grad_x's c1 and c0 per cell: with one part (all but BIN) written straight in T from the
+  // same double arithmetic as the sums over parts would start from 0; else summed in double
+  const bool single = P == 1;
+  T *t1 = scratch<T, kCoef>(kC1, RC), *t0 = scratch<T, kCoef>(kC0, RC);
+  if (!single || parts[0].st.kind == kFixed) {
+    std::fill(c1, c1 + RC, 0.0);
+    std::fill(c0, c0 + RC, 0.0);
+  }
+  const auto [s, t] = coefficients_in<T>(parts, b, n0, N, C, R, scale, shift);
   if (relu)
     sums<true>(g, x, l, &s, &t, sg, sgx);
   else
@@ -729,7 +756,12 @@ void backward_core(const T* g, const T* x, T* grad_x, const Layout& l, int64_t n
               const int64_t j = st.at(n, g0);
               double k1 = 0.0, k0 = 0.0;
               input_term(inv, pm[j], pr[j], mb[n], ma[n], k1, k0);
-              for (int64_t i = n * C + g0; i < n * C + g1; ++i) c1[i] += k1, c0[i] += k0;
+              if (single) {
+                std::fill(t1 + n * C + g0, t1 + n * C + g1, T(0.0 + k1));
+                std::fill(t0 + n * C + g0, t0 + n * C + g1, T(0.0 + k0));
+              } else {
+                for (int64_t i = n * C + g0; i < n * C + g1; ++i) c1[i] += k1, c0[i] += k0;
+              }
             }
           });
       continue;
@@ -739,11 +771,18 @@ void backward_core(const T* g, const T* x, T* grad_x, const Layout& l, int64_t n
       pool_samples(ag, N, C, ag);
     }
     for_cells(st, R, C, [&](int64_t i, int64_t, int64_t j) {
-      input_term(inv, pm[j], pr[j], bb[j], ag[j], c1[i], c0[i]);
+      if (single) {
+        double k1 = 0.0, k0 = 0.0;
+        input_term(inv, pm[j], pr[j], bb[j], ag[j], k1, k0);
+        t1[i] = T(k1), t0[i] = T(k0);
+      } else {
+        input_term(inv, pm[j], pr[j], bb[j], ag[j], c1[i], c0[i]);
+      }
     });
   }
   if (!grad_x) return;
-  const Coef<T> k1(kC1, c1, R, C), k0(kC0, c0, R, C);
+  const bool in_t = single && parts[0].st.kind != kFixed;
+  const Coef<T> k1 = in_t ? Coef<T>(t1, R, C) : Coef<T>(kC1, c1, R, C), k0 = in_t ? Coef<T>(t0, R, C) : Coef<T>(kC0, c0, R, C);
   if (relu)
     grad_input_pass<true>(g, x, l, s, t, k1, k0, grad_x);
   else
