@@ -275,18 +275,6 @@ def _kernel_forward(kernels, layer, x: torch.Tensor, params) -> tuple[torch.Tens
     return y, (kernels, (state, kinds, groups, alpha_args, bias))
 
 
-def _kernel_node(kernels, layer, x: torch.Tensor, params) -> torch.Tensor:
-    """A layer of one part with weight and bias only (not BIN) as one C++ autograd node (kernels.cpp
-    NormNode): the same kernels as _Normalize, without the engine calling back into Python for the
-    backward, and with the layer's own arguments rather than _kernel_args' lists."""
-    (sp,) = layer._spec(x)
-    stats = sp.fixed or sp.running or (None, None)
-    factor, unbias = (sp.running[2], sp.running[3]) if sp.running else (0.0, 1.0)
-    weight, bias = params
-    return kernels.norm_autograd(x, weight, bias, stats[0], stats[1], sp.kind, sp.groups, factor, unbias,
-                                 layer.eps, layer.fused_relu)
-
-
 def _run(layer: nn.Module, x: torch.Tensor, *params) -> torch.Tensor:
     """Run a layer: the hand-written Function in eager mode when a gradient is needed; without
     one, the CPU kernels' forward alone, or plain tensor ops (on GPU, and under torch.compile,
@@ -295,8 +283,16 @@ def _run(layer: nn.Module, x: torch.Tensor, *params) -> torch.Tensor:
     if not compiling and torch.is_grad_enabled() and \
             (x.requires_grad or any(p is not None and p.requires_grad for p in params)):
         kernels = _kernels_for(x)
-        if kernels and not layer._mixes and (params[-1] is None or params[-1].dtype == x.dtype):
-            return _kernel_node(kernels, layer, x, params)
+        if kernels is not None and not layer._mixes and (params[-1] is None or params[-1].dtype == x.dtype):
+            # one part, weight and bias only: one C++ autograd node (kernels.cpp NormNode), the same
+            # kernels as _Normalize without the engine calling back into Python for the backward,
+            # and with the layer's own arguments rather than _kernel_args' lists (inline: in a
+            # training step each Python call here costs microseconds, the caches being cold)
+            (sp,) = layer._spec(x)
+            stats = sp.fixed or sp.running or (None, None)
+            factor, unbias = (sp.running[2], sp.running[3]) if sp.running else (0.0, 1.0)
+            return kernels.norm_autograd(x, params[0], params[1], stats[0], stats[1], sp.kind, sp.groups, factor,
+                                         unbias, layer.eps, layer.fused_relu)
         return _Normalize.apply(x, layer, kernels, *params)
     kernels = _kernels_for(x)
     if kernels:
