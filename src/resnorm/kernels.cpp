@@ -63,6 +63,9 @@ std::vector<double> values(const at::Tensor& t, int64_t size, double fill) {
 // apart sets of slots of one type). A layer's per-(n, c) arrays are 64-512 KB each; allocated
 // afresh, they come back from the OS as new pages to fault in at every call (a training step
 // frees and takes back far more memory than that), which cost as much as the passes themselves.
+// Each slot starts at its own offset within a 4 KB page: rows of 512 doubles are 4 KB, and arrays
+// walked side by side at equal page offsets stall every load behind the previous store ("4K
+// aliasing", see cell_terms).
 template <typename V, int Kind>
 V* scratch(int slot, int64_t size) {
   thread_local std::vector<V> arrays[8];
@@ -484,16 +487,16 @@ template <int64_t Stride>
 inline void cell_terms(int64_t len, const double* __restrict sg, const double* __restrict sgx,
                        const double* __restrict pm, const double* __restrict pr, const double* __restrict a,
                        double* __restrict gxhat, double* __restrict bb, double* __restrict ag) {
-  for (int64_t c = 0; c < len; ++c) {  // every load before any store: see below
+  for (int64_t c = 0; c < len; ++c) {
     const double s = sg[c], sx = sgx[c], al = a[c], gh = pr[c * Stride] * (sx - pm[c * Stride] * s);
     gxhat[c] = gh;
     bb[c] = al * gh;
     ag[c] = al * s;
   }
 }
-// (At 512 channels a sample's row is 4 KB, so these arrays often sit at the same offset within a
-// page; a load that follows a store to such an address waits for the store ("4K aliasing"). With
-// a[c] loaded after gxhat[c] was stored, this loop ran at a third of its speed.)
+// (At 512 channels a sample's row is 4 KB; with the scratch arrays at the same offset within a
+// page, each load here after a store to another of them waited for that store ("4K aliasing"),
+// and this loop ran at a third of its speed. scratch() now places every array at its own offset.)
 
 // A part's share of grad_x = g' * scale + x * c1 + c0 in one cell, from its pooled bb and ag
 inline void input_term(double inv, double pm, double pr, double bb, double ag, double& c1, double& c0) {
@@ -875,10 +878,9 @@ std::vector<at::Tensor> norm_backward(const at::Tensor& g_in, const at::Tensor& 
 // A layer of one part whose only parameters are weight (its alpha) and bias, as one autograd node
 // in C++: the engine calls norm_backward without a round trip through Python (60-90 us a layer
 // measured in a training step, where the convolutions leave the caches cold). Its arguments are
-// the layer's own, not lists: every tensor argument is an input the node records and every list
-// a conversion, and at 2x2 maps those fixed costs are a third of the layer's time. stat_mean and
-// stat_var are the fixed statistics (kind kFixed) or the running ones to update (kSamples), else
-// absent. BIN, whose alphas mix its parameters, keeps resnorm.norms._Normalize.
+// the layer's own, not lists (every tensor argument is an input the node records, every list a
+// conversion): stat_mean and stat_var are the fixed statistics (kind kFixed) or the running ones
+// to update (kSamples), else absent. BIN, whose alphas mix its parameters, keeps resnorm.norms._Normalize.
 struct NormNode : public torch::autograd::Function<NormNode> {
   static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x,
                             const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
