@@ -77,7 +77,7 @@ def main() -> None:
         old_source = subprocess.run(["git", "show", f"{args.before}:src/resnorm/kernels.cpp"], check=True,
                                     capture_output=True, text=True, cwd=SOURCE.parent).stdout
     except subprocess.CalledProcessError as e:
-        raise SystemExit(f"--before {args.before}: {e.stderr.strip() or 'no src/resnorm/kernels.cpp there'}") from None
+        ap.error(f"--before {args.before}: {(e.stderr.strip() or 'no src/resnorm/kernels.cpp there').splitlines()[0]}")
     modules = (build(old_source, "before"), build(SOURCE.read_text(), "now"))
     fmt = torch.channels_last if args.format == "channels_last" else torch.contiguous_format
     groups = 4 if args.arch == "resnet6n2" else 32
