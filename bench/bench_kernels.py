@@ -28,9 +28,8 @@ import time
 from pathlib import Path
 
 import torch
-from torch.utils import cpp_extension
 
-from resnorm.kernels import CFLAGS, SOURCE
+from resnorm.kernels import CFLAGS, SOURCE, compile_module
 from resnorm.norms import _kernel_args, make_norm
 from resnorm.stats import mean_interval
 
@@ -46,8 +45,7 @@ def build(source: str, tag: str):
     path = folder / "kernels.cpp"
     if not path.exists() or path.read_text() != source:
         path.write_text(source)
-    return cpp_extension.load(name=f"resnorm_bench_{tag}_{digest}", sources=[str(path)], extra_cflags=CFLAGS,
-                              extra_ldflags=["-fopenmp"], build_directory=str(folder))
+    return compile_module(f"resnorm_bench_{tag}_{digest}", path, build_directory=str(folder))
 
 
 def step(kernels, x, g, args, bias):

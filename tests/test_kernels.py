@@ -179,6 +179,46 @@ def test_sample_local_results_do_not_depend_on_the_blocks_of_samples(name, fmt):
         assert all(torch.equal(a, b) for a, b in zip(gp1[0], gp[0]))
 
 
+def row_order_sums(v: torch.Tensor) -> torch.Tensor:
+    """Per-(n, c) sums of v's values converted to double, added one at a time in row order from 0."""
+    rows = v.double().flatten(2)
+    s = torch.zeros(rows.shape[:2], dtype=torch.float64)
+    for i in range(rows.shape[2]):
+        s = s + rows[..., i]
+    return s
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("c", [128, 96])
+def test_channels_last_sums_are_plain_double_sums_in_row_order(c, dtype):
+    """The vectorised channels_last sums (kernels.cpp lane_sums, 64 channels at a time; 96 leaves a
+    plain-loop tail of 32) held to a plain loop, bit for bit: IN's per-cell mean in the state, and
+    with the fused ReLU the bias and weight gradients, from the gated g (g where x * scale + shift > 0,
+    in x's dtype, scale and shift rounded from double) and g * x summed in row order, then over samples."""
+    k = kernels_mod.cpu_kernels()
+    if k is None:
+        pytest.skip("no C++ kernels on this machine")
+    torch.manual_seed(0)
+    n, hw = 3, 6                                             # 6: mean = sum / 6, not a power of two
+    x = (torch.randn(n, c, 2, 3, dtype=dtype) * 3 + 1).contiguous(memory_format=torch.channels_last)
+    g = torch.randn(n, c, 2, 3, dtype=dtype).contiguous(memory_format=torch.channels_last)
+    w, b = torch.randn(c, dtype=dtype), torch.randn(c, dtype=dtype)
+    e = norms._EMPTY
+    _, state = k.norm_forward(x, [norms.CELL], [1], [w], [e], [e], [e], [e], 0.0, 1.0, b, 1e-5, True)
+    mean, rstd = state[:n * c].view(n, c), state[n * c:].view(n, c)
+    assert torch.equal(mean, row_order_sums(x) / hw)
+    _, d_bias, d_weight = k.norm_backward(g, x, state, [norms.CELL], [1], [w], b, True, True, False)
+    s = w.double() * rstd
+    scale, shift = (0.0 + s).to(dtype), (b.double() - s * mean).to(dtype)
+    gated = g * ((x * scale[..., None, None] + shift[..., None, None]) > 0).to(dtype)
+    sg, sgx = row_order_sums(gated), row_order_sums(gated.double() * x.double())
+    d_b, d_w = torch.zeros(c, dtype=torch.float64), torch.zeros(c, dtype=torch.float64)
+    for i in range(n):
+        d_b = d_b + sg[i]
+        d_w = d_w + rstd[i] * (sgx[i] - mean[i] * sg[i])
+    assert torch.equal(d_bias, d_b) and torch.equal(d_weight, d_w)
+
+
 def test_model_fuses_relu_into_from_scratch_norms_only():
     ours, builtin = ResNet(1, 3, norm="gn"), ResNet(1, 3, norm="torch_bn")
     assert ours.norm1.fused_relu and isinstance(ours.act1, nn.Identity)

@@ -75,6 +75,15 @@ def _ninja_beside_python():
         os.environ["PATH"] = old
 
 
+def compile_module(name: str, source: Path, build_directory: str | None = None):
+    """A kernels.cpp compiled with this project's flags and loaded as module `name` (also how
+    bench/bench_kernels.py builds another revision's source beside today's)."""
+    from torch.utils import cpp_extension
+    with _ninja_beside_python():
+        return cpp_extension.load(name=name, sources=[str(source)], extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"],
+                                  build_directory=build_directory)
+
+
 @functools.cache
 def cpu_kernels():
     """The compiled module (stats, affine, grad_sums, grad_input), or None when unavailable."""
@@ -89,18 +98,14 @@ def cpu_kernels():
         if not library.exists():
             print("resnorm: compiling the fused CPU kernels (once per machine, under a minute)...", file=sys.stderr)
 
-        def load():
-            with _ninja_beside_python():
-                return cpp_extension.load(name=NAME, sources=[str(source)], extra_cflags=CFLAGS,
-                                          extra_ldflags=["-fopenmp"])
         try:
-            return load()
+            return compile_module(NAME, source)
         except (ImportError, OSError) as e:       # built, but will not load: rebuild once
             if not library.exists():
                 raise
             print(f"resnorm: {library} does not load ({type(e).__name__}); rebuilding it", file=sys.stderr)
             library.unlink()
-            return load()
+            return compile_module(NAME, source)
     except Exception as e:  # no compiler, no headers, a failed build: fall back, say why once
         first = (str(e).strip().splitlines() or [""])[0][:200]
         warnings.warn(f"resnorm: fused CPU kernels unavailable ({type(e).__name__}: {first}); using plain "

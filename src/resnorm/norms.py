@@ -243,10 +243,7 @@ def _kernel_args(layer, x: torch.Tensor, params) -> tuple:
     statistics, and the running statistics' factor and unbias. Built in one loop: in a training
     step this runs between convolutions that flush the caches, so every Python-level call counts."""
     specs = layer._spec(x)
-    if layer._mixes:                                      # BIN: alphas computed from several parameters
-        with torch.no_grad():
-            alphas = layer._alphas(*params)
-    else:
+    with torch.no_grad():                                 # (BIN's alphas are computed from several parameters)
         alphas = layer._alphas(*params)
     kinds, groups, alpha_args, fixed_mean, fixed_var, run_mean, run_var = [], [], [], [], [], [], []
     run = None
