@@ -21,7 +21,9 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
-#include <immintrin.h>
+#ifdef __AVX512F__
+#include <immintrin.h>  // (x86 only: other CPUs take the portable conversion below)
+#endif
 #include <type_traits>
 #include <utility>
 #include <vector>
