@@ -4,11 +4,13 @@
 #   bench32: the bench loop on the same configurations   concurrent: resnorm.parallel -j 4 and -j 8, aggregate images/s
 #   e2e: bench/gpu_e2e.sh, the README's command end to end
 #   batches: batch 8 (bn also with CUDA graphs) and 128, resnorm.train and the bench loop
+#   goal2: ways to a cheaper step (not in the default list): where a step's device time goes
+#          (bench/gpu_profile.py), 4 runs at once under CUDA graphs, and inductor's max-autotune
 #
 #   bash bench/gpu_wheels.sh              here, once: .gpu-wheels/ (the GPU machine reaches no registry)
 #   bash bench/gpu_check.sh               there (device tool: carry [".gpu-wheels"]), from the repo root
 #   STEPS="e2e batches" bash bench/gpu_check.sh      only some steps, in that order (tools always first):
-#                                         single32 bench32 concurrent e2e batches (the default: all of them)
+#                                         single32 bench32 concurrent e2e batches (the default: all of them), goal2
 #
 # Every step writes into $OUT as it goes (speed.json, logs, report.md), so a call cut short keeps
 # what it measured; a step that would start past BUDGET is skipped and says so.
@@ -71,10 +73,23 @@ batches() {
     if [ "$(left)" -gt 45 ]; then "${SPEED[@]}" --phase bench --configs bn:8,bn:128,gn:8,gn:128,torch_bn:8,torch_bn:128 \
         --bench-seconds 4 2>&1 | grep -v "^\s*$" | tail -8 | tee -a "$OUT/speed.log"; else echo "skipped: past the time budget"; fi
 }
+goal2() {
+    step "goal 2: where a step's time goes (bench/gpu_profile.py, bn and torch_bn at batch 32)"
+    if [ "$(left)" -gt 60 ]; then timeout "$(( $(left) - 30 ))" "$PYTHON" bench/gpu_profile.py --norms bn,torch_bn \
+        --device "$DEVICE" --size "$SIZE" --out "$OUT" 2>&1 | grep -v "^USDT\|^STAGE:" | tee -a "$OUT/profile.log"
+    else echo "skipped: past the time budget"; fi
+    step "goal 2: 4 runs at once under CUDA graphs (resnorm.parallel -j 4, train.compile: reduce-overhead)"
+    if [ "$(left)" -gt 90 ]; then "${SPEED[@]}" --phase concurrent --jobs 4 --epochs 2 \
+        --concurrent-compile "${GOAL2_COMPILE:-reduce-overhead}" --budget "$(( $(left) - 40 ))" 2>&1 | tee -a "$OUT/speed.log"
+    else echo "skipped: past the time budget"; fi
+    step "goal 2: inductor's max-autotune, resnorm.train alone (bn, batch 32)"
+    if [ "$(left)" -gt 120 ]; then timeout "$(( $(left) - 10 ))" "${SPEED[@]}" --phase single --configs bn:32:max-autotune \
+        2>&1 | tee -a "$OUT/speed.log"; else echo "skipped: past the time budget"; fi
+}
 for s in ${STEPS:-single32 bench32 concurrent e2e batches}; do
     case $s in
-        single32|bench32|concurrent|e2e|batches) "$s" ;;
-        *) echo "unknown step '$s' (STEPS: single32 bench32 concurrent e2e batches)" >&2; exit 2 ;;
+        single32|bench32|concurrent|e2e|batches|goal2) "$s" ;;
+        *) echo "unknown step '$s' (STEPS: single32 bench32 concurrent e2e batches goal2)" >&2; exit 2 ;;
     esac
 done
 

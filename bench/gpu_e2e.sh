@@ -58,9 +58,7 @@ cd "$REPO"
 export PYTHONPATH=$REPO/src GIT_AUTHOR_NAME=e2e GIT_AUTHOR_EMAIL=e2e@local GIT_COMMITTER_NAME=e2e \
        GIT_COMMITTER_EMAIL=e2e@local DVC_NO_ANALYTICS=1
 if command -v git >/dev/null; then git init -q; "$PY" -m dvc init -q; else "$PY" -m dvc init -q --no-scm; fi
-cp "$HERE/dvc.yaml" "$HERE/params.yaml" "$HERE/.gitignore" "$HERE/.dvcignore" "$REPO/"
-cp -r "$HERE/src" "$REPO/src"
-cp -r "$HERE/.dvc/plots" "$REPO/.dvc/plots"
+"$PY" "$HERE/bench/gpu_speed.py" --copy-pipeline "$REPO"     # the stages' code and every input no stage makes
 "$PY" - "$KEEP" <<'EOF'
 import sys, yaml
 keep = sys.argv[1].split()
@@ -113,6 +111,13 @@ EOF
 
 step "6. kill -9 a training, then rerun it"
 rm -rf models/experiment               # `dvc repro` (not `exp run`, which restores outputs first) retrains it
+# at least 10 epochs, so that the kill lands mid-run even where an epoch takes 0.2 s (a CPU at 16 px)
+"$PY" - "$(( EPOCHS > 10 ? EPOCHS : 10 ))" <<'EOF'
+import sys, yaml
+p = yaml.safe_load(open("params.yaml"))
+p["train"]["epochs"] = int(sys.argv[1])
+open("params.yaml", "w").write(yaml.safe_dump(p, sort_keys=False))
+EOF
 "$PY" -m dvc repro train > "$OUT/killed.log" 2>&1 &
 for _ in $(seq 3000); do            # the epoch line is printed after that epoch's checkpoint is saved
     grep -q "experiment epoch 1/" "$OUT/killed.log" 2>/dev/null && break

@@ -46,28 +46,36 @@ def variant_model(name: str) -> nn.Module:
     return ResNet(2, 25, norm=name)
 
 
-def images_per_second(name: str, data: torch.Tensor, labels: torch.Tensor, batch: int, compile_,
-                      seconds: float) -> tuple[float, float]:
+def make_step(name: str, data: torch.Tensor, labels: torch.Tensor, batch: int, compile_):
+    """One SGD step of the paper setting on `data`'s device: a random batch of uint8 images,
+    flipped and normalized there, bf16 autocast, channels_last. `compile_`: False (eager), True
+    (inductor's default mode) or a mode name ("reduce-overhead" = CUDA graphs)."""
     torch._dynamo.reset()      # a fresh, static-shape compile per run, as in training (one batch size per process)
     torch.manual_seed(0)
-    model = variant_model(name).cuda().to(memory_format=torch.channels_last)
+    device = data.device
+    model = variant_model(name).to(device, memory_format=torch.channels_last)
     opt = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
-    # compile_: False (eager), True (default inductor) or a mode name ("reduce-overhead" = CUDA graphs)
     step_model = model if not compile_ else torch.compile(model, **({} if compile_ is True else {"mode": compile_}))
-    mean = torch.tensor([0.5, 0.5, 0.5], device="cuda").view(1, 3, 1, 1)
+    mean = torch.tensor([0.5, 0.5, 0.5], device=device).view(1, 3, 1, 1)
     n = len(data)
 
     def step(i):
-        idx = torch.randint(0, n, (batch,), device="cuda")
+        idx = torch.randint(0, n, (batch,), device=device)
         x = data[idx].float().div_(255).sub_(mean).div_(0.25)
-        flip = torch.rand(batch, device="cuda") < 0.5
+        flip = torch.rand(batch, device=device) < 0.5
         x = torch.where(flip.view(-1, 1, 1, 1), x.flip(3), x).contiguous(memory_format=torch.channels_last)
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        with torch.autocast(device.type, dtype=torch.bfloat16):
             loss = nn.functional.cross_entropy(step_model(x).float(), labels[idx])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
 
+    return step
+
+
+def images_per_second(name: str, data: torch.Tensor, labels: torch.Tensor, batch: int, compile_,
+                      seconds: float) -> tuple[float, float]:
+    step = make_step(name, data, labels, batch, compile_)
     t0 = time.perf_counter()
     for i in range(10):            # warm-up, compile, cudnn autotune
         step(i)

@@ -4,6 +4,7 @@
   python bench/gpu_speed.py --phase bench          # bench/gpu_paper_epoch.py on the same configurations
   python bench/gpu_speed.py --phase concurrent     # resnorm.parallel -j 4 and -j 8: aggregate images/s
   python bench/gpu_speed.py --phase single --configs bn:8:reduce-overhead,bn:128
+  python bench/gpu_speed.py --phase concurrent --jobs 4 --concurrent-compile reduce-overhead   # under CUDA graphs
 
 Every figure here comes from the real pipeline: `python -m resnorm.train` (its epoch log,
 logs/timing/<run>.csv:
@@ -34,6 +35,8 @@ import yaml
 
 HERE = Path(__file__).resolve().parents[1]
 CLASSES = 25
+CLASS_NAMES = [f"class_{i:02d}" for i in range(CLASSES)]
+GRADCAM_CLASSES = CLASS_NAMES[:7]
 
 
 def sh(cmd: list[str], cwd: Path, log: Path | None = None, env: dict | None = None) -> float:
@@ -47,13 +50,32 @@ def sh(cmd: list[str], cwd: Path, log: Path | None = None, env: dict | None = No
     return time.time() - t0
 
 
+# What a working copy of the pipeline needs from this checkout: the stages' code and every
+# dependency that no stage makes (the rest, data/ models/ metrics/ plots/, the pipeline makes)
+PIPELINE_FILES = ("dvc.yaml", "params.yaml", ".gitignore", ".dvcignore", "src", "weights", ".dvc/plots")
+
+
+def copy_pipeline(dest: Path, keep_params: bool = False) -> None:
+    """This checkout's pipeline files into `dest`, replacing what is there (params.yaml too,
+    unless `keep_params`). bench/gpu_e2e.sh uses it as well: one list, so no copy misses a new dependency."""
+    for name in PIPELINE_FILES:
+        if keep_params and name == "params.yaml":
+            continue
+        source, target = HERE / name, dest / name
+        if source.is_dir():
+            shutil.rmtree(target, ignore_errors=True)
+            shutil.copytree(source, target, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+        else:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(source, target)
+
+
 def setup(work: Path, args) -> Path:
     """A git + DVC copy of the project with generated prepared arrays, recorded as DVC outputs."""
     repo = work / "repo"
     if (repo / "dvc.lock").exists():          # the generated arrays are kept; the code is this checkout's
-        shutil.rmtree(repo / "src")
-        shutil.copytree(HERE / "src", repo / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
-        shutil.copy(HERE / "dvc.yaml", repo / "dvc.yaml")
+        copy_pipeline(repo, keep_params=True)
+        edit_params(repo, gradcam__classes=GRADCAM_CLASSES)      # a copy made before this line existed
         return repo
     shutil.rmtree(repo, ignore_errors=True)
     repo.mkdir(parents=True)
@@ -61,10 +83,7 @@ def setup(work: Path, args) -> Path:
     if git:
         sh(["git", "init", "-q"], repo)
     sh([sys.executable, "-m", "dvc", "init", "-q"] + ([] if git else ["--no-scm"]), repo, work / "init.log")
-    for name in ("dvc.yaml", "params.yaml", ".gitignore", ".dvcignore"):
-        shutil.copy(HERE / name, repo / name)
-    shutil.copytree(HERE / "src", repo / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
-    shutil.copytree(HERE / ".dvc" / "plots", repo / ".dvc" / "plots")
+    copy_pipeline(repo)
     rng = np.random.default_rng(0)
     prepared = repo / "data" / "prepared"
     prepared.mkdir(parents=True)
@@ -74,7 +93,7 @@ def setup(work: Path, args) -> Path:
             x[i:i + 1024] = rng.integers(0, 256, x[i:i + 1024].shape, dtype=np.uint8)
         x.flush()
         np.save(prepared / f"{split}_y.npy", rng.integers(0, CLASSES, n).astype(np.int64))
-    (prepared / "classes.json").write_text(json.dumps([f"class_{i:02d}" for i in range(CLASSES)]))
+    (prepared / "classes.json").write_text(json.dumps(CLASS_NAMES))
     (prepared / "manifest.csv").write_text("path,sha1,class,split\n")
     raw = repo / "data" / "raw" / "ifct"
     raw.mkdir(parents=True)
@@ -88,6 +107,7 @@ def setup(work: Path, args) -> Path:
                       workers=4 if args.device == "cuda" else 0, threads=2 if args.device == "cuda" else 1,
                       epochs=args.epochs, schedule="cosine")
     p["study"] = {"seeds": [0], "variants": {}}
+    p["gradcam"]["classes"] = GRADCAM_CLASSES     # a study run checks them against the data before training
     (repo / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
     sh([sys.executable, "-m", "dvc", "commit", "-f", "fetch", "prepare"], repo, work / "commit.log")
     return repo
@@ -158,13 +178,16 @@ def phase_bench(repo: Path, out: Path, args, results: dict, deadline: float) -> 
 
 
 def phase_concurrent(repo: Path, out: Path, args, results: dict, deadline: float) -> None:
+    mode = {"true": True, "false": False}.get(args.concurrent_compile, args.concurrent_compile)
+    mode = args.device == "cuda" if mode is None else mode          # train.compile of every run
     for j in (int(x) for x in args.jobs.split(",")):
         if time.time() > deadline:
             print(f"skipped -j {j}: past the time budget", flush=True)
             continue
-        seeds = list(range(100 * j, 100 * j + j))           # new stages for each j: nothing is up to date
+        base = 100 * j + (1000 if args.concurrent_compile else 0)
+        seeds = list(range(base, base + j))           # new stages for each j and mode: nothing is up to date
         edit_params(repo, study={"seeds": seeds, "variants": {"bn-bs32": {"norm": "bn", "batch_size": 32}}},
-                    train__compile=args.device == "cuda")
+                    train__compile=mode)
         try:
             wall = sh([sys.executable, "-m", "resnorm.parallel", "-j", str(j), "--train-only", "study-train@*"],
                       repo, out / f"parallel_j{j}.log")
@@ -190,7 +213,8 @@ def phase_concurrent(repo: Path, out: Path, args, results: dict, deadline: float
         runs, overhead = 39, statistics.mean(overheads)
         extra = max(firsts) - args.images / min(per_run)
         hours = (runs * 50 * 30_000 / together * overhead + math.ceil(runs / j) * extra) / 3600
-        results["concurrent"][str(j)] = {"runs": j, "wall_seconds": round(wall, 1),
+        key = str(j) if args.concurrent_compile is None else f"{j}:{mode}"
+        results["concurrent"][key] = {"runs": j, "compile": mode, "wall_seconds": round(wall, 1),
                                          "sum_of_steady_rates": round(sum(per_run)),
                                          "together": round(together),
                                          "per_run_median": [round(r) for r in per_run],
@@ -199,7 +223,7 @@ def phase_concurrent(repo: Path, out: Path, args, results: dict, deadline: float
                                          "epoch1_extra_seconds": round(extra, 1),
                                          "projected_paper_study_hours": round(hours, 2)}
         save(out, results)
-        print(f"resnorm.parallel -j {j}: {j} runs x {args.epochs} epochs in {wall:.0f} s wall; steady state "
+        print(f"resnorm.parallel -j {j} (train.compile: {mode}): {j} runs x {args.epochs} epochs in {wall:.0f} s wall; steady state "
               f"{together:.0f} images/s together ({j} x the median run; {min(per_run):.0f}-{max(per_run):.0f} each); "
               f"{images / wall:.0f} train images/s over the whole wall time (start-up and compile included); "
               f"validation adds {overhead - 1:.0%} to an epoch; the paper study (39 runs x 50 epochs x 30,000 "
@@ -209,9 +233,12 @@ def phase_concurrent(repo: Path, out: Path, args, results: dict, deadline: float
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--phase", action="append", choices=("single", "bench", "concurrent"), required=True)
+    ap.add_argument("--phase", action="append", choices=("single", "bench", "concurrent"))
+    ap.add_argument("--copy-pipeline", metavar="DEST", help="only copy this checkout's pipeline files into DEST")
     ap.add_argument("--configs", default="bn:32,gn:32,torch_bn:32", help="norm:batch[:compile mode],...")
     ap.add_argument("--jobs", default="4,8", help="concurrent runs to measure")
+    ap.add_argument("--concurrent-compile", help="train.compile of the concurrent runs (default: inductor's "
+                    "default mode on CUDA, none on a CPU), e.g. reduce-overhead for CUDA graphs")
     ap.add_argument("--images", type=int, default=4096)
     ap.add_argument("--val", type=int, default=512)
     ap.add_argument("--size", type=int, default=256)
@@ -222,6 +249,11 @@ def main() -> None:
     ap.add_argument("--work", default="/tmp/resnorm-speed")
     ap.add_argument("--out", default=os.environ.get("OUT") or "/tmp/resnorm-speed/out")
     args = ap.parse_args()
+    if args.copy_pipeline:
+        copy_pipeline(Path(args.copy_pipeline))
+        return
+    if not args.phase:
+        ap.error("--phase is required (single, bench or concurrent), or --copy-pipeline DEST")
     deadline = time.time() + args.budget
     work, out = Path(args.work), Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

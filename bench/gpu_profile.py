@@ -1,0 +1,188 @@
+"""Where a training step's device time goes, by kind of kernel: the question behind goal 2 of issue 11.
+
+  python bench/gpu_profile.py                                  # bn, gn, torch_bn; batch 32, 256 px, compiled
+  python bench/gpu_profile.py --norms bn --batch 8 --compile reduce-overhead
+  python bench/gpu_profile.py --device cpu --size 32 --images 64 --compile none   # the same on a CPU
+
+One run of the pipeline nearly fills an H100 already (4,171 images/s alone, about 4,850 with 4
+at once), so the study's 2-hour goal needs a cheaper step, not more concurrency. Whether that
+can exist depends on what the step spends its time on: the convolutions (cuDNN at 16-64
+channels), the norms and element-wise work (inductor's fused Triton kernels), copies, or the
+GPU waiting for the host. For each norm this takes the step of `bench/gpu_paper_epoch.py` (the
+paper setting: bf16, channels_last, uint8 images flipped and normalized on the device),
+warms it up (compile, cuDNN autotuning), then records `--steps` steps with torch.profiler
+and prints:
+
+- the step's wall time, the device's busy time (the sum of its kernels: one stream, so
+  they do not overlap) and the idle share between them;
+- busy time by kind of kernel, and the largest kernels;
+- the same in $OUT/profile.json (or --out);
+- a memory-traffic ceiling: the bytes of every convolution's output per image (bf16), times
+  `--passes` trips through device memory per step (default 10: forward, the conv writes its
+  output and the norm reads it twice, for statistics and to apply, and writes it once, with the
+  ReLU fused; backward, about six more), over `--bandwidth` GB/s. It is an estimate from the
+  model's shapes and the card's data sheet, not a measurement: a loop that makes those trips
+  cannot beat it, and how far the measured rate is below it says how much better kernels
+  could gain (fewer trips, through more fusion, would raise it).
+
+A diagnostic, not a speed claim: the rates that count come from `resnorm.train`
+(bench/gpu_speed.py). On a CPU, "kernels" are the ATen operators' own (self) times.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gpu_paper_epoch import make_step  # noqa: E402
+
+# First match wins. GPU kernel names: cuDNN / CUTLASS convolutions (fprop, dgrad, wgrad, implicit
+# GEMM, xmma, winograd), inductor's Triton kernels (triton_poi_ pointwise, triton_red_ / triton_per_
+# reductions), copies and fills; on a CPU the ATen operator names.
+KINDS = [
+    ("convolution", re.compile(r"conv|cudnn|implicit_gemm|fprop|dgrad|wgrad|xmma|winograd|cutlass|"
+                               r"nchwToNhwc|nhwcToNchw|mkldnn|onednn", re.I)),
+    ("fused reduction (norm statistics, sums)", re.compile(r"^triton_(red|per)_|reduce|sum|mean|var|norm", re.I)),
+    ("fused element-wise (norm apply, ReLU, add)", re.compile(r"^triton_poi_|elementwise|vectorized|relu|add|mul",
+                                                               re.I)),
+    ("matrix multiply (the linear layer)", re.compile(r"gemm|gemv|addmm|mm\b|matmul", re.I)),
+    ("optimizer (SGD)", re.compile(r"multi_tensor|foreach|sgd", re.I)),
+    ("copy / fill", re.compile(r"memcpy|memset|copy|fill|zero", re.I)),
+]
+
+
+def kind_of(name: str) -> str:
+    return next((kind for kind, pattern in KINDS if pattern.search(name)), "other")
+
+
+def kernel_times(prof, device: str) -> dict[str, float]:
+    """Kernel (GPU) or operator self (CPU) time per name, in microseconds over the recorded steps."""
+    times: dict[str, float] = defaultdict(float)
+    for e in prof.key_averages():
+        if device == "cuda":
+            if e.device_type != torch.autograd.DeviceType.CUDA:
+                continue
+            t = getattr(e, "self_device_time_total", None)
+            t = e.self_cuda_time_total if t is None else t
+        else:
+            if not e.key.startswith("aten::"):
+                continue
+            t = e.self_cpu_time_total
+        if t > 0:
+            times[e.key] += t
+    return times
+
+
+def profile_norm(name: str, data: torch.Tensor, labels: torch.Tensor, batch: int, compile_, steps: int) -> dict:
+    device = data.device.type
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    step = make_step(name, data, labels, batch, compile_)
+    for i in range(10):                       # compile, cuDNN autotuning, allocator warm-up
+        step(i)
+    sync()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    with profile(activities=activities) as prof:
+        t0 = time.perf_counter()
+        for i in range(steps):
+            step(i)
+        sync()
+        wall = (time.perf_counter() - t0) * 1e6
+    times = kernel_times(prof, device)
+    busy = sum(times.values())
+    by_kind: dict[str, float] = defaultdict(float)
+    for k, t in times.items():
+        by_kind[kind_of(k)] += t
+    top = sorted(times.items(), key=lambda kv: -kv[1])[:12]
+    return {"norm": name, "batch": batch, "compile": compile_, "steps": steps,
+            "step_ms": round(wall / steps / 1e3, 3), "busy_ms": round(busy / steps / 1e3, 3),
+            "idle_share": round(max(0.0, 1 - busy / wall), 3),
+            "images_per_second_profiled": round(steps * batch / (wall / 1e6)),
+            "by_kind_ms": {k: round(v / steps / 1e3, 3) for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1])},
+            "top_kernels_ms": [(k[:120], round(v / steps / 1e3, 3)) for k, v in top]}
+
+
+def conv_output_bytes(size: int, norm: str = "bn", bytes_per_value: int = 2) -> int:
+    """Bytes of all the convolutions' outputs for one image of `size` x `size` (the paper model)."""
+    from gpu_paper_epoch import variant_model
+
+    total = 0
+
+    def add(module, inputs, output):
+        nonlocal total
+        total += output.numel() * bytes_per_value
+
+    model = variant_model(norm).eval()
+    hooks = [m.register_forward_hook(add) for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    with torch.no_grad():
+        model(torch.zeros(1, 3, size, size))
+    for h in hooks:
+        h.remove()
+    return total
+
+
+def show(r: dict) -> None:
+    print(f"\n{r['norm']} batch {r['batch']} compile={r['compile']}: step {r['step_ms']:.2f} ms "
+          f"({r['images_per_second_profiled']} images/s under the profiler), device busy {r['busy_ms']:.2f} ms, "
+          f"idle {r['idle_share']:.0%}", flush=True)
+    for kind, ms in r["by_kind_ms"].items():
+        print(f"  {ms:8.3f} ms  {ms / r['busy_ms']:5.1%}  {kind}")
+    print("  largest:")
+    for k, ms in r["top_kernels_ms"]:
+        print(f"  {ms:8.3f} ms  {k[:100]}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--norms", default="bn,gn,torch_bn")
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--size", type=int, default=256)
+    ap.add_argument("--images", type=int, default=2048, help="generated uint8 images held on the device")
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--compile", default="default", help="none, default, reduce-overhead or max-autotune")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--passes", type=float, default=10.0, help="trips through memory per conv output per step")
+    ap.add_argument("--bandwidth", type=float, help="GB/s of device memory (default: from the card's name: "
+                    "H100 SXM 3,350, H200 4,800)")
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    args = ap.parse_args()
+    compile_ = {"none": False, "default": True}.get(args.compile, args.compile)
+    if args.device == "cuda":
+        torch.backends.cudnn.benchmark = True
+        print(torch.cuda.get_device_name(), torch.__version__, flush=True)
+    g = torch.Generator().manual_seed(0)
+    data = torch.randint(0, 256, (args.images, 3, args.size, args.size), dtype=torch.uint8, generator=g)
+    data, labels = data.to(args.device), torch.randint(0, 25, (args.images,), generator=g).to(args.device)
+    per_image = conv_output_bytes(args.size)
+    name = torch.cuda.get_device_name() if args.device == "cuda" else ""
+    bandwidth = args.bandwidth or (4800.0 if "H200" in name else 3350.0 if "H100" in name else None)
+    ceiling = {"conv_output_mib_per_image": round(per_image / 2**20, 2), "passes": args.passes,
+               "bandwidth_gb_s": bandwidth}
+    line = (f"memory-traffic ceiling: the convolutions' outputs are {per_image / 2**20:.1f} MiB per {args.size} px "
+            f"image in bf16; at {args.passes:g} trips each per step that is {per_image * args.passes / 1e6:.0f} MB")
+    if bandwidth:
+        ceiling["images_per_second_ceiling"] = round(bandwidth * 1e9 / (per_image * args.passes))
+        line += f", which at {bandwidth:,.0f} GB/s caps the rate at {ceiling['images_per_second_ceiling']:,} images/s"
+    print(line + " (an estimate from shapes, not a measurement)", flush=True)
+    results = [{"ceiling": ceiling}]
+    for name in [n for n in args.norms.split(",") if n]:
+        try:
+            results.append(profile_norm(name, data, labels, args.batch, compile_, args.steps))
+        except Exception as e:             # report and carry on: one failure must not lose the rest
+            print(f"{name}: failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
+            continue
+        show(results[-1])
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        Path(args.out, "profile.json").write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
