@@ -18,8 +18,10 @@ $(STAMP): pyproject.toml
 repro: $(STAMP)
 	@start=$$(date +%s); . $(VENV)/bin/activate && dvc repro && echo "stage wall times:" && python -m resnorm.times $$start
 
+# One worker per core (pytest-xdist); --dist loadfile keeps each file's tests, and the module
+# fixtures they share (the pipeline's repository), in one worker, in file order.
 test: $(STAMP)
-	. $(VENV)/bin/activate && python -m pytest
+	. $(VENV)/bin/activate && python -m pytest -n auto --dist loadfile
 
 bench: $(STAMP)
 	. $(VENV)/bin/activate && python bench/bench_norms.py
