@@ -63,5 +63,7 @@ for r in range(1, rounds + 1):
 for norm, v in rates.items():
     print(f"{norm:9} median {statistics.median(v):7.1f} train images/s (epochs 2-8, {rounds} rounds; {min(v):.0f}-{max(v):.0f})")
 m, lo, hi = mean_interval(logs)
-print(f"ours / built-in throughput {math.exp(m):.2f}x [95% interval {math.exp(lo):.2f}-{math.exp(hi):.2f}] over {rounds} rounds")
+interval = (f"95% interval {math.exp(lo):.2f}-{math.exp(hi):.2f}" if len(logs) > 1
+            else "one round gives no interval: run 3 or more")
+print(f"ours / built-in throughput {math.exp(m):.2f}x [{interval}] over {rounds} rounds")
 PY
