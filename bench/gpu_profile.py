@@ -23,7 +23,11 @@ and prints:
   ReLU fused; backward, about six more), over `--bandwidth` GB/s. It is an estimate from the
   model's shapes and the card's data sheet, not a measurement: a loop that makes those trips
   cannot beat it, and how far the measured rate is below it says how much better kernels
-  could gain (fewer trips, through more fusion, would raise it).
+  could gain (fewer trips, through more fusion, would raise it);
+- the compute the step needs: the model's multiply-accumulates per image (`resnorm.summary`),
+  times 3 for forward and backward, times 2 FLOPs each, so that a rate can be read as a share
+  of the card's peak (`--peak-tflops`, default from the card's name: bf16 dense, H100 SXM 989,
+  H200 989).
 
 A diagnostic, not a speed claim: the rates that count come from `resnorm.train`
 (bench/gpu_speed.py). On a CPU, "kernels" are the ATen operators' own (self) times.
@@ -150,6 +154,7 @@ def main() -> None:
     ap.add_argument("--compile", default="default", help="none, default, reduce-overhead or max-autotune")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--passes", type=float, default=10.0, help="trips through memory per conv output per step")
+    ap.add_argument("--peak-tflops", type=float, help="dense bf16 TFLOP/s of the card (default from its name)")
     ap.add_argument("--bandwidth", type=float, help="GB/s of device memory (default: from the card's name: "
                     "H100 SXM 3,350, H200 4,800)")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
@@ -172,6 +177,18 @@ def main() -> None:
         ceiling["images_per_second_ceiling"] = round(bandwidth * 1e9 / (per_image * args.passes))
         line += f", which at {bandwidth:,.0f} GB/s caps the rate at {ceiling['images_per_second_ceiling']:,} images/s"
     print(line + " (an estimate from shapes, not a measurement)", flush=True)
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+    from resnorm.summary import summarize
+    from gpu_paper_epoch import variant_model
+    flops = 3 * 2 * summarize(variant_model("bn"), args.size)["macs"]
+    peak = args.peak_tflops or (989.0 if ("H100" in name or "H200" in name) else None)
+    ceiling["train_gflop_per_image"] = round(flops / 1e9, 2)
+    line = f"compute: {flops / 1e9:.1f} GFLOP per image per training step (3 x 2 x the forward's multiply-accumulates)"
+    if peak:
+        ceiling["peak_tflops"] = peak
+        ceiling["images_per_second_at_peak"] = round(peak * 1e12 / flops)
+        line += f"; at {peak:g} TFLOP/s that is {ceiling['images_per_second_at_peak']:,} images/s"
+    print(line, flush=True)
     results = [{"ceiling": ceiling}]
     for name in [n for n in args.norms.split(",") if n]:
         try:
