@@ -2,6 +2,7 @@
 
   python bench/bench_kernels.py --before REV [--arch resnet18] [--batch 32] [--size 64] [--reps 60]
                                 [--norms bn,in,ln,gn] [--format channels_last]
+  python bench/bench_kernels.py --before REV --check     # are the two revisions' results bit-identical?
 
 bench_layers.py compares our layers with PyTorch's; between two runs of it this machine's speed
 moves the ratios by up to a quarter, more than a kernel change is worth. This bench compiles
@@ -12,6 +13,12 @@ that the machine's drift falls on both alike. It times the kernels alone (norm_f
 norm_backward called directly), not the module or autograd around them. For each norm: per
 shape the median microseconds before and now, and over the network (each shape times its
 number of layers) the ratio now / before with its 95% interval over reps.
+
+--check runs every norm layer (bn, in, ln, gn, bin) through both revisions' kernels as training
+does (the layer modules, forward and backward, with the kernels swapped in), at the network's
+shapes and a few odd ones, in float32 and float64, NCHW and channels_last, with and without the
+fused ReLU, in training and eval mode, and compares the output, the input and parameter
+gradients and the running statistics bit for bit: the check a speed change must pass.
 
 REV must be a revision with norm_forward / norm_backward (from 2026-11 on); before f965f21 the
 forward also returned the coefficients, which that revision's backward takes. Each revision is
@@ -59,6 +66,54 @@ def step(kernels, x, g, args, bias):
         kernels.norm_backward(g, x, out[1], kinds, groups, alphas, bias, False, True, True)
 
 
+def run_layer(layer, x, g):
+    """A layer's output, its input and parameter gradients, and its buffers after one step."""
+    x = x.clone().requires_grad_(True)
+    y = layer(x)
+    y.backward(g)
+    return [y, x.grad] + [p.grad for p in layer.parameters()] + list(layer.buffers())
+
+
+def check(modules, shapes) -> int:
+    """Compare the two kernel modules bit for bit (see the module's docstring); returns the mismatches."""
+    import copy
+
+    import resnorm.norms as norms
+    saved, cases, bad = norms.cpu_kernels, 0, 0
+    try:
+        for norm in ("bn", "in", "ln", "gn", "bin"):
+            for shape in shapes:
+                n, c = shape[0], shape[1]
+                for dtype in (torch.float32, torch.float64):
+                    for fmt in (torch.contiguous_format, torch.channels_last):
+                        for relu in (False, True):
+                            for training in (True, False):
+                                torch.manual_seed(cases)
+                                groups = next(k for k in (4, 2, 1) if c % k == 0)
+                                layer = make_norm(norm, c, **({"num_groups": groups} if norm == "gn" else {}))
+                                layer = layer.to(dtype).train(training)
+                                layer.fused_relu = relu
+                                with torch.no_grad():
+                                    for p in layer.parameters():
+                                        p.add_(torch.randn_like(p) * 0.1)
+                                x = (torch.randn(shape, dtype=dtype) * 2 + 0.5).contiguous(memory_format=fmt)
+                                g = torch.randn(shape, dtype=dtype).contiguous(memory_format=fmt)
+                                results = []
+                                for module in modules:
+                                    norms.cpu_kernels = lambda m=module: m
+                                    results.append(run_layer(copy.deepcopy(layer), x, g))
+                                same = all(a is None and b is None or torch.equal(a, b) for a, b in zip(*results))
+                                cases += 1
+                                if not same:
+                                    bad += 1
+                                    print(f"differs: {norm} {tuple(shape)} {dtype} {fmt} relu={relu} "
+                                          f"training={training}")
+    finally:
+        norms.cpu_kernels = saved
+    print(f"{cases} cases, {bad} differ")
+    return bad
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--before", required=True, metavar="REV", help="git revision to compare with")
@@ -69,6 +124,7 @@ def main() -> None:
     ap.add_argument("--norms", default="bn,in,ln,gn")
     ap.add_argument("--format", default="channels_last", choices=("NCHW", "channels_last"))
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--check", action="store_true", help="compare results bit for bit instead of timing")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     try:
@@ -77,6 +133,10 @@ def main() -> None:
     except subprocess.CalledProcessError as e:
         ap.error(f"--before {args.before}: {(e.stderr.strip() or 'no src/resnorm/kernels.cpp there').splitlines()[0]}")
     modules = (build(old_source, "before"), build(SOURCE.read_text(), "now"))
+    if args.check:
+        odd = [(3, 5, 7, 3), (2, 8, 1, 1), (1, 16, 5, 5), (4, 64, 2, 2), (2, 512, 2, 2), (5, 24, 9, 4)]
+        shapes = sorted(norm_shapes(args.arch, args.batch, args.size)) + odd
+        raise SystemExit(1 if check(modules, shapes) else 0)
     fmt = torch.channels_last if args.format == "channels_last" else torch.contiguous_format
     groups = 4 if args.arch == "resnet6n2" else 32
     shapes = norm_shapes(args.arch, args.batch, args.size)

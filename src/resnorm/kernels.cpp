@@ -702,7 +702,7 @@ void forward_core(const T* x, T* y, const Layout& l, int64_t n0, const std::vect
   const std::vector<int64_t> kinds = kinds_of(parts);
   const int64_t R = coef_rows(kinds, N), RC = R * C;
   double *mean = scratch<double, kWork>(0, NC), *var = scratch<double, kWork>(1, NC),
-         *pooled = scratch<double, kWork>(2, C), *pv = scratch<double, kWork>(3, NC),
+         *pooled = scratch<double, kWork>(2, C), *pv = scratch<double, kWork>(3, C),
          *scale = scratch<double, kWork>(4, RC), *shift = scratch<double, kWork>(5, RC);
   if (!std::all_of(kinds.begin(), kinds.end(), [](int64_t k) { return k == kFixed; })) {  // (running ones need none)
     sums<false, T>(x, x, l, nullptr, nullptr, mean, var);
@@ -731,9 +731,12 @@ void forward_core(const T* x, T* y, const Layout& l, int64_t n0, const std::vect
       for (int64_t i = 0; i < NC; ++i) pr[i] = rstd_of(var[i] + 0.0, eps);  // var + (mean - mean)^2, as pooled
     } else {  // exact pooling of equal-sized cells: var = mean(var) + var(means)
       pool_samples(mean, N, C, pooled);  // per channel (C values)
-      for (int64_t n = 0; n < N; ++n)
-        for (int64_t c = 0, i = n * C; c < C; ++c, ++i) pv[i] = var[i] + (mean[i] - pooled[c]) * (mean[i] - pooled[c]);
-      pool_samples(pv, N, C, pv);
+      // each cell's var + (mean - pooled mean)^2, pooled as pool_samples pools (sample order, then
+      // / N) without storing the N x C terms first: the same operations, one N x C pass fewer
+      for (int64_t c = 0; c < C; ++c) pv[c] = var[c] + (mean[c] - pooled[c]) * (mean[c] - pooled[c]);
+      for (int64_t n = 1; n < N; ++n)
+        for (int64_t c = 0, i = n * C; c < C; ++c, ++i) pv[c] += var[i] + (mean[i] - pooled[c]) * (mean[i] - pooled[c]);
+      for (int64_t c = 0; c < C; ++c) pv[c] /= double(N);
       if (part.run_mean.numel()) {
         lerp_into(part.run_mean, pooled, 1.0, factor);
         lerp_into(part.run_var, pv, unbias, factor);
