@@ -29,7 +29,9 @@ and prints:
   of the card's peak (`--peak-tflops`, default from the card's name: bf16 dense, H100 SXM 989,
   H200 989).
 
-A diagnostic, not a speed claim: the rates that count come from `resnorm.train`
+Under CUDA graphs (`--compile reduce-overhead`) whether the profiler sees each kernel of a replayed
+graph depends on the CUDA and PyTorch versions: if the kinds come out nearly empty, read the idle
+share only. A diagnostic, not a speed claim: the rates that count come from `resnorm.train`
 (bench/gpu_speed.py). On a CPU, "kernels" are the ATen operators' own (self) times.
 """
 from __future__ import annotations
