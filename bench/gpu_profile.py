@@ -30,8 +30,8 @@ and prints:
   H200 989).
 
 Under CUDA graphs (`--compile reduce-overhead`) whether the profiler sees each kernel of a replayed
-graph depends on the CUDA and PyTorch versions: if the kinds come out nearly empty, read the idle
-share only. A diagnostic, not a speed claim: the rates that count come from `resnorm.train`
+graph depends on the CUDA and PyTorch versions: if the kinds come out nearly empty, so are the
+busy time and the idle share, and only the step time counts. A diagnostic, not a speed claim: the rates that count come from `resnorm.train`
 (bench/gpu_speed.py). On a CPU, "kernels" are the ATen operators' own (self) times.
 """
 from __future__ import annotations
