@@ -523,16 +523,22 @@ void lerp_into(const at::Tensor& running, const double* value, double scale, dou
 // One sample's per-cell backward terms of a part, over `len` channels (restrict: vectorised
 // across them): gxhat = sum of g * x_hat in the cell (d alpha's share), bb = alpha * gxhat,
 // ag = alpha * sum(g). The part's mean and rstd are pm[c * Stride], pr[c * Stride]: Stride 1 for
-// a value per channel, 0 for one value (a GN/LN group's).
-template <int64_t Stride>
+// a value per channel, 0 for one value (a GN/LN group's). Add: bb and ag are added to, not
+// written (BN pools them over the samples as they are made, in pool_samples' order).
+template <int64_t Stride, bool Add = false>
 inline void cell_terms(int64_t len, const double* __restrict sg, const double* __restrict sgx,
                        const double* __restrict pm, const double* __restrict pr, const double* __restrict a,
                        double* __restrict gxhat, double* __restrict bb, double* __restrict ag) {
   for (int64_t c = 0; c < len; ++c) {
     const double s = sg[c], sx = sgx[c], al = a[c], gh = pr[c * Stride] * (sx - pm[c * Stride] * s);
     gxhat[c] = gh;
-    bb[c] = al * gh;
-    ag[c] = al * s;
+    if (Add) {
+      bb[c] += al * gh;
+      ag[c] += al * s;
+    } else {
+      bb[c] = al * gh;
+      ag[c] = al * s;
+    }
   }
 }
 // (At 512 channels a sample's row is 4 KB; with the scratch arrays at the same offset within a
@@ -789,6 +795,11 @@ void backward_core(const T* g, const T* x, T* grad_x, const Layout& l, int64_t n
           const int64_t j = n * st.groups + q;
           cell_terms<0>(st.per, gs + g0, gx + g0, pm + j, pr + j, a + g0, gh + g0, pb + g0, pa + g0);
         }
+      } else if (st.kind == kSamples) {  // pooled into row 0 as they are made: pool_samples' sums
+        if (n == 0)                      // (row 0, then each next row in sample order), no N x C store
+          cell_terms<1>(C, gs, gx, pm, pr, a, gh, bb, ag);
+        else
+          cell_terms<1, true>(C, gs, gx, pm, pr, a, gh, bb, ag);
       } else {
         const int64_t j = st.at(n, 0);
         cell_terms<1>(C, gs, gx, pm + j, pr + j, a, gh, pb, pa);
@@ -813,10 +824,8 @@ void backward_core(const T* g, const T* x, T* grad_x, const Layout& l, int64_t n
           });
       continue;
     }
-    if (st.kind == kSamples) {  // into row 0, where cell (n, c) finds them at j = c
-      pool_samples(bb, N, C, bb);
-      pool_samples(ag, N, C, ag);
-    }
+    if (st.kind == kSamples)  // summed into row 0 above; their means, where cell (n, c) finds them at j = c
+      for (int64_t c = 0; c < C; ++c) bb[c] /= double(N), ag[c] /= double(N);
     for_cells(st, R, C, [&](int64_t i, int64_t, int64_t j) {
       if (single) {
         double k1 = 0.0, k0 = 0.0;
