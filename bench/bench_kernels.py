@@ -83,7 +83,7 @@ def check(modules, shapes) -> int:
     try:
         for norm in ("bn", "in", "ln", "gn", "bin"):
             for shape in shapes:
-                n, c = shape[0], shape[1]
+                c = shape[1]
                 for dtype in (torch.float32, torch.float64):
                     for fmt in (torch.contiguous_format, torch.channels_last):
                         for relu in (False, True):

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import sys
@@ -49,7 +50,8 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gpu_paper_epoch import make_step  # noqa: E402
+from gpu_paper_epoch import make_step, variant_model  # noqa: E402  (it puts src/ on the path)
+from resnorm.summary import summarize  # noqa: E402
 
 # First match wins. GPU kernel names: cuDNN / CUTLASS convolutions (fprop, dgrad, wgrad, implicit
 # GEMM, xmma, winograd), inductor's Triton kernels (triton_poi_ pointwise, triton_red_ / triton_per_
@@ -116,25 +118,6 @@ def profile_norm(name: str, data: torch.Tensor, labels: torch.Tensor, batch: int
             "top_kernels_ms": [(k[:120], round(v / steps / 1e3, 3)) for k, v in top]}
 
 
-def conv_output_bytes(size: int, norm: str = "bn", bytes_per_value: int = 2) -> int:
-    """Bytes of all the convolutions' outputs for one image of `size` x `size` (the paper model)."""
-    from gpu_paper_epoch import variant_model
-
-    total = 0
-
-    def add(module, inputs, output):
-        nonlocal total
-        total += output.numel() * bytes_per_value
-
-    model = variant_model(norm).eval()
-    hooks = [m.register_forward_hook(add) for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
-    with torch.no_grad():
-        model(torch.zeros(1, 3, size, size))
-    for h in hooks:
-        h.remove()
-    return total
-
-
 def show(r: dict) -> None:
     print(f"\n{r['norm']} batch {r['batch']} compile={r['compile']}: step {r['step_ms']:.2f} ms "
           f"({r['images_per_second_profiled']} images/s under the profiler), device busy {r['busy_ms']:.2f} ms, "
@@ -168,9 +151,10 @@ def main() -> None:
     g = torch.Generator().manual_seed(0)
     data = torch.randint(0, 256, (args.images, 3, args.size, args.size), dtype=torch.uint8, generator=g)
     data, labels = data.to(args.device), torch.randint(0, 25, (args.images,), generator=g).to(args.device)
-    per_image = conv_output_bytes(args.size)
-    name = torch.cuda.get_device_name() if args.device == "cuda" else ""
-    bandwidth = args.bandwidth or (4800.0 if "H200" in name else 3350.0 if "H100" in name else None)
+    model = summarize(variant_model("bn"), args.size)     # per layer: output shape and multiply-accumulates
+    per_image = 2 * sum(math.prod(r["output"]) for r in model["rows"] if r["type"] == "Conv2d")   # bf16 bytes
+    card = torch.cuda.get_device_name() if args.device == "cuda" else ""
+    bandwidth = args.bandwidth or (4800.0 if "H200" in card else 3350.0 if "H100" in card else None)
     ceiling = {"conv_output_mib_per_image": round(per_image / 2**20, 2), "passes": args.passes,
                "bandwidth_gb_s": bandwidth}
     line = (f"memory-traffic ceiling: the convolutions' outputs are {per_image / 2**20:.1f} MiB per {args.size} px "
@@ -179,11 +163,8 @@ def main() -> None:
         ceiling["images_per_second_ceiling"] = round(bandwidth * 1e9 / (per_image * args.passes))
         line += f", which at {bandwidth:,.0f} GB/s caps the rate at {ceiling['images_per_second_ceiling']:,} images/s"
     print(line + " (an estimate from shapes, not a measurement)", flush=True)
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-    from resnorm.summary import summarize
-    from gpu_paper_epoch import variant_model
-    flops = 3 * 2 * summarize(variant_model("bn"), args.size)["macs"]
-    peak = args.peak_tflops or (989.0 if ("H100" in name or "H200" in name) else None)
+    flops = 3 * 2 * model["macs"]
+    peak = args.peak_tflops or (989.0 if ("H100" in card or "H200" in card) else None)
     ceiling["train_gflop_per_image"] = round(flops / 1e9, 2)
     line = f"compute: {flops / 1e9:.1f} GFLOP per image per training step (3 x 2 x the forward's multiply-accumulates)"
     if peak:
