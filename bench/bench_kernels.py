@@ -151,7 +151,8 @@ def main() -> None:
             layer = make_norm(norm, shape[1], **({"num_groups": groups} if norm == "gn" else {}))
             x = torch.randn(shape).contiguous(memory_format=fmt)
             g = torch.randn(shape).contiguous(memory_format=fmt)
-            kernel_args = _kernel_args(layer, x, (layer.weight, layer.bias))
+            params = ((layer.rho,) if norm == "bin" else ()) + (layer.weight, layer.bias)  # as its forward passes them
+            kernel_args = _kernel_args(layer, x, params)
             times = ([], [])
             for r in range(args.reps + 2):                       # the first two are warm-up
                 for i in ((0, 1) if r % 2 else (1, 0)):

@@ -434,13 +434,16 @@ enum Kind : int64_t { kFixed = 0, kCell = 1, kSamples = 2, kGroups = 3 };
 // 1 / sqrt(var + eps), the one rounding of every rstd here
 inline double rstd_of(double var, double eps) { return 1.0 / std::sqrt(var + eps); }
 
-// BN's pooling: out[c] = the mean of channel c over the samples of t (N x C), summed in sample
-// order, row by row (contiguous). out may be t's row 0. (IN's cells are not pooled; GN's and LN's
-// groups are pooled by over_groups.)
-void pool_samples(const double* t, int64_t N, int64_t C, double* out) {
-  if (out != t) std::copy(t, t + C, out);
+// BN's pooling, the one order of its sums over the samples: out[c] = the mean over n of
+// term(i, c), i = n * C + c the cell's index in an N x C array, added in sample order from row 0's
+// term on (row by row, contiguous), then / N. The forward pools its means and variances with it;
+// the backward adds its bb and ag in the same order as it makes them (cell_terms' Add), then / N.
+// (IN's cells are not pooled; GN's and LN's groups are pooled by over_groups.)
+template <typename F>
+inline void mean_over_samples(int64_t N, int64_t C, double* __restrict out, F term) {
+  for (int64_t c = 0; c < C; ++c) out[c] = term(c, c);
   for (int64_t n = 1; n < N; ++n)
-    for (int64_t c = 0; c < C; ++c) out[c] += t[n * C + c];
+    for (int64_t c = 0, i = n * C; c < C; ++c, ++i) out[c] += term(i, c);
   for (int64_t c = 0; c < C; ++c) out[c] /= double(N);
 }
 
@@ -524,7 +527,7 @@ void lerp_into(const at::Tensor& running, const double* value, double scale, dou
 // across them): gxhat = sum of g * x_hat in the cell (d alpha's share), bb = alpha * gxhat,
 // ag = alpha * sum(g). The part's mean and rstd are pm[c * Stride], pr[c * Stride]: Stride 1 for
 // a value per channel, 0 for one value (a GN/LN group's). Add: bb and ag are added to, not
-// written (BN pools them over the samples as they are made, in pool_samples' order).
+// written (BN pools them over the samples as they are made, in mean_over_samples' order).
 template <int64_t Stride, bool Add = false>
 inline void cell_terms(int64_t len, const double* __restrict sg, const double* __restrict sgx,
                        const double* __restrict pm, const double* __restrict pr, const double* __restrict a,
@@ -736,13 +739,12 @@ void forward_core(const T* x, T* y, const Layout& l, int64_t n0, const std::vect
       std::copy(mean, mean + NC, pm);
       for (int64_t i = 0; i < NC; ++i) pr[i] = rstd_of(var[i] + 0.0, eps);  // var + (mean - mean)^2, as pooled
     } else {  // exact pooling of equal-sized cells: var = mean(var) + var(means)
-      pool_samples(mean, N, C, pooled);  // per channel (C values)
-      // each cell's var + (mean - pooled mean)^2, pooled as pool_samples pools (sample order, then
-      // / N) without storing the N x C terms first: the same operations, one N x C pass fewer
-      for (int64_t c = 0; c < C; ++c) pv[c] = var[c] + (mean[c] - pooled[c]) * (mean[c] - pooled[c]);
-      for (int64_t n = 1; n < N; ++n)
-        for (int64_t c = 0, i = n * C; c < C; ++c, ++i) pv[c] += var[i] + (mean[i] - pooled[c]) * (mean[i] - pooled[c]);
-      for (int64_t c = 0; c < C; ++c) pv[c] /= double(N);
+      mean_over_samples(N, C, pooled, [&](int64_t i, int64_t) { return mean[i]; });  // per channel (C values)
+      // each cell's var + (mean - pooled mean)^2, pooled as it is made (no N x C store of the terms)
+      mean_over_samples(N, C, pv, [&](int64_t i, int64_t c) {
+        const double d = mean[i] - pooled[c];
+        return var[i] + d * d;
+      });
       if (part.run_mean.numel()) {
         lerp_into(part.run_mean, pooled, 1.0, factor);
         lerp_into(part.run_var, pv, unbias, factor);
@@ -795,7 +797,7 @@ void backward_core(const T* g, const T* x, T* grad_x, const Layout& l, int64_t n
           const int64_t j = n * st.groups + q;
           cell_terms<0>(st.per, gs + g0, gx + g0, pm + j, pr + j, a + g0, gh + g0, pb + g0, pa + g0);
         }
-      } else if (st.kind == kSamples) {  // pooled into row 0 as they are made: pool_samples' sums
+      } else if (st.kind == kSamples) {  // pooled into row 0 as they are made: mean_over_samples' sums
         if (n == 0)                      // (row 0, then each next row in sample order), no N x C store
           cell_terms<1>(C, gs, gx, pm, pr, a, gh, bb, ag);
         else
