@@ -4,8 +4,10 @@
 #   bench32: the bench loop on the same configurations   concurrent: resnorm.parallel -j 4 and -j 8, aggregate images/s
 #   e2e: bench/gpu_e2e.sh, the README's command end to end
 #   batches: batch 8 (bn also with CUDA graphs) and 128, resnorm.train and the bench loop
-#   goal2: ways to a cheaper step (not in the default list): where a step's device time goes
-#          (bench/gpu_profile.py), 4 runs at once under CUDA graphs, and inductor's max-autotune
+#   goal2: ways to a shorter study (not in the default list): 4 runs at once at batch 8 under CUDA
+#          graphs, with and without MPS, and at batch 32 under MPS; where a step's device time goes
+#          (bench/gpu_profile.py); inductor's max-autotune. GOAL2="..." picks and orders them (below)
+#   Last, always: the paper study's training time projected from every figure in $OUT/speed.json
 #
 #   bash bench/gpu_wheels.sh              here, once: .gpu-wheels/ (the GPU machine reaches no registry)
 #   bash bench/gpu_check.sh               there (device tool: carry [".gpu-wheels"]), from the repo root
@@ -73,18 +75,50 @@ batches() {
     if [ "$(left)" -gt 45 ]; then "${SPEED[@]}" --phase bench --configs bn:8,bn:128,gn:8,gn:128,torch_bn:8,torch_bn:128 \
         --bench-seconds 4 2>&1 | grep -v "^\s*$" | tail -8 | tee -a "$OUT/speed.log"; else echo "skipped: past the time budget"; fi
 }
+# Runs "$@" under an MPS control daemon of this call's own (pipe folder in /tmp, log under $OUT), then
+# quits it. Without MPS a GPU time-slices between processes, so kernels of different processes never
+# run at the same time (NVIDIA's MPS guide): 4 runs at once can only fill each other's idle gaps.
+# MPS lets their kernels share the SMs. It is a user process: no setting of the device changes.
+with_mps() {
+    if ! command -v nvidia-cuda-mps-control >/dev/null; then echo "skipped: no nvidia-cuda-mps-control here"; return; fi
+    local pipe=/tmp/resnorm-mps-$$ log=$OUT/mps-log
+    mkdir -p "$pipe" "$log"
+    if ! CUDA_MPS_PIPE_DIRECTORY=$pipe CUDA_MPS_LOG_DIRECTORY=$log nvidia-cuda-mps-control -d; then
+        echo "skipped: the MPS daemon did not start (see $log)"; return; fi
+    CUDA_MPS_PIPE_DIRECTORY=$pipe CUDA_MPS_LOG_DIRECTORY=$log "$@"
+    echo quit | CUDA_MPS_PIPE_DIRECTORY=$pipe nvidia-cuda-mps-control
+}
+together() {      # together CFG COMPILE: 4 runs of CFG (norm:batch) at once through resnorm.parallel
+    if [ "$(left)" -gt 90 ]; then "${SPEED[@]}" --phase concurrent --jobs 4 --epochs 2 --concurrent-config "$1" \
+        ${2:+--concurrent-compile "$2"} --budget "$(( $(left) - 40 ))" 2>&1 | tee -a "$OUT/speed.log"
+    else echo "skipped: past the time budget"; fi
+}
+# goal 2's probes, in GOAL2's order (default: graphs8 mps8 mps32 profile autotune):
+#   graphs8  4 runs of bn at batch 8 at once under CUDA graphs (one run alone there leaves the GPU idlest)
+#   mps8     the same under MPS            mps32  bn at batch 32, 4 at once, inductor's default mode, under MPS
+#   graphs32 bn at batch 32, 4 at once under CUDA graphs
+#   profile  bench/gpu_profile.py: where a step's device time goes (bn and torch_bn at batch 32)
+#   autotune inductor's max-autotune, resnorm.train alone (bn, batch 32)
 goal2() {
-    step "goal 2: where a step's time goes (bench/gpu_profile.py, bn and torch_bn at batch 32)"
-    if [ "$(left)" -gt 60 ]; then timeout "$(( $(left) - 30 ))" "$PYTHON" bench/gpu_profile.py --norms bn,torch_bn \
-        --device "$DEVICE" --size "$SIZE" --out "$OUT" 2>&1 | grep -v "^USDT\|^STAGE:" | tee -a "$OUT/profile.log"
-    else echo "skipped: past the time budget"; fi
-    step "goal 2: 4 runs at once under CUDA graphs (resnorm.parallel -j 4, train.compile: reduce-overhead)"
-    if [ "$(left)" -gt 90 ]; then "${SPEED[@]}" --phase concurrent --jobs 4 --epochs 2 \
-        --concurrent-compile "${GOAL2_COMPILE:-reduce-overhead}" --budget "$(( $(left) - 40 ))" 2>&1 | tee -a "$OUT/speed.log"
-    else echo "skipped: past the time budget"; fi
-    step "goal 2: inductor's max-autotune, resnorm.train alone (bn, batch 32)"
-    if [ "$(left)" -gt 120 ]; then timeout "$(( $(left) - 10 ))" "${SPEED[@]}" --phase single --configs bn:32:max-autotune \
-        2>&1 | tee -a "$OUT/speed.log"; else echo "skipped: past the time budget"; fi
+    for probe in ${GOAL2:-graphs8 mps8 mps32 profile autotune}; do
+        case $probe in
+            graphs8) step "goal 2: 4 runs at once, bn at batch 8, CUDA graphs (resnorm.parallel -j 4, reduce-overhead)"
+                     together bn:8 reduce-overhead ;;
+            mps8) step "goal 2: the same under MPS"; with_mps together bn:8 reduce-overhead ;;
+            graphs32) step "goal 2: 4 runs at once, bn at batch 32, CUDA graphs"; together bn:32 reduce-overhead ;;
+            mps32) step "goal 2: 4 runs at once, bn at batch 32, inductor's default mode, under MPS"; with_mps together bn:32 ;;
+            profile)
+                step "goal 2: where a step's time goes (bench/gpu_profile.py, bn and torch_bn at batch 32)"
+                if [ "$(left)" -gt 60 ]; then timeout "$(( $(left) - 30 ))" "$PYTHON" bench/gpu_profile.py --norms bn,torch_bn \
+                    --device "$DEVICE" --size "$SIZE" --out "$OUT" 2>&1 | grep -v "^USDT\|^STAGE:" | tee -a "$OUT/profile.log"
+                else echo "skipped: past the time budget"; fi ;;
+            autotune)
+                step "goal 2: inductor's max-autotune, resnorm.train alone (bn, batch 32)"
+                if [ "$(left)" -gt 120 ]; then timeout "$(( $(left) - 10 ))" "${SPEED[@]}" --phase single \
+                    --configs bn:32:max-autotune 2>&1 | tee -a "$OUT/speed.log"; else echo "skipped: past the time budget"; fi ;;
+            *) echo "unknown goal-2 probe '$probe' (GOAL2: graphs8 mps8 graphs32 mps32 profile autotune)" >&2; exit 2 ;;
+        esac
+    done
 }
 for s in ${STEPS:-single32 bench32 concurrent e2e batches}; do
     case $s in
@@ -93,5 +127,7 @@ for s in ${STEPS:-single32 bench32 concurrent e2e batches}; do
     esac
 done
 
+step "the paper study's training time, projected from what this call (and earlier ones into \$OUT) measured"
+"$PYTHON" bench/gpu_speed.py --phase project --out "$OUT" 2>&1 | tee -a "$OUT/speed.log"
 step "done"
 cat "$OUT/speed.json" 2>/dev/null

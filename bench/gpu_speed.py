@@ -5,6 +5,9 @@
   python bench/gpu_speed.py --phase concurrent     # resnorm.parallel -j 4 and -j 8: aggregate images/s
   python bench/gpu_speed.py --phase single --configs bn:8:reduce-overhead,bn:128
   python bench/gpu_speed.py --phase concurrent --jobs 4 --concurrent-compile reduce-overhead   # under CUDA graphs
+  python bench/gpu_speed.py --phase concurrent --jobs 4 --concurrent-config bn:8 --concurrent-compile reduce-overhead
+  python bench/gpu_speed.py --phase project        # the paper study's hours from what speed.json holds
+  python bench/gpu_speed.py --phase project --results call1/speed.json call2/speed.json --out merged/
 
 Every figure here comes from the real pipeline: `python -m resnorm.train` (its epoch log,
 logs/timing/<run>.csv:
@@ -14,6 +17,10 @@ train images over train seconds, epochs 2 on, so the epoch-1 compile is apart) a
 project whose `data/prepared` arrays are generated (256x256 uint8 noise, 25 classes) and
 recorded with `dvc commit`, so no JPEG set is needed. Results accumulate in
 $OUT/speed.json after each measurement, so a call cut short keeps what it measured.
+`--phase project` reads them back and projects the paper study's training time: each run of
+params.yaml's study (its variants' batch sizes x its seeds) at 50 epochs x 30,000 images, at the
+fastest route measured for its batch size (one run at a time, or j at once). A projection, not
+a measurement: it assumes no run stops early and every norm at the measured norms' slowest rate.
 Settings: the README's paper setting (bf16, channels_last, compile, lr 1e-4, no augmentation).
 """
 from __future__ import annotations
@@ -151,6 +158,7 @@ def phase_single(repo: Path, out: Path, args, results: dict, deadline: float) ->
         rates, first = history_rates(repo / "logs" / "timing" / "experiment.csv")
         results["single"][cfg] = {"images_per_second": [round(r) for r in rates],
                                   "median": round(statistics.median(rates)), "epoch1_seconds": round(first, 1),
+                                  "train_images": args.images,
                                   "process_seconds": round(wall, 1)}
         save(out, results)
         print(f"resnorm.train {cfg:<24} {statistics.median(rates):7.0f} images/s (epochs 2-{len(rates) + 1}: "
@@ -177,16 +185,99 @@ def phase_bench(repo: Path, out: Path, args, results: dict, deadline: float) -> 
         save(out, results)
 
 
+PAPER_EPOCHS, PAPER_TRAIN_IMAGES = 50, 30_000
+
+
+def study_runs(params: Path = HERE / "params.yaml") -> dict[int, int]:
+    """The paper study's trainings per batch size: params.yaml's study variants x its seeds."""
+    p = yaml.safe_load(params.read_text())
+    runs: dict[int, int] = {}
+    for variant in p["study"]["variants"].values():
+        batch = int(variant.get("batch_size", p["batch_size"]))
+        runs[batch] = runs.get(batch, 0) + len(p["study"]["seeds"])
+    return runs
+
+
+def study_hours(runs: dict[int, int], routes: dict[int, dict]) -> float:
+    """Training hours of the study: for each batch size, its runs x 50 epochs x 30,000 images at the
+    route's aggregate images/s (`rate`), times its epoch / train-time ratio (`overhead`: validation,
+    checkpoints), plus its epoch-1 extra (`extra` seconds: start-up, compile) once per wave of
+    `jobs` runs at once."""
+    seconds = 0.0
+    for batch, n in runs.items():
+        r = routes[batch]
+        seconds += n * PAPER_EPOCHS * PAPER_TRAIN_IMAGES / r["rate"] * r["overhead"] + math.ceil(n / r["jobs"]) * r["extra"]
+    return seconds / 3600
+
+
+def best_routes(results: dict, images: int) -> dict[int, dict]:
+    """The fastest measured route per batch size in speed.json: one `resnorm.train` at a time (at the
+    slowest of the norms measured at that batch and mode), or j runs at once (`together`)."""
+    routes: dict[int, dict] = {}
+    overheads = [c["epoch_over_train_time"] for c in results.get("concurrent", {}).values()]
+    overhead = max(overheads) if overheads else 1.0
+    singles: dict[tuple[int, str], list[dict]] = {}
+    for cfg, r in results.get("single", {}).items():
+        _, bs, *mode = cfg.split(":")
+        singles.setdefault((int(bs), mode[0] if mode else "compile"), []).append(r)
+    candidates = []
+    for (batch, mode), rs in singles.items():
+        slow = min(rs, key=lambda r: r["median"])
+        candidates.append((batch, {"route": f"one at a time ({mode}, {len(rs)} norm(s))", "jobs": 1,
+                                   "rate": slow["median"], "overhead": overhead,
+                                   "extra": max(0.0, slow["epoch1_seconds"] - slow.get("train_images", images) / slow["median"])}))
+    for key, c in results.get("concurrent", {}).items():
+        candidates.append((c.get("batch", 32), {"route": f"{c['runs']} at once (compile: {c['compile']}"
+                                                         f"{', MPS' if c.get('mps') else ''})",
+                                                "jobs": c["runs"], "rate": c["together"],
+                                                "overhead": c["epoch_over_train_time"],
+                                                "extra": c["epoch1_extra_seconds"]}))
+    for batch, route in candidates:
+        if batch not in routes or route["rate"] > routes[batch]["rate"]:
+            routes[batch] = route
+    return routes
+
+
+def phase_project(out: Path, args, results: dict) -> None:
+    runs, routes = study_runs(), best_routes(results, args.images)
+    missing = sorted(set(runs) - set(routes))
+    if missing:
+        print(f"no projection: nothing measured at batch {', '.join(map(str, missing))}", flush=True)
+        return
+    hours = study_hours(runs, routes)
+    for batch in sorted(runs):
+        r = routes[batch]
+        print(f"batch {batch:>3}: {runs[batch]:2d} runs at {r['rate']:,.0f} images/s ({r['route']}), "
+              f"epoch / train time {r['overhead']:.3f}, epoch-1 extra {r['extra']:.0f} s per wave", flush=True)
+    print(f"projected paper study: {sum(runs.values())} runs x {PAPER_EPOCHS} epochs x {PAPER_TRAIN_IMAGES:,} "
+          f"images, no early stop: {hours:.2f} h of training (a projection from the figures above)", flush=True)
+    results["projection"] = {"hours": round(hours, 2), "runs": {str(b): n for b, n in sorted(runs.items())},
+                             "routes": {str(b): routes[b] for b in sorted(runs)}}
+    save(out, results)
+
+
+def fresh_seeds(repo: Path, variant: str, j: int) -> list[int]:
+    """j seeds whose study stages `repo` has never run (none in dvc.lock), so that every measurement
+    trains: a stage that is up to date would not run, and its old timing log would be read again."""
+    lock = repo / "dvc.lock"
+    done = set(yaml.safe_load(lock.read_text()).get("stages", {})) if lock.exists() else set()
+    base = 100
+    while any(f"study-train@{variant}-{s}" in done for s in range(base, base + j)):
+        base += 100
+    return list(range(base, base + j))
+
+
 def phase_concurrent(repo: Path, out: Path, args, results: dict, deadline: float) -> None:
     mode = {"true": True, "false": False}.get(args.concurrent_compile, args.concurrent_compile)
     mode = args.device == "cuda" if mode is None else mode          # train.compile of every run
+    norm, batch = args.concurrent_config.split(":")
+    variant = f"{norm}-bs{batch}"
     for j in (int(x) for x in args.jobs.split(",")):
         if time.time() > deadline:
             print(f"skipped -j {j}: past the time budget", flush=True)
             continue
-        base = 100 * j + (1000 if args.concurrent_compile else 0)
-        seeds = list(range(base, base + j))           # new stages for each j and mode: nothing is up to date
-        edit_params(repo, study={"seeds": seeds, "variants": {"bn-bs32": {"norm": "bn", "batch_size": 32}}},
+        seeds = fresh_seeds(repo, variant, j)
+        edit_params(repo, study={"seeds": seeds, "variants": {variant: {"norm": norm, "batch_size": int(batch)}}},
                     train__compile=mode)
         try:
             wall = sh([sys.executable, "-m", "resnorm.parallel", "-j", str(j), "--train-only", "study-train@*"],
@@ -196,7 +287,7 @@ def phase_concurrent(repo: Path, out: Path, args, results: dict, deadline: float
             continue
         per_run, overheads, firsts = [], [], []
         for s in seeds:
-            history = repo / "logs" / "timing" / f"bn-bs32-{s}.csv"
+            history = repo / "logs" / "timing" / f"{variant}-{s}.csv"
             rates, first = history_rates(history)
             per_run.append(statistics.median(rates))
             firsts.append(first)
@@ -204,17 +295,19 @@ def phase_concurrent(repo: Path, out: Path, args, results: dict, deadline: float
             overheads.append(sum(float(r["epoch_seconds"]) for r in rows) /
                              sum(args.images / float(r["images_per_second"]) for r in rows))
         images = j * args.epochs * args.images
-        # the paper study at this concurrency: 39 runs (13 variants x 3 seeds) x 50 epochs x 30,000 images at
-        # the measured aggregate rate, times the measured epoch/train-time ratio (validation, checkpoints),
-        # plus each wave's epoch-1 extra (start-up, compile)
         # all j together: j times the median run's rate. The sum of the runs' own medians overstates
         # it, as a run whose steady epochs fall while others still compile runs nearly alone.
         together = j * statistics.median(per_run)
-        runs, overhead = 39, statistics.mean(overheads)
+        overhead = statistics.mean(overheads)
         extra = max(firsts) - args.images / min(per_run)
-        hours = (runs * 50 * 30_000 / together * overhead + math.ceil(runs / j) * extra) / 3600
-        key = str(j) if args.concurrent_compile is None else f"{j}:{mode}"
-        results["concurrent"][key] = {"runs": j, "compile": mode, "wall_seconds": round(wall, 1),
+        # the whole paper study if every run, at any batch size, went at this rate (--phase project mixes routes)
+        runs = sum(study_runs().values())
+        hours = study_hours({0: runs}, {0: {"rate": together, "overhead": overhead, "extra": extra, "jobs": j}})
+        mps = bool(os.environ.get("CUDA_MPS_PIPE_DIRECTORY"))    # under bench/gpu_check.sh's with_mps
+        key = ":".join([str(j)] + ([args.concurrent_config] if args.concurrent_config != "bn:32" else []) +
+                       ([str(mode)] if args.concurrent_compile is not None else []) + (["mps"] if mps else []))
+        results["concurrent"][key] = {"runs": j, "norm": norm, "batch": int(batch), "compile": mode, "mps": mps,
+                                      "wall_seconds": round(wall, 1),
                                          "sum_of_steady_rates": round(sum(per_run)),
                                          "together": round(together),
                                          "per_run_median": [round(r) for r in per_run],
@@ -223,20 +316,21 @@ def phase_concurrent(repo: Path, out: Path, args, results: dict, deadline: float
                                          "epoch1_extra_seconds": round(extra, 1),
                                          "projected_paper_study_hours": round(hours, 2)}
         save(out, results)
-        print(f"resnorm.parallel -j {j} (train.compile: {mode}): {j} runs x {args.epochs} epochs in {wall:.0f} s wall; steady state "
-              f"{together:.0f} images/s together ({j} x the median run; {min(per_run):.0f}-{max(per_run):.0f} each); "
-              f"{images / wall:.0f} train images/s over the whole wall time (start-up and compile included); "
-              f"validation adds {overhead - 1:.0%} to an epoch; the paper study (39 runs x 50 epochs x 30,000 "
-              f"images, all at this rate) would take {hours:.2f} h",
+        print(f"resnorm.parallel -j {j} ({variant}, train.compile: {mode}{', under MPS' if mps else ''}): {j} runs x {args.epochs} epochs in {wall:.0f} s "
+              f"wall; steady state {together:.0f} images/s together ({j} x the median run; "
+              f"{min(per_run):.0f}-{max(per_run):.0f} each); {images / wall:.0f} train images/s over the whole wall "
+              f"time (start-up and compile included); validation adds {overhead - 1:.0%} to an epoch; the paper study "
+              f"({runs} runs x {PAPER_EPOCHS} epochs x {PAPER_TRAIN_IMAGES:,} images, all at this rate) would take {hours:.2f} h",
               flush=True)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--phase", action="append", choices=("single", "bench", "concurrent"))
+    ap.add_argument("--phase", action="append", choices=("single", "bench", "concurrent", "project"))
     ap.add_argument("--copy-pipeline", metavar="DEST", help="only copy this checkout's pipeline files into DEST")
     ap.add_argument("--configs", default="bn:32,gn:32,torch_bn:32", help="norm:batch[:compile mode],...")
     ap.add_argument("--jobs", default="4,8", help="concurrent runs to measure")
+    ap.add_argument("--concurrent-config", default="bn:32", help="norm:batch of the concurrent runs")
     ap.add_argument("--concurrent-compile", help="train.compile of the concurrent runs (default: inductor's "
                     "default mode on CUDA, none on a CPU), e.g. reduce-overhead for CUDA graphs")
     ap.add_argument("--images", type=int, default=4096)
@@ -246,6 +340,8 @@ def main() -> None:
     ap.add_argument("--bench-seconds", type=float, default=6.0)
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--budget", type=float, default=1e9, help="seconds; later measurements are skipped past it")
+    ap.add_argument("--results", nargs="*", default=[], metavar="SPEED_JSON",
+                    help="other calls' speed.json files whose figures the projection may use (merged into --out's)")
     ap.add_argument("--work", default="/tmp/resnorm-speed")
     ap.add_argument("--out", default=os.environ.get("OUT") or "/tmp/resnorm-speed/out")
     args = ap.parse_args()
@@ -253,7 +349,10 @@ def main() -> None:
         copy_pipeline(Path(args.copy_pipeline))
         return
     if not args.phase:
-        ap.error("--phase is required (single, bench or concurrent), or --copy-pipeline DEST")
+        ap.error("--phase is required (single, bench, concurrent or project), or --copy-pipeline DEST")
+    norm, _, batch = args.concurrent_config.partition(":")
+    if not batch.isdigit() or int(batch) < 1:
+        ap.error(f"--concurrent-config: expected norm:batch, e.g. bn:8, not {args.concurrent_config!r}")
     deadline = time.time() + args.budget
     work, out = Path(args.work), Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -263,13 +362,23 @@ def main() -> None:
     results = json.loads((out / "speed.json").read_text()) if (out / "speed.json").exists() else {}
     results.setdefault("single", {})
     results.setdefault("concurrent", {})
+    for path in args.results:                      # other calls' figures, for the projection
+        for section, entries in json.loads(Path(path).read_text()).items():
+            if section in ("single", "concurrent"):
+                results[section].update(entries)
+    if args.phase == ["project"]:                  # from speed.json alone: no working copy needed
+        phase_project(out, args, results)
+        return
     t0 = time.time()
     repo = setup(work, args)
     print(f"work copy ready in {time.time() - t0:.0f} s: {args.images} train / {args.val} val images at "
           f"{args.size} px, {args.epochs} epochs per run", flush=True)
     for phase in args.phase:
-        {"single": phase_single, "bench": phase_bench, "concurrent": phase_concurrent}[phase](
-            repo, out, args, results, deadline)
+        if phase == "project":
+            phase_project(out, args, results)
+        else:
+            {"single": phase_single, "bench": phase_bench, "concurrent": phase_concurrent}[phase](
+                repo, out, args, results, deadline)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """The GPU session's scripts, rehearsed on the CPU: a device is lent for 15 minutes now and then,
 and a script that broke since the last one (a new dependency, a new check) would waste it."""
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -30,16 +31,98 @@ def test_the_pipeline_copy_holds_every_input_no_stage_makes(tmp_path):
 
 def test_gpu_speed_trains_several_runs_at_once_through_dvc_on_a_cpu(tmp_path):
     """The `concurrent` step of bench/gpu_check.sh at toy size: a DVC copy with generated arrays,
-    `resnorm.parallel -j 2` over two study runs, and the aggregate rate in speed.json."""
+    `resnorm.parallel -j 2` over two study runs, and the aggregate rate in speed.json. A second
+    measurement in the same copy (another mode, or MPS) trains new stages: it must not find the
+    first one's stages up to date and read their timing logs again."""
     out = tmp_path / "out"
-    r = subprocess.run([sys.executable, str(REPO / "bench" / "gpu_speed.py"), "--phase", "concurrent", "--jobs", "2",
-                        "--device", "cpu", "--size", "16", "--images", "32", "--val", "16", "--epochs", "2",
-                        "--work", str(tmp_path / "work"), "--out", str(out)],
-                       capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stdout + r.stderr
-    assert "failed" not in r.stdout, r.stdout
+
+    def concurrent(*extra: str, env: dict | None = None) -> None:
+        r = subprocess.run([sys.executable, str(REPO / "bench" / "gpu_speed.py"), "--phase", "concurrent", "--jobs", "2",
+                            "--device", "cpu", "--size", "16", "--images", "32", "--val", "16", "--epochs", "2",
+                            "--work", str(tmp_path / "work"), "--out", str(out), *extra],
+                           capture_output=True, text=True, timeout=600, env=env)
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert "failed" not in r.stdout, r.stdout
+
+    concurrent()
     result = json.loads((out / "speed.json").read_text())["concurrent"]["2"]
-    assert result["runs"] == 2 and len(result["per_run_median"]) == 2
+    assert result["runs"] == 2 and len(result["per_run_median"]) == 2 and result["batch"] == 32
     assert min(result["per_run_median"]) > 0 and result["projected_paper_study_hours"] > 0
-    lock = yaml.safe_load((tmp_path / "work" / "repo" / "dvc.lock").read_text())["stages"]
-    assert {"study-train@bn-bs32-200", "study-train@bn-bs32-201"} <= set(lock)      # recorded as dvc repro would
+    lock_path = tmp_path / "work" / "repo" / "dvc.lock"
+    first = set(yaml.safe_load(lock_path.read_text())["stages"])
+    assert {"study-train@bn-bs32-100", "study-train@bn-bs32-101"} <= first      # recorded as dvc repro would
+
+    concurrent("--concurrent-config", "gn:8", env={**os.environ, "CUDA_MPS_PIPE_DIRECTORY": str(tmp_path / "pipe")})
+    again = json.loads((out / "speed.json").read_text())["concurrent"]
+    assert set(again) == {"2", "2:gn:8:mps"} and again["2:gn:8:mps"]["mps"] and again["2:gn:8:mps"]["batch"] == 8
+    concurrent("--concurrent-config", "gn:8")              # the same variant again: new seeds, new stages
+    lock = set(yaml.safe_load(lock_path.read_text())["stages"])
+    assert {"study-train@gn-bs8-100", "study-train@gn-bs8-101", "study-train@gn-bs8-200", "study-train@gn-bs8-201"} <= lock
+
+
+def test_study_runs_counts_each_variant_times_the_seeds_by_batch_size(tmp_path):
+    """A variant without its own batch_size trains at the top-level one, as resnorm.params reads it."""
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({"batch_size": 32, "study": {"seeds": [0, 1, 2], "variants": {
+        "bn-bs32": {"norm": "bn"}, "gn-bs8": {"norm": "gn", "batch_size": 8}, "ln-bs32": {"norm": "ln", "batch_size": 32}}}}))
+    assert gpu_speed.study_runs(params) == {32: 6, 8: 3}
+
+
+def test_the_projection_gives_the_readmes_hours_from_the_readmes_figures():
+    """README: 33 runs at batch 32 or 128 at about 4,850 images/s together, 6 at batch 8 at 2,749,
+    validation adding 4% to an epoch: about 3.9 hours."""
+    runs = gpu_speed.study_runs()
+    assert sum(runs.values()) == 39 and runs[8] == 6
+    fast = {"rate": 4850, "overhead": 1.04, "extra": 0.0, "jobs": 4}
+    routes = {8: {"rate": 2749, "overhead": 1.04, "extra": 0.0, "jobs": 1}, 32: fast, 128: fast}
+    assert round(gpu_speed.study_hours(runs, routes), 1) == 3.9
+    # each wave's compile counts once per wave: 6 runs one at a time are 6 waves, 4 at once 2
+    slower = gpu_speed.study_hours(runs, {**routes, 8: {**routes[8], "extra": 60.0}})
+    assert abs((slower - gpu_speed.study_hours(runs, routes)) * 3600 - 6 * 60) < 1e-6
+
+
+def _project(tmp_path, speed: dict, *extra: str) -> tuple[subprocess.CompletedProcess, dict]:
+    out = tmp_path / "out"
+    out.mkdir(exist_ok=True)
+    (out / "speed.json").write_text(json.dumps(speed))
+    r = subprocess.run([sys.executable, str(REPO / "bench" / "gpu_speed.py"), "--phase", "project", "--out", str(out),
+                        *extra], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    return r, json.loads((out / "speed.json").read_text())
+
+
+def _single(median: int, epoch1: float = 20.0, images: int = 3072) -> dict:
+    return {"median": median, "epoch1_seconds": epoch1, "train_images": images}
+
+
+def _together(runs: int, batch: int, compile_, together: int) -> dict:
+    return {"runs": runs, "batch": batch, "compile": compile_, "together": together,
+            "epoch_over_train_time": 1.04, "epoch1_extra_seconds": 30.0}
+
+
+def test_the_project_phase_takes_the_fastest_measured_route_per_batch_size(tmp_path):
+    """`gpu_speed.py --phase project`: one run at a time at the slowest norm measured, or j at once,
+    whichever is faster at each batch size; figures from another call's speed.json merged in."""
+    first = {"single": {"bn:8": _single(1081), "bn:8:reduce-overhead": _single(2749),
+                        "gn:8:reduce-overhead": _single(2600), "bn:128": _single(4884, images=3072)}}
+    second = {"concurrent": {"4": _together(4, 32, True, 4850),
+                             "4:bn:8:reduce-overhead": _together(4, 8, "reduce-overhead", 5100)}}
+    r, speed = _project(tmp_path, first)
+    assert "no projection: nothing measured at batch 32" in r.stdout and "projection" not in speed
+    (tmp_path / "second.json").write_text(json.dumps(second))
+    r, speed = _project(tmp_path, first, "--results", str(tmp_path / "second.json"))
+    routes = speed["projection"]["routes"]
+    assert routes["8"]["rate"] == 5100 and routes["8"]["jobs"] == 4          # 4 at once beat 2,600 alone
+    assert routes["32"]["rate"] == 4850
+    assert routes["128"]["rate"] == 4884 and routes["128"]["jobs"] == 1
+    assert routes["128"]["extra"] == 20.0 - 3072 / 4884                     # epoch 1 less one steady epoch
+    runs = gpu_speed.study_runs()
+    hours = gpu_speed.study_hours(runs, {int(b): r for b, r in routes.items()})
+    assert speed["projection"]["hours"] == round(hours, 2)
+    assert f"{hours:.2f} h" in r.stdout
+    # without the concurrent batch-8 figure, batch 8 goes one at a time, at gn's 2,600 (slower than bn's)
+    del second["concurrent"]["4:bn:8:reduce-overhead"]
+    (tmp_path / "second.json").write_text(json.dumps(second))
+    (tmp_path / "out" / "speed.json").unlink()
+    _, speed = _project(tmp_path, first, "--results", str(tmp_path / "second.json"))
+    assert speed["projection"]["routes"]["8"]["rate"] == 2600
