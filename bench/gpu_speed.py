@@ -188,11 +188,16 @@ def phase_bench(repo: Path, out: Path, args, results: dict, deadline: float) -> 
 PAPER_EPOCHS, PAPER_TRAIN_IMAGES = 50, 30_000
 
 
-def study_runs(params: Path = HERE / "params.yaml") -> dict[int, int]:
-    """The paper study's trainings per batch size: params.yaml's study variants x its seeds."""
+def study_runs(params: Path = HERE / "params.yaml", skip: tuple[str, ...] = ()) -> dict[int, int]:
+    """The paper study's trainings per batch size: params.yaml's study variants (less `skip`) x its seeds."""
     p = yaml.safe_load(params.read_text())
+    unknown = set(skip) - set(p["study"]["variants"])
+    if unknown:
+        raise SystemExit(f"--skip-variants: {', '.join(sorted(unknown))} not in {params}'s study")
     runs: dict[int, int] = {}
-    for variant in p["study"]["variants"].values():
+    for name, variant in p["study"]["variants"].items():
+        if name in skip:
+            continue
         batch = int(variant.get("batch_size", p["batch_size"]))
         runs[batch] = runs.get(batch, 0) + len(p["study"]["seeds"])
     return runs
@@ -239,7 +244,8 @@ def best_routes(results: dict, images: int) -> dict[int, dict]:
 
 
 def phase_project(out: Path, args, results: dict) -> None:
-    runs, routes = study_runs(), best_routes(results, args.images)
+    skip = tuple(v for v in args.skip_variants.split(",") if v)
+    runs, routes = study_runs(skip=skip), best_routes(results, args.images)
     missing = sorted(set(runs) - set(routes))
     if missing:
         print(f"no projection: nothing measured at batch {', '.join(map(str, missing))}", flush=True)
@@ -249,9 +255,10 @@ def phase_project(out: Path, args, results: dict) -> None:
         r = routes[batch]
         print(f"batch {batch:>3}: {runs[batch]:2d} runs at {r['rate']:,.0f} images/s ({r['route']}), "
               f"epoch / train time {r['overhead']:.3f}, epoch-1 extra {r['extra']:.0f} s per wave", flush=True)
-    print(f"projected paper study: {sum(runs.values())} runs x {PAPER_EPOCHS} epochs x {PAPER_TRAIN_IMAGES:,} "
+    print(f"projected paper study{' without ' + ', '.join(skip) if skip else ''}: {sum(runs.values())} runs x {PAPER_EPOCHS} epochs x {PAPER_TRAIN_IMAGES:,} "
           f"images, no early stop: {hours:.2f} h of training (a projection from the figures above)", flush=True)
-    results["projection"] = {"hours": round(hours, 2), "runs": {str(b): n for b, n in sorted(runs.items())},
+    results["projection"] = {"hours": round(hours, 2), "skipped_variants": list(skip),
+                             "runs": {str(b): n for b, n in sorted(runs.items())},
                              "routes": {str(b): routes[b] for b in sorted(runs)}}
     save(out, results)
 
@@ -342,6 +349,8 @@ def main() -> None:
     ap.add_argument("--budget", type=float, default=1e9, help="seconds; later measurements are skipped past it")
     ap.add_argument("--results", nargs="*", default=[], metavar="SPEED_JSON",
                     help="other calls' speed.json files whose figures the projection may use (merged into --out's)")
+    ap.add_argument("--skip-variants", default="", metavar="A,B",
+                    help="study variants the projection leaves out, e.g. bn-bs32-es,gn-bs32-es (the assignment's 11)")
     ap.add_argument("--work", default="/tmp/resnorm-speed")
     ap.add_argument("--out", default=os.environ.get("OUT") or "/tmp/resnorm-speed/out")
     args = ap.parse_args()

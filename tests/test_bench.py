@@ -66,6 +66,7 @@ def test_study_runs_counts_each_variant_times_the_seeds_by_batch_size(tmp_path):
     params.write_text(yaml.safe_dump({"batch_size": 32, "study": {"seeds": [0, 1, 2], "variants": {
         "bn-bs32": {"norm": "bn"}, "gn-bs8": {"norm": "gn", "batch_size": 8}, "ln-bs32": {"norm": "ln", "batch_size": 32}}}}))
     assert gpu_speed.study_runs(params) == {32: 6, 8: 3}
+    assert gpu_speed.study_runs(params, skip=("ln-bs32",)) == {32: 3, 8: 3}
 
 
 def test_the_projection_gives_the_readmes_hours_from_the_readmes_figures():
@@ -126,3 +127,7 @@ def test_the_project_phase_takes_the_fastest_measured_route_per_batch_size(tmp_p
     (tmp_path / "out" / "speed.json").unlink()
     _, speed = _project(tmp_path, first, "--results", str(tmp_path / "second.json"))
     assert speed["projection"]["routes"]["8"]["rate"] == 2600
+    # the assignment's 11 variants: the batch-size study's own batch-32 arms left out
+    r, speed = _project(tmp_path, first, "--results", str(tmp_path / "second.json"),
+                        "--skip-variants", "bn-bs32-es,gn-bs32-es")
+    assert speed["projection"]["runs"] == {"8": 6, "32": 21, "128": 6} and "without bn-bs32-es, gn-bs32-es" in r.stdout
