@@ -137,6 +137,13 @@ def history_rates(path: Path) -> tuple[list[float], float]:
     return [float(r["images_per_second"]) for r in rows[1:]], float(rows[0]["epoch_seconds"])
 
 
+def epoch_over_train_time(path: Path, images: int) -> float:
+    """A whole epoch's seconds (validation and checkpoint included) over its training seconds, epochs 2 on."""
+    rows = list(csv.DictReader(open(path)))[1:]
+    return (sum(float(r["epoch_seconds"]) for r in rows) /
+            sum(images / float(r["images_per_second"]) for r in rows))
+
+
 def save(out: Path, results: dict) -> None:
     (out / "speed.json").write_text(json.dumps(results, indent=2))
 
@@ -155,10 +162,12 @@ def phase_single(repo: Path, out: Path, args, results: dict, deadline: float) ->
         except RuntimeError as e:
             print(f"{cfg}: {e}", flush=True)
             continue
-        rates, first = history_rates(repo / "logs" / "timing" / "experiment.csv")
+        history = repo / "logs" / "timing" / "experiment.csv"
+        rates, first = history_rates(history)
         results["single"][cfg] = {"images_per_second": [round(r) for r in rates],
                                   "median": round(statistics.median(rates)), "epoch1_seconds": round(first, 1),
                                   "train_images": args.images,
+                                  "epoch_over_train_time": round(epoch_over_train_time(history, args.images), 3),
                                   "process_seconds": round(wall, 1)}
         save(out, results)
         print(f"resnorm.train {cfg:<24} {statistics.median(rates):7.0f} images/s (epochs 2-{len(rates) + 1}: "
@@ -219,8 +228,9 @@ def best_routes(results: dict, images: int) -> dict[int, dict]:
     """The fastest measured route per batch size in speed.json: one `resnorm.train` at a time (at the
     slowest of the norms measured at that batch and mode), or j runs at once (`together`)."""
     routes: dict[int, dict] = {}
-    overheads = [c["epoch_over_train_time"] for c in results.get("concurrent", {}).values()]
-    overhead = max(overheads) if overheads else 1.0
+    measured = [r["epoch_over_train_time"] for section in ("single", "concurrent")
+                for r in results.get(section, {}).values() if "epoch_over_train_time" in r]
+    fallback = max(measured, default=1.0)      # for single runs recorded before they kept their own
     singles: dict[tuple[int, str], list[dict]] = {}
     for cfg, r in results.get("single", {}).items():
         _, bs, *mode = cfg.split(":")
@@ -229,7 +239,7 @@ def best_routes(results: dict, images: int) -> dict[int, dict]:
     for (batch, mode), rs in singles.items():
         slow = min(rs, key=lambda r: r["median"])
         candidates.append((batch, {"route": f"one at a time ({mode}, {len(rs)} norm(s))", "jobs": 1,
-                                   "rate": slow["median"], "overhead": overhead,
+                                   "rate": slow["median"], "overhead": slow.get("epoch_over_train_time", fallback),
                                    "extra": max(0.0, slow["epoch1_seconds"] - slow.get("train_images", images) / slow["median"])}))
     for key, c in results.get("concurrent", {}).items():
         candidates.append((c.get("batch", 32), {"route": f"{c['runs']} at once (compile: {c['compile']}"
@@ -298,9 +308,7 @@ def phase_concurrent(repo: Path, out: Path, args, results: dict, deadline: float
             rates, first = history_rates(history)
             per_run.append(statistics.median(rates))
             firsts.append(first)
-            rows = list(csv.DictReader(open(history)))[1:]
-            overheads.append(sum(float(r["epoch_seconds"]) for r in rows) /
-                             sum(args.images / float(r["images_per_second"]) for r in rows))
+            overheads.append(epoch_over_train_time(history, args.images))
         images = j * args.epochs * args.images
         # all j together: j times the median run's rate. The sum of the runs' own medians overstates
         # it, as a run whose steady epochs fall while others still compile runs nearly alone.

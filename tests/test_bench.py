@@ -58,6 +58,12 @@ def test_gpu_speed_trains_several_runs_at_once_through_dvc_on_a_cpu(tmp_path):
     concurrent("--concurrent-config", "gn:8")              # the same variant again: new seeds, new stages
     lock = set(yaml.safe_load(lock_path.read_text())["stages"])
     assert {"study-train@gn-bs8-100", "study-train@gn-bs8-101", "study-train@gn-bs8-200", "study-train@gn-bs8-201"} <= lock
+    r = subprocess.run([sys.executable, str(REPO / "bench" / "gpu_speed.py"), "--phase", "single", "--configs", "bn:8",
+                        "--device", "cpu", "--size", "16", "--images", "32", "--val", "16", "--epochs", "2",
+                        "--work", str(tmp_path / "work"), "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    single = json.loads((out / "speed.json").read_text())["single"]["bn:8"]
+    assert single["median"] > 0 and single["train_images"] == 32 and single["epoch_over_train_time"] > 1
 
 
 def test_study_runs_counts_each_variant_times_the_seeds_by_batch_size(tmp_path):
@@ -92,8 +98,8 @@ def _project(tmp_path, speed: dict, *extra: str) -> tuple[subprocess.CompletedPr
     return r, json.loads((out / "speed.json").read_text())
 
 
-def _single(median: int, epoch1: float = 20.0, images: int = 3072) -> dict:
-    return {"median": median, "epoch1_seconds": epoch1, "train_images": images}
+def _single(median: int, epoch1: float = 20.0, images: int = 3072, **more) -> dict:
+    return {"median": median, "epoch1_seconds": epoch1, "train_images": images, **more}
 
 
 def _together(runs: int, batch: int, compile_, together: int) -> dict:
@@ -105,7 +111,7 @@ def test_the_project_phase_takes_the_fastest_measured_route_per_batch_size(tmp_p
     """`gpu_speed.py --phase project`: one run at a time at the slowest norm measured, or j at once,
     whichever is faster at each batch size; figures from another call's speed.json merged in."""
     first = {"single": {"bn:8": _single(1081), "bn:8:reduce-overhead": _single(2749),
-                        "gn:8:reduce-overhead": _single(2600), "bn:128": _single(4884, images=3072)}}
+                        "gn:8:reduce-overhead": _single(2600), "bn:128": _single(4884, images=3072, epoch_over_train_time=1.1)}}
     second = {"concurrent": {"4": _together(4, 32, True, 4850),
                              "4:bn:8:reduce-overhead": _together(4, 8, "reduce-overhead", 5100)}}
     r, speed = _project(tmp_path, first)
@@ -117,6 +123,7 @@ def test_the_project_phase_takes_the_fastest_measured_route_per_batch_size(tmp_p
     assert routes["32"]["rate"] == 4850
     assert routes["128"]["rate"] == 4884 and routes["128"]["jobs"] == 1
     assert routes["128"]["extra"] == 20.0 - 3072 / 4884                     # epoch 1 less one steady epoch
+    assert routes["128"]["overhead"] == 1.1 and routes["8"]["overhead"] == 1.04     # each route's own
     runs = gpu_speed.study_runs()
     hours = gpu_speed.study_hours(runs, {int(b): r for b, r in routes.items()})
     assert speed["projection"]["hours"] == round(hours, 2)
