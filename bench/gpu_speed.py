@@ -220,7 +220,8 @@ def study_hours(runs: dict[int, int], routes: dict[int, dict]) -> float:
     seconds = 0.0
     for batch, n in runs.items():
         r = routes[batch]
-        seconds += n * PAPER_EPOCHS * PAPER_TRAIN_IMAGES / r["rate"] * r["overhead"] + math.ceil(n / r["jobs"]) * r["extra"]
+        train = n * PAPER_EPOCHS * PAPER_TRAIN_IMAGES / r["rate"] * r["overhead"]
+        seconds += train + math.ceil(n / r["jobs"]) * r["extra"]
     return seconds / 3600
 
 
@@ -238,9 +239,10 @@ def best_routes(results: dict, images: int) -> dict[int, dict]:
     candidates = []
     for (batch, mode), rs in singles.items():
         slow = min(rs, key=lambda r: r["median"])
+        steady_epoch = slow.get("train_images", images) / slow["median"]
         candidates.append((batch, {"route": f"one at a time ({mode}, {len(rs)} norm(s))", "jobs": 1,
                                    "rate": slow["median"], "overhead": slow.get("epoch_over_train_time", fallback),
-                                   "extra": max(0.0, slow["epoch1_seconds"] - slow.get("train_images", images) / slow["median"])}))
+                                   "extra": max(0.0, slow["epoch1_seconds"] - steady_epoch)}))
     for key, c in results.get("concurrent", {}).items():
         candidates.append((c.get("batch", 32), {"route": f"{c['runs']} at once (compile: {c['compile']}"
                                                          f"{', MPS' if c.get('mps') else ''})",
@@ -265,8 +267,10 @@ def phase_project(out: Path, args, results: dict) -> None:
         r = routes[batch]
         print(f"batch {batch:>3}: {runs[batch]:2d} runs at {r['rate']:,.0f} images/s ({r['route']}), "
               f"epoch / train time {r['overhead']:.3f}, epoch-1 extra {r['extra']:.0f} s per wave", flush=True)
-    print(f"projected paper study{' without ' + ', '.join(skip) if skip else ''}: {sum(runs.values())} runs x {PAPER_EPOCHS} epochs x {PAPER_TRAIN_IMAGES:,} "
-          f"images, no early stop: {hours:.2f} h of training (a projection from the figures above)", flush=True)
+    without = f" without {', '.join(skip)}" if skip else ""
+    print(f"projected paper study{without}: {sum(runs.values())} runs x {PAPER_EPOCHS} epochs x "
+          f"{PAPER_TRAIN_IMAGES:,} images, no early stop: {hours:.2f} h of training (a projection from the "
+          f"figures above)", flush=True)
     results["projection"] = {"hours": round(hours, 2), "skipped_variants": list(skip),
                              "runs": {str(b): n for b, n in sorted(runs.items())},
                              "routes": {str(b): routes[b] for b in sorted(runs)}}
