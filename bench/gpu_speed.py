@@ -202,7 +202,7 @@ def study_runs(params: Path = HERE / "params.yaml", skip: tuple[str, ...] = ()) 
     p = yaml.safe_load(params.read_text())
     unknown = set(skip) - set(p["study"]["variants"])
     if unknown:
-        raise SystemExit(f"--skip-variants: {', '.join(sorted(unknown))} not in {params}'s study")
+        raise ValueError(f"{', '.join(sorted(unknown))} not in {params}'s study")
     runs: dict[int, int] = {}
     for name, variant in p["study"]["variants"].items():
         if name in skip:
@@ -256,7 +256,7 @@ def best_routes(results: dict, images: int) -> dict[int, dict]:
 
 
 def phase_project(out: Path, args, results: dict) -> None:
-    skip = tuple(v for v in args.skip_variants.split(",") if v)
+    skip = args.skip_variants
     runs, routes = study_runs(skip=skip), best_routes(results, args.images)
     missing = sorted(set(runs) - set(routes))
     if missing:
@@ -371,6 +371,11 @@ def main() -> None:
         return
     if not args.phase:
         ap.error("--phase is required (single, bench, concurrent or project), or --copy-pipeline DEST")
+    args.skip_variants = tuple(v for v in args.skip_variants.split(",") if v)
+    try:
+        study_runs(skip=args.skip_variants)
+    except ValueError as e:
+        ap.error(f"--skip-variants: {e}")
     norm, _, batch = args.concurrent_config.partition(":")
     if not batch.isdigit() or int(batch) < 1:
         ap.error(f"--concurrent-config: expected norm:batch, e.g. bn:8, not {args.concurrent_config!r}")
@@ -384,7 +389,11 @@ def main() -> None:
     results.setdefault("single", {})
     results.setdefault("concurrent", {})
     for path in args.results:                      # other calls' figures, for the projection
-        for section, entries in json.loads(Path(path).read_text()).items():
+        try:
+            other = json.loads(Path(path).read_text())
+        except (OSError, ValueError) as e:
+            ap.error(f"--results: {path}: {e}")
+        for section, entries in other.items():
             if section in ("single", "concurrent"):
                 results[section].update(entries)
     if args.phase == ["project"]:                  # from speed.json alone: no working copy needed
