@@ -96,14 +96,16 @@ together() {      # together CFG COMPILE: 4 runs of CFG (norm:batch) at once thr
         --concurrent-config "$1" ${2:+--concurrent-compile "$2"} --budget "$(( $(left) - 40 ))" 2>&1 | tee -a "$OUT/speed.log"
     else echo "skipped: past the time budget"; fi
 }
-# goal 2's probes, in GOAL2's order (default: graphs8 mps8 mps32 profile autotune):
+# goal 2's probes, in GOAL2's order (default: graphs8 mps8 mps32 profile fp32 autotune):
 #   graphs8  4 runs of bn at batch 8 at once under CUDA graphs (one run alone there leaves the GPU idlest)
 #   mps8     the same under MPS            mps32  bn at batch 32, 4 at once, inductor's default mode, under MPS
 #   graphs32 bn at batch 32, 4 at once under CUDA graphs
 #   profile  bench/gpu_profile.py: where a step's device time goes (bn and torch_bn at batch 32)
+#   fp32     resnorm.train alone in fp32 (bn, batch 32): cuDNN's TF32 convolutions against bf16's
+#            (bf16 weight-gradient kernels at few channels can be the slower ones)
 #   autotune inductor's max-autotune, resnorm.train alone (bn, batch 32)
 goal2() {
-    for probe in ${GOAL2:-graphs8 mps8 mps32 profile autotune}; do
+    for probe in ${GOAL2:-graphs8 mps8 mps32 profile fp32 autotune}; do
         case $probe in
             graphs8) step "goal 2: 4 runs at once, bn at batch 8, CUDA graphs (resnorm.parallel -j 4, reduce-overhead)"
                      together bn:8 reduce-overhead ;;
@@ -115,11 +117,15 @@ goal2() {
                 if [ "$(left)" -gt 60 ]; then timeout "$(( $(left) - 30 ))" "$PYTHON" bench/gpu_profile.py --norms bn,torch_bn \
                     --device "$DEVICE" --size "$SIZE" --out "$OUT" 2>&1 | grep -v "^USDT\|^STAGE:" | tee -a "$OUT/profile.log"
                 else echo "skipped: past the time budget"; fi ;;
+            fp32)
+                step "goal 2: fp32 (TF32 convolutions), resnorm.train alone (bn, batch 32)"
+                if [ "$(left)" -gt 90 ]; then timeout "$(( $(left) - 10 ))" "${SPEED[@]}" --phase single \
+                    --configs bn:32 --precision fp32 2>&1 | tee -a "$OUT/speed.log"; else echo "skipped: past the time budget"; fi ;;
             autotune)
                 step "goal 2: inductor's max-autotune, resnorm.train alone (bn, batch 32)"
                 if [ "$(left)" -gt 120 ]; then timeout "$(( $(left) - 10 ))" "${SPEED[@]}" --phase single \
                     --configs bn:32:max-autotune 2>&1 | tee -a "$OUT/speed.log"; else echo "skipped: past the time budget"; fi ;;
-            *) echo "unknown goal-2 probe '$probe' (GOAL2: graphs8 mps8 graphs32 mps32 profile autotune)" >&2; exit 2 ;;
+            *) echo "unknown goal-2 probe '$probe' (GOAL2: graphs8 mps8 graphs32 mps32 profile fp32 autotune)" >&2; exit 2 ;;
         esac
     done
 }

@@ -53,18 +53,28 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpu_paper_epoch import make_step, variant_model  # noqa: E402  (it puts src/ on the path)
 from resnorm.summary import summarize  # noqa: E402
 
-# First match wins. GPU kernel names: cuDNN / CUTLASS convolutions (fprop, dgrad, wgrad, implicit
-# GEMM, xmma, winograd), inductor's Triton kernels (triton_poi_ pointwise, triton_red_ / triton_per_
-# reductions), copies and fills; on a CPU the ATen operator names.
+# First match wins. GPU kernel names: inductor's Triton kernels first (triton_poi_ pointwise,
+# triton_red_ / triton_per_ reductions: a fused name such as ..._convolution_backward_... is still
+# a Triton reduction, not a convolution), cuDNN's batch norm (torch_bn), cuDNN / CUTLASS
+# convolutions (fprop, dgrad, wgrad, implicit GEMM, winograd), cuBLAS for the linear layer, the
+# optimizer's multi-tensor kernels, copies and fills; on a CPU the ATen operator names. A
+# convolution's three passes are told apart where the kernel names them: the weight gradient
+# reduces over every pixel of the batch into 16-64 x 16-64 x 3 x 3 values, the kind of kernel
+# that can run far below the device's rates.
 KINDS = [
-    ("convolution", re.compile(r"conv|cudnn|implicit_gemm|fprop|dgrad|wgrad|xmma|winograd|cutlass|"
-                               r"nchwToNhwc|nhwcToNchw|mkldnn|onednn", re.I)),
-    ("fused reduction (norm statistics, sums)", re.compile(r"^triton_(red|per)_|reduce|sum|mean|var|norm", re.I)),
-    ("fused element-wise (norm apply, ReLU, add)", re.compile(r"^triton_poi_|elementwise|vectorized|relu|add|mul",
-                                                               re.I)),
-    ("matrix multiply (the linear layer)", re.compile(r"gemm|gemv|addmm|mm\b|matmul", re.I)),
+    ("fused reduction (norm statistics, sums)", re.compile(r"^triton_(red|per)_")),
+    ("fused element-wise (norm apply, ReLU, add)", re.compile(r"^triton_poi_")),
+    ("batch norm (cuDNN / ATen)", re.compile(r"bn_fw|bn_bw|batch_?norm", re.I)),
+    ("convolution: weight gradient (wgrad)", re.compile(r"wgrad|bwd_?filter", re.I)),
+    ("convolution: input gradient (dgrad)", re.compile(r"dgrad|bwd_?data", re.I)),
+    ("convolution: forward (fprop)", re.compile(r"fprop|implicit_convolve|fwd", re.I)),
+    ("convolution (pass not named; layout changes)", re.compile(
+        r"conv|implicit_gemm|winograd|nchwToNhwc|nhwcToNchw|mkldnn|onednn|cudnn", re.I)),
+    ("matrix multiply (the linear layer)", re.compile(r"gemm|gemv|addmm|::mm\b|matmul|linear", re.I)),
     ("optimizer (SGD)", re.compile(r"multi_tensor|foreach|sgd", re.I)),
     ("copy / fill", re.compile(r"memcpy|memset|copy|fill|zero", re.I)),
+    ("reduction (other)", re.compile(r"reduce|sum|mean|var|norm", re.I)),
+    ("element-wise (other)", re.compile(r"elementwise|vectorized|relu|add|mul", re.I)),
 ]
 
 

@@ -109,7 +109,7 @@ def setup(work: Path, args) -> Path:
     p["data"].update(image_size=args.size, root="data/raw/ifct")
     p["model"]["n"] = 2
     p["train"].update(lr=1e-4, nesterov=False, weight_decay=0.0, warmup_epochs=0, augment=False,
-                      device=args.device, precision="bf16" if args.device == "cuda" else "fp32",
+                      device=args.device, precision=default_precision(args.device),
                       channels_last=True, compile=args.device == "cuda",
                       workers=4 if args.device == "cuda" else 0, threads=2 if args.device == "cuda" else 1,
                       epochs=args.epochs, schedule="cosine")
@@ -148,6 +148,16 @@ def save(out: Path, results: dict) -> None:
     (out / "speed.json").write_text(json.dumps(results, indent=2))
 
 
+def default_precision(device: str) -> str:
+    """The README's paper setting: bf16 autocast on CUDA; a CPU trains in fp32."""
+    return "bf16" if device == "cuda" else "fp32"
+
+
+def precision_of(args) -> str:
+    """train.precision of every run this call makes (set each time: the work copy's params.yaml persists)."""
+    return args.precision or default_precision(args.device)
+
+
 def phase_single(repo: Path, out: Path, args, results: dict, deadline: float) -> None:
     for cfg in args.configs.split(","):
         if time.time() > deadline:
@@ -155,22 +165,24 @@ def phase_single(repo: Path, out: Path, args, results: dict, deadline: float) ->
             continue
         norm, bs, *mode = cfg.split(":")
         compile_ = mode[0] if mode else (args.device == "cuda")
-        edit_params(repo, norm=norm, batch_size=int(bs), train__compile=compile_)
+        precision = precision_of(args)
+        key = cfg if precision == default_precision(args.device) else f"{cfg}|{precision}"
+        edit_params(repo, norm=norm, batch_size=int(bs), train__compile=compile_, train__precision=precision)
         shutil.rmtree(repo / "models" / "experiment", ignore_errors=True)
         try:
-            wall = sh([sys.executable, "-m", "resnorm.train"], repo, out / f"train_{cfg.replace(':', '_')}.log")
+            wall = sh([sys.executable, "-m", "resnorm.train"], repo, out / f"train_{key.replace(':', '_')}.log")
         except RuntimeError as e:
-            print(f"{cfg}: {e}", flush=True)
+            print(f"{key}: {e}", flush=True)
             continue
         history = repo / "logs" / "timing" / "experiment.csv"
         rates, first = history_rates(history)
-        results["single"][cfg] = {"images_per_second": [round(r) for r in rates],
+        results["single"][key] = {"precision": precision, "images_per_second": [round(r) for r in rates],
                                   "median": round(statistics.median(rates)), "epoch1_seconds": round(first, 1),
                                   "train_images": args.images,
                                   "epoch_over_train_time": round(epoch_over_train_time(history, args.images), 3),
                                   "process_seconds": round(wall, 1)}
         save(out, results)
-        print(f"resnorm.train {cfg:<24} {statistics.median(rates):7.0f} images/s (epochs 2-{len(rates) + 1}: "
+        print(f"resnorm.train {key:<24} {statistics.median(rates):7.0f} images/s (epochs 2-{len(rates) + 1}: "
               f"{', '.join(f'{r:.0f}' for r in rates)}); epoch 1 {first:.1f} s; process {wall:.0f} s", flush=True)
 
 
@@ -233,9 +245,11 @@ def best_routes(results: dict, images: int) -> dict[int, dict]:
                 for r in results.get(section, {}).values() if "epoch_over_train_time" in r]
     fallback = max(measured, default=1.0)      # for single runs recorded before they kept their own
     singles: dict[tuple[int, str], list[dict]] = {}
-    for cfg, r in results.get("single", {}).items():
+    for key, r in results.get("single", {}).items():
+        cfg, _, precision = key.partition("|")          # "bn:32:max-autotune|fp32": a precision other than the default
         _, bs, *mode = cfg.split(":")
-        singles.setdefault((int(bs), mode[0] if mode else "compile"), []).append(r)
+        singles.setdefault((int(bs), (mode[0] if mode else "compile") + (f", {precision}" if precision else "")),
+                           []).append(r)
     candidates = []
     for (batch, mode), rs in singles.items():
         slow = min(rs, key=lambda r: r["median"])
@@ -299,7 +313,7 @@ def phase_concurrent(repo: Path, out: Path, args, results: dict, deadline: float
             continue
         seeds = fresh_seeds(repo, variant, j)
         edit_params(repo, study={"seeds": seeds, "variants": {variant: {"norm": norm, "batch_size": int(batch)}}},
-                    train__compile=mode)
+                    train__compile=mode, train__precision=precision_of(args))
         try:
             wall = sh([sys.executable, "-m", "resnorm.parallel", "-j", str(j), "--train-only", "study-train@*"],
                       repo, out / f"parallel_j{j}.log")
@@ -358,6 +372,8 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--bench-seconds", type=float, default=6.0)
     ap.add_argument("--device", default="cuda")
+    ap.add_argument("--precision", choices=("fp32", "bf16", "fp16"),
+                    help="train.precision of the runs (default: bf16 on CUDA, the paper setting; fp32 on a CPU)")
     ap.add_argument("--budget", type=float, default=1e9, help="seconds; later measurements are skipped past it")
     ap.add_argument("--results", nargs="*", default=[], metavar="SPEED_JSON",
                     help="other calls' speed.json files whose figures the projection may use (merged into --out's)")

@@ -138,3 +138,50 @@ def test_the_project_phase_takes_the_fastest_measured_route_per_batch_size(tmp_p
     r, speed = _project(tmp_path, first, "--results", str(tmp_path / "second.json"),
                         "--skip-variants", "bn-bs32-es,gn-bs32-es")
     assert speed["projection"]["runs"] == {"8": 6, "32": 21, "128": 6} and "without bn-bs32-es, gn-bs32-es" in r.stdout
+
+
+def test_a_run_in_another_precision_is_a_route_of_its_own():
+    """`--precision fp32` records "bn:32|fp32": the projection may take it, and names it."""
+    results = {"single": {"bn:32": _single(4171, images=4096), "gn:32": _single(3869, images=4096),
+                          "bn:32|fp32": _single(4500, images=4096, precision="fp32")}}
+    route = gpu_speed.best_routes(results, 4096)[32]
+    assert route["rate"] == 4500 and "fp32" in route["route"]
+    results["single"]["bn:32|fp32"]["median"] = 3000      # slower than bf16's slowest norm (gn, 3,869)
+    route = gpu_speed.best_routes(results, 4096)[32]
+    assert route["rate"] == 3869 and "fp32" not in route["route"] and "2 norm(s)" in route["route"]
+
+
+def test_the_profile_sorts_kernels_by_what_they_do():
+    """bench/gpu_profile.py's kinds, on kernel names as cuDNN, inductor, cuBLAS and ATen print them:
+    a Triton kernel is never a convolution whatever ops its name fuses, a cuBLAS or optimizer kernel
+    is not element-wise, and a convolution's pass is named where the kernel says it."""
+    import gpu_profile
+    cases = {
+        "sm80_xmma_wgrad_implicit_gemm_indexed_bf16bf16_bf16f32_f32_nhwckrsc_nhwc_tilesize64x64x64_stage4_"
+        "warpsize1x1x4_g8_tensor16x8x16_execute_kernel__5x_cudnn": "convolution: weight gradient",
+        "void cudnn::detail::wgrad_alg0_engine<float, 128, 6, 7, 3, 3, 5, false, 512>(int, int)":
+            "convolution: weight gradient",
+        "sm80_xmma_dgrad_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nhwc_tilesize128x64x32": "convolution: input gradient",
+        "sm90_xmma_fprop_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nhwc_tilesize128x32x32_stage4_warpsize4x1x1_g1_"
+        "tensor16x8x16_execute_kernel__5x_cudnn": "convolution: forward",
+        "void cudnn::ops::nchwToNhwcKernel<__nv_bfloat16, __nv_bfloat16, float, false, true>": "convolution (pass",
+        "aten::mkldnn_convolution": "convolution (pass",
+        "triton_red_fused__native_batch_norm_legit_functional_convolution_backward_5": "fused reduction",
+        "triton_per_fused_mean_3": "fused reduction",
+        "triton_poi_fused_add_relu_threshold_backward_7": "fused element-wise",
+        "void cudnn::bn_fw_tr_1C11_kernel_NHWC<__nv_bfloat16, float, float, 512, true, 1>": "batch norm",
+        "void at::native::batch_norm_collect_statistics_channels_last_kernel<float>": "batch norm",
+        "sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize64x64x64": "matrix multiply",
+        "ampere_bf16_s16816gemm_bf16_64x64_ldg8_f2f_stages_64x5_tn": "matrix multiply",
+        "void at::native::multi_tensor_apply_kernel<at::native::TensorListMetadata<3>, "
+        "at::native::BinaryOpListAlphaFunctor<float, 3, 2, 2>>": "optimizer",
+        "void at::native::vectorized_elementwise_kernel<4, at::native::FillFunctor<float>>": "copy / fill",
+        "Memcpy HtoD (Pageable -> Device)": "copy / fill",
+        "void at::native::reduce_kernel<512, 1, at::native::ReduceOp<float, at::native::MeanOps<float>>>":
+            "reduction (other)",
+        "void at::native::vectorized_elementwise_kernel<4, at::native::CUDAFunctor_add<float>>": "element-wise (other)",
+        "generatedNativePointwise": "other",
+        "aten::_log_softmax_backward_data": "other",             # not a convolution's input gradient
+    }
+    for name, kind in cases.items():
+        assert gpu_profile.kind_of(name).startswith(kind), (name, gpu_profile.kind_of(name))
