@@ -33,6 +33,13 @@ if ! command -v python >/dev/null; then           # stage commands in dvc.yaml c
 fi
 export PYTHON=${PYTHON:-$(command -v python)} DVC_NO_ANALYTICS=1
 
+# every name checked before any work: a misspelt probe must not cost a device session its first minutes
+STEP_NAMES=" single32 bench32 concurrent e2e batches goal2 " PROBE_NAMES=" graphs8 mps8 graphs32 mps32 profile fp32 autotune "
+for s in ${STEPS:-}; do
+    [[ $STEP_NAMES == *" $s "* ]] || { echo "unknown step '$s' (STEPS:$STEP_NAMES)" >&2; exit 2; }; done
+for p in ${GOAL2:-}; do
+    [[ $PROBE_NAMES == *" $p "* ]] || { echo "unknown goal-2 probe '$p' (GOAL2:$PROBE_NAMES)" >&2; exit 2; }; done
+
 step "tools"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 pip_install() { "$PYTHON" -m pip install --quiet --no-index --find-links "$HERE/.gpu-wheels" "$@" 2>/dev/null ||
@@ -125,16 +132,10 @@ goal2() {
                 step "goal 2: inductor's max-autotune, resnorm.train alone (bn, batch 32)"
                 if [ "$(left)" -gt 120 ]; then timeout "$(( $(left) - 10 ))" "${SPEED[@]}" --phase single \
                     --configs bn:32:max-autotune 2>&1 | tee -a "$OUT/speed.log"; else echo "skipped: past the time budget"; fi ;;
-            *) echo "unknown goal-2 probe '$probe' (GOAL2: graphs8 mps8 graphs32 mps32 profile fp32 autotune)" >&2; exit 2 ;;
         esac
     done
 }
-for s in ${STEPS:-single32 bench32 concurrent e2e batches}; do
-    case $s in
-        single32|bench32|concurrent|e2e|batches|goal2) "$s" ;;
-        *) echo "unknown step '$s' (STEPS: single32 bench32 concurrent e2e batches goal2)" >&2; exit 2 ;;
-    esac
-done
+for s in ${STEPS:-single32 bench32 concurrent e2e batches}; do "$s"; done
 
 step "the paper study's training time, projected from what this call (and earlier ones into \$OUT) measured"
 "$PYTHON" bench/gpu_speed.py --phase project --out "$OUT" 2>&1 | tee -a "$OUT/speed.log"
