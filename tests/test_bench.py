@@ -185,3 +185,14 @@ def test_the_profile_sorts_kernels_by_what_they_do():
     }
     for name, kind in cases.items():
         assert gpu_profile.kind_of(name).startswith(kind), (name, gpu_profile.kind_of(name))
+
+
+def test_gpu_check_refuses_an_unknown_step_or_probe_before_any_work(tmp_path):
+    """A misspelt name in STEPS or GOAL2 stops bench/gpu_check.sh at once with exit 2, before the
+    tools step: on a lent device every minute before it would be lost."""
+    for env in ({"STEPS": "goal2 bogus"}, {"STEPS": "goal2", "GOAL2": "mps8 nope"}):
+        r = subprocess.run(["bash", str(REPO / "bench" / "gpu_check.sh")], capture_output=True, text=True, timeout=60,
+                           env={**os.environ, **env, "OUT": str(tmp_path / "out")})
+        assert r.returncode == 2, r.stdout + r.stderr
+        assert "unknown" in r.stderr and ("bogus" in r.stderr or "nope" in r.stderr)
+        assert "== tools" not in r.stdout
