@@ -34,7 +34,7 @@ fi
 export PYTHON=${PYTHON:-$(command -v python)} DVC_NO_ANALYTICS=1
 
 # every name checked before any work: a misspelt probe must not cost a device session its first minutes
-STEP_NAMES=" single32 bench32 concurrent e2e batches goal2 " PROBE_NAMES=" graphs8 mps8 graphs32 mps32 profile fp32 autotune "
+STEP_NAMES=" single32 bench32 concurrent e2e batches goal2 " PROBE_NAMES=" graphs8 mps8 graphs32 mps32 profile fp32 cudnnall autotune "
 for s in ${STEPS:-}; do
     [[ $STEP_NAMES == *" $s "* ]] || { echo "unknown step '$s' (STEPS:$STEP_NAMES)" >&2; exit 2; }; done
 for p in ${GOAL2:-}; do
@@ -103,16 +103,19 @@ together() {      # together CFG COMPILE: 4 runs of CFG (norm:batch) at once thr
         --concurrent-config "$1" ${2:+--concurrent-compile "$2"} --budget "$(( $(left) - 40 ))" 2>&1 | tee -a "$OUT/speed.log"
     else echo "skipped: past the time budget"; fi
 }
-# goal 2's probes, in GOAL2's order (default: graphs8 mps8 mps32 profile fp32 autotune):
+# goal 2's probes, in GOAL2's order (default: graphs8 mps8 mps32 profile fp32 cudnnall autotune):
 #   graphs8  4 runs of bn at batch 8 at once under CUDA graphs (one run alone there leaves the GPU idlest)
 #   mps8     the same under MPS            mps32  bn at batch 32, 4 at once, inductor's default mode, under MPS
 #   graphs32 bn at batch 32, 4 at once under CUDA graphs
 #   profile  bench/gpu_profile.py: where a step's device time goes (bn and torch_bn at batch 32)
 #   fp32     resnorm.train alone in fp32 (bn, batch 32): cuDNN's TF32 convolutions against bf16's
 #            (bf16 weight-gradient kernels at few channels can be the slower ones)
+#   cudnnall resnorm.train alone (bn, batch 32) with cuDNN's autotuner trying every algorithm: PyTorch
+#            tries its heuristics' first 10 (torch.backends.cudnn.benchmark_limit), and 16-channel
+#            convolutions are an unusual shape
 #   autotune inductor's max-autotune, resnorm.train alone (bn, batch 32)
 goal2() {
-    for probe in ${GOAL2:-graphs8 mps8 mps32 profile fp32 autotune}; do
+    for probe in ${GOAL2:-graphs8 mps8 mps32 profile fp32 cudnnall autotune}; do
         case $probe in
             graphs8) step "goal 2: 4 runs at once, bn at batch 8, CUDA graphs (resnorm.parallel -j 4, reduce-overhead)"
                      together bn:8 reduce-overhead ;;
@@ -128,6 +131,10 @@ goal2() {
                 step "goal 2: fp32 (TF32 convolutions), resnorm.train alone (bn, batch 32)"
                 if [ "$(left)" -gt 90 ]; then timeout "$(( $(left) - 10 ))" "${SPEED[@]}" --phase single \
                     --configs bn:32 --precision fp32 2>&1 | tee -a "$OUT/speed.log"; else echo "skipped: past the time budget"; fi ;;
+            cudnnall)
+                step "goal 2: cuDNN's autotuner over every algorithm (benchmark_limit 0; PyTorch tries 10), resnorm.train alone (bn, batch 32)"
+                if [ "$(left)" -gt 90 ]; then timeout "$(( $(left) - 10 ))" "${SPEED[@]}" --phase single \
+                    --configs bn:32 --cudnn-benchmark-limit 0 2>&1 | tee -a "$OUT/speed.log"; else echo "skipped: past the time budget"; fi ;;
             autotune)
                 step "goal 2: inductor's max-autotune, resnorm.train alone (bn, batch 32)"
                 if [ "$(left)" -gt 120 ]; then timeout "$(( $(left) - 10 ))" "${SPEED[@]}" --phase single \

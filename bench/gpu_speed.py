@@ -166,17 +166,25 @@ def phase_single(repo: Path, out: Path, args, results: dict, deadline: float) ->
         norm, bs, *mode = cfg.split(":")
         compile_ = mode[0] if mode else (args.device == "cuda")
         precision = precision_of(args)
-        key = cfg if precision == default_precision(args.device) else f"{cfg}|{precision}"
+        # what differs from the paper setting, after a "|": "bn:32|fp32", "bn:32|cudnn-limit-0"
+        tags = ([precision] if precision != default_precision(args.device) else []) + \
+            ([f"cudnn-limit-{args.cudnn_benchmark_limit}"] if args.cudnn_benchmark_limit is not None else [])
+        key = cfg + ("|" + ",".join(tags) if tags else "")
         edit_params(repo, norm=norm, batch_size=int(bs), train__compile=compile_, train__precision=precision)
         shutil.rmtree(repo / "models" / "experiment", ignore_errors=True)
+        train = [sys.executable, "-m", "resnorm.train"]
+        if args.cudnn_benchmark_limit is not None:     # the same train loop, with PyTorch's flag set first
+            train = [sys.executable, "-c", f"import runpy, torch; torch.backends.cudnn.benchmark_limit = "
+                     f"{args.cudnn_benchmark_limit}; runpy.run_module('resnorm.train', run_name='__main__')"]
         try:
-            wall = sh([sys.executable, "-m", "resnorm.train"], repo, out / f"train_{key.replace(':', '_')}.log")
+            wall = sh(train, repo, out / f"train_{key.replace(':', '_').replace('|', '_')}.log")
         except RuntimeError as e:
             print(f"{key}: {e}", flush=True)
             continue
         history = repo / "logs" / "timing" / "experiment.csv"
         rates, first = history_rates(history)
-        results["single"][key] = {"precision": precision, "images_per_second": [round(r) for r in rates],
+        results["single"][key] = {"precision": precision, "cudnn_benchmark_limit": args.cudnn_benchmark_limit,
+                                  "images_per_second": [round(r) for r in rates],
                                   "median": round(statistics.median(rates)), "epoch1_seconds": round(first, 1),
                                   "train_images": args.images,
                                   "epoch_over_train_time": round(epoch_over_train_time(history, args.images), 3),
@@ -246,10 +254,9 @@ def best_routes(results: dict, images: int) -> dict[int, dict]:
     fallback = max(measured, default=1.0)      # for single runs recorded before they kept their own
     singles: dict[tuple[int, str], list[dict]] = {}
     for key, r in results.get("single", {}).items():
-        cfg, _, precision = key.partition("|")          # "bn:32:max-autotune|fp32": a precision other than the default
+        cfg, _, tags = key.partition("|")          # "bn:32:max-autotune|fp32": what differs from the paper setting
         _, bs, *mode = cfg.split(":")
-        singles.setdefault((int(bs), (mode[0] if mode else "compile") + (f", {precision}" if precision else "")),
-                           []).append(r)
+        singles.setdefault((int(bs), (mode[0] if mode else "compile") + (f", {tags}" if tags else "")), []).append(r)
     candidates = []
     for (batch, mode), rs in singles.items():
         slow = min(rs, key=lambda r: r["median"])
@@ -372,6 +379,9 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--bench-seconds", type=float, default=6.0)
     ap.add_argument("--device", default="cuda")
+    ap.add_argument("--cudnn-benchmark-limit", type=int, metavar="N",
+                    help="single runs: torch.backends.cudnn.benchmark_limit (PyTorch's default 10 algorithms "
+                         "tried per convolution; 0 tries every one)")
     ap.add_argument("--precision", choices=("fp32", "bf16", "fp16"),
                     help="train.precision of the runs (default: bf16 on CUDA, the paper setting; fp32 on a CPU)")
     ap.add_argument("--budget", type=float, default=1e9, help="seconds; later measurements are skipped past it")
