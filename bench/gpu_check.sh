@@ -97,11 +97,17 @@ with_mps() {
     CUDA_MPS_PIPE_DIRECTORY=$pipe CUDA_MPS_LOG_DIRECTORY=$log "$@"
     echo quit | CUDA_MPS_PIPE_DIRECTORY=$pipe nvidia-cuda-mps-control
 }
-together() {      # together CFG COMPILE: 4 runs of CFG (norm:batch) at once through resnorm.parallel
-    # (timeout: a run that hangs, say on an MPS server that never answers, must leave time for the rest)
-    if [ "$(left)" -gt 90 ]; then timeout "$(( $(left) - 20 ))" "${SPEED[@]}" --phase concurrent --jobs 4 --epochs 2 \
-        --concurrent-config "$1" ${2:+--concurrent-compile "$2"} --budget "$(( $(left) - 40 ))" 2>&1 | tee -a "$OUT/speed.log"
+# budgeted NEED LOG COMMAND...: runs COMMAND if more than NEED seconds of the budget are left, under a
+# timeout that keeps 10 s for the rest (a run that hangs, say on an MPS server that never answers,
+# must not eat the call), its output shown and added to $OUT/LOG; else says it is skipped
+budgeted() {
+    local need=$1 log=$2; shift 2
+    if [ "$(left)" -gt "$need" ]; then timeout "$(( $(left) - 10 ))" "$@" 2>&1 | grep --line-buffered -v "^USDT\|^STAGE:" | tee -a "$OUT/$log"
     else echo "skipped: past the time budget"; fi
+}
+together() {      # together CFG [COMPILE]: 4 runs of CFG (norm:batch) at once through resnorm.parallel
+    budgeted 90 speed.log "${SPEED[@]}" --phase concurrent --jobs 4 --epochs 2 --concurrent-config "$1" \
+        ${2:+--concurrent-compile "$2"} --budget "$(( $(left) - 40 ))"
 }
 # goal 2's probes, in GOAL2's order (default: graphs8 mps8 mps32 profile fp32 cudnnall autotune):
 #   graphs8  4 runs of bn at batch 8 at once under CUDA graphs (one run alone there leaves the GPU idlest)
@@ -122,23 +128,15 @@ goal2() {
             mps8) step "goal 2: 4 runs at once, bn at batch 8, CUDA graphs, under MPS"; with_mps together bn:8 reduce-overhead ;;
             graphs32) step "goal 2: 4 runs at once, bn at batch 32, CUDA graphs"; together bn:32 reduce-overhead ;;
             mps32) step "goal 2: 4 runs at once, bn at batch 32, inductor's default mode, under MPS"; with_mps together bn:32 ;;
-            profile)
-                step "goal 2: where a step's time goes (bench/gpu_profile.py, bn and torch_bn at batch 32)"
-                if [ "$(left)" -gt 60 ]; then timeout "$(( $(left) - 30 ))" "$PYTHON" bench/gpu_profile.py --norms bn,torch_bn \
-                    --device "$DEVICE" --size "$SIZE" --out "$OUT" 2>&1 | grep -v "^USDT\|^STAGE:" | tee -a "$OUT/profile.log"
-                else echo "skipped: past the time budget"; fi ;;
-            fp32)
-                step "goal 2: fp32 (TF32 convolutions), resnorm.train alone (bn, batch 32)"
-                if [ "$(left)" -gt 90 ]; then timeout "$(( $(left) - 10 ))" "${SPEED[@]}" --phase single \
-                    --configs bn:32 --precision fp32 2>&1 | tee -a "$OUT/speed.log"; else echo "skipped: past the time budget"; fi ;;
-            cudnnall)
-                step "goal 2: cuDNN's autotuner over every algorithm (benchmark_limit 0; PyTorch tries 10), resnorm.train alone (bn, batch 32)"
-                if [ "$(left)" -gt 90 ]; then timeout "$(( $(left) - 10 ))" "${SPEED[@]}" --phase single \
-                    --configs bn:32 --cudnn-benchmark-limit 0 2>&1 | tee -a "$OUT/speed.log"; else echo "skipped: past the time budget"; fi ;;
-            autotune)
-                step "goal 2: inductor's max-autotune, resnorm.train alone (bn, batch 32)"
-                if [ "$(left)" -gt 120 ]; then timeout "$(( $(left) - 10 ))" "${SPEED[@]}" --phase single \
-                    --configs bn:32:max-autotune 2>&1 | tee -a "$OUT/speed.log"; else echo "skipped: past the time budget"; fi ;;
+            profile) step "goal 2: where a step's time goes (bench/gpu_profile.py, bn and torch_bn at batch 32)"
+                budgeted 60 profile.log "$PYTHON" bench/gpu_profile.py --norms bn,torch_bn --device "$DEVICE" \
+                    --size "$SIZE" --out "$OUT" ;;
+            fp32) step "goal 2: fp32 (TF32 convolutions), resnorm.train alone (bn, batch 32)"
+                budgeted 90 speed.log "${SPEED[@]}" --phase single --configs bn:32 --precision fp32 ;;
+            cudnnall) step "goal 2: cuDNN's autotuner over every algorithm (benchmark_limit 0; PyTorch tries 10), resnorm.train alone (bn, batch 32)"
+                budgeted 90 speed.log "${SPEED[@]}" --phase single --configs bn:32 --cudnn-benchmark-limit 0 ;;
+            autotune) step "goal 2: inductor's max-autotune, resnorm.train alone (bn, batch 32)"
+                budgeted 120 speed.log "${SPEED[@]}" --phase single --configs bn:32:max-autotune ;;
         esac
     done
 }

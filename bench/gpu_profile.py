@@ -4,9 +4,11 @@
   python bench/gpu_profile.py --norms bn --batch 8 --compile reduce-overhead
   python bench/gpu_profile.py --device cpu --size 32 --images 64 --compile none   # the same on a CPU
 
-One run of the pipeline nearly fills an H100 already (4,171 images/s alone, about 4,850 with 4
-at once), so the study's 2-hour goal needs a cheaper step, not more concurrency. Whether that
-can exist depends on what the step spends its time on: the convolutions (cuDNN at 16-64
+One run of the pipeline makes 4,171 images/s on an H100, and 4 at once about 4,850 together.
+Separate processes only time-slice a GPU (without MPS their kernels never run at the same time),
+so that does not show one run fills it; but the study's 2-hour goal needs either runs whose
+kernels share the GPU (bench/gpu_check.sh's MPS probes) or a cheaper step. Whether a cheaper
+step can exist depends on what the step spends its time on: the convolutions (cuDNN at 16-64
 channels), the norms and element-wise work (inductor's fused Triton kernels), copies, or the
 GPU waiting for the host. For each norm this takes the step of `bench/gpu_paper_epoch.py` (the
 paper setting: bf16, channels_last, uint8 images flipped and normalized on the device),

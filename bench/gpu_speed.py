@@ -154,7 +154,8 @@ def default_precision(device: str) -> str:
 
 
 def precision_of(args) -> str:
-    """train.precision of every run this call makes (set each time: the work copy's params.yaml persists)."""
+    """train.precision of every run this call makes. Each phase sets it, and --epochs, in the work
+    copy's params.yaml before it trains: that file persists from call to call and phase to phase."""
     return args.precision or default_precision(args.device)
 
 
@@ -170,7 +171,8 @@ def phase_single(repo: Path, out: Path, args, results: dict, deadline: float) ->
         tags = ([precision] if precision != default_precision(args.device) else []) + \
             ([f"cudnn-limit-{args.cudnn_benchmark_limit}"] if args.cudnn_benchmark_limit is not None else [])
         key = cfg + ("|" + ",".join(tags) if tags else "")
-        edit_params(repo, norm=norm, batch_size=int(bs), train__compile=compile_, train__precision=precision)
+        edit_params(repo, norm=norm, batch_size=int(bs), train__compile=compile_, train__precision=precision,
+                    train__epochs=args.epochs)
         shutil.rmtree(repo / "models" / "experiment", ignore_errors=True)
         train = [sys.executable, "-m", "resnorm.train"]
         if args.cudnn_benchmark_limit is not None:     # the same train loop, with PyTorch's flag set first
@@ -320,7 +322,7 @@ def phase_concurrent(repo: Path, out: Path, args, results: dict, deadline: float
             continue
         seeds = fresh_seeds(repo, variant, j)
         edit_params(repo, study={"seeds": seeds, "variants": {variant: {"norm": norm, "batch_size": int(batch)}}},
-                    train__compile=mode, train__precision=precision_of(args))
+                    train__compile=mode, train__precision=precision_of(args), train__epochs=args.epochs)
         try:
             wall = sh([sys.executable, "-m", "resnorm.parallel", "-j", str(j), "--train-only", "study-train@*"],
                       repo, out / f"parallel_j{j}.log")
@@ -341,7 +343,7 @@ def phase_concurrent(repo: Path, out: Path, args, results: dict, deadline: float
         overhead = statistics.mean(overheads)
         extra = max(firsts) - args.images / min(per_run)
         # the whole paper study if every run, at any batch size, went at this rate (--phase project mixes routes)
-        runs = sum(study_runs().values())
+        runs = sum(study_runs(skip=args.skip_variants).values())
         hours = study_hours({0: runs}, {0: {"rate": together, "overhead": overhead, "extra": extra, "jobs": j}})
         mps = bool(os.environ.get("CUDA_MPS_PIPE_DIRECTORY"))    # under bench/gpu_check.sh's with_mps
         key = ":".join([str(j)] + ([args.concurrent_config] if args.concurrent_config != "bn:32" else []) +
@@ -356,11 +358,12 @@ def phase_concurrent(repo: Path, out: Path, args, results: dict, deadline: float
                                          "epoch1_extra_seconds": round(extra, 1),
                                          "projected_paper_study_hours": round(hours, 2)}
         save(out, results)
-        print(f"resnorm.parallel -j {j} ({variant}, train.compile: {mode}{', under MPS' if mps else ''}): {j} runs x {args.epochs} epochs in {wall:.0f} s "
-              f"wall; steady state {together:.0f} images/s together ({j} x the median run; "
-              f"{min(per_run):.0f}-{max(per_run):.0f} each); {images / wall:.0f} train images/s over the whole wall "
-              f"time (start-up and compile included); validation adds {overhead - 1:.0%} to an epoch; the paper study "
-              f"({runs} runs x {PAPER_EPOCHS} epochs x {PAPER_TRAIN_IMAGES:,} images, all at this rate) would take {hours:.2f} h",
+        print(f"resnorm.parallel -j {j} ({variant}, train.compile: {mode}{', under MPS' if mps else ''}): "
+              f"{j} runs x {args.epochs} epochs in {wall:.0f} s wall; steady state {together:.0f} images/s together "
+              f"({j} x the median run; {min(per_run):.0f}-{max(per_run):.0f} each); {images / wall:.0f} train "
+              f"images/s over the whole wall time (start-up and compile included); validation adds "
+              f"{overhead - 1:.0%} to an epoch; the paper study ({runs} runs x {PAPER_EPOCHS} epochs x "
+              f"{PAPER_TRAIN_IMAGES:,} images, all at this rate) would take {hours:.2f} h",
               flush=True)
 
 

@@ -67,6 +67,12 @@ def test_gpu_speed_trains_several_runs_at_once_through_dvc_on_a_cpu(tmp_path):
     single = json.loads((out / "speed.json").read_text())["single"]["bn:8|cudnn-limit-0"]
     assert single["median"] > 0 and single["train_images"] == 32 and single["epoch_over_train_time"] > 1
     assert single["cudnn_benchmark_limit"] == 0 and len(single["images_per_second"]) == 1     # epoch 2 of 2
+    # the work copy's params.yaml persists: a later call's --epochs must still hold (3 epochs: 2 steady ones)
+    r = subprocess.run([sys.executable, str(REPO / "bench" / "gpu_speed.py"), "--phase", "single", "--configs", "bn:8",
+                        "--device", "cpu", "--size", "16", "--images", "32", "--val", "16", "--epochs", "3",
+                        "--work", str(tmp_path / "work"), "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert len(json.loads((out / "speed.json").read_text())["single"]["bn:8"]["images_per_second"]) == 2
 
 
 def test_study_runs_counts_each_variant_times_the_seeds_by_batch_size(tmp_path):
