@@ -114,3 +114,27 @@ def test_the_report_names_the_engines_that_computed_the_runs():
         "2 run(s): cpu, fused CPU kernels, 1 thread(s), no compile, torch 2.14.1; "
         "1 run(s): NVIDIA H100 80GB HBM3, tensor ops, 2 thread(s), torch.compile reduce-overhead, torch 2.11.0; "
         "1 run(s): not recorded")
+
+
+def test_every_test_is_counted_once_and_holm_corrected():
+    from resnorm.report import multiple_comparisons, ranking_section
+    from resnorm.stats import Family, holm
+    acc = {"bn": [0.600, 0.610, 0.620], "gn": [0.58, 0.50, 0.60], "in": [0.45, 0.40, 0.47],
+           "nn": [0.300, 0.301, 0.302]}
+    family = Family()
+    _, obs, k = ranking_section(fake_runs(acc), list(acc), 60, "nn", family)
+    # 3 against the best (bn), 3 against nn; bn against nn is one test shown twice
+    assert k == len(family) == 5
+    head, rows, text = multiple_comparisons(family, seeds=3)
+    p = {r[0]: float(r[4]) for r in rows}
+    holm_p = {r[0]: float(r[5]) for r in rows}
+    names = [name for name, *_ in family.corrected()]
+    assert list(p) == names and "nn minus bn, test accuracy" in p and "bn minus nn, test accuracy" not in p
+    exact = holm([c.p for _, _, c, _ in family.corrected()])
+    assert [holm_p[n] for n in names] == pytest.approx(exact, rel=0.05)      # the table rounds to 2 digits
+    survivors = [n for n, q in zip(names, exact) if q < 0.05]
+    assert survivors == ["nn minus bn, test accuracy"]                       # t(2) of about 58 survives x5
+    raw = sum(c.significant for _, _, c, _ in family.corrected())
+    assert raw > len(survivors)                                              # some do not survive the correction
+    assert f"Uncorrected, {raw} of 5 tests" in text[1] and "After Holm's correction 1 remains: nn minus bn" in text[1]
+    assert "|t| > 4.3" in text[2]                                            # t(2) at 5%, two-sided

@@ -4,7 +4,7 @@ import math
 import pytest
 from scipy import stats as sps
 
-from resnorm.stats import binomial_se, compare, mean_interval, paired, welch
+from resnorm.stats import Family, binomial_se, compare, holm, mean_interval, paired, welch
 
 A = [0.640, 0.602, 0.677]
 B = [0.618, 0.610, 0.627]
@@ -68,3 +68,42 @@ def test_binomial_standard_error():
     assert binomial_se(1.0, 60) == 0.0 and math.isnan(binomial_se(0.5, 0))
     with pytest.raises(ValueError):
         paired([0.1], [0.2])
+
+
+def test_holm_adjusts_by_the_step_down_rule():
+    # sorted: 0.005 x 4 = 0.02, 0.01 x 3 = 0.03, 0.03 x 2 = 0.06, 0.04 x 1 = 0.04 -> kept at 0.06 (non-decreasing)
+    assert holm([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.03, 0.06, 0.06, 0.02])
+    assert holm([0.9, 0.8]) == [1.0, 1.0] and holm([]) == []
+
+
+def holm_rejects(pvalues: list[float], alpha: float) -> list[bool]:
+    """Holm's procedure as first written: walk up the sorted p-values, reject while p_(i) <= alpha / (m - i)."""
+    m, rejected = len(pvalues), [False] * len(pvalues)
+    for rank, i in enumerate(sorted(range(m), key=lambda i: pvalues[i])):
+        if pvalues[i] > alpha / (m - rank):
+            break
+        rejected[i] = True
+    return rejected
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_holm_adjusted_p_below_alpha_exactly_when_the_procedure_rejects(seed):
+    import random
+    rng = random.Random(seed)
+    ps = [rng.random() ** 4 for _ in range(rng.randint(1, 25))]      # many small ones, as in a real report
+    q = holm(ps)
+    assert all(a >= b for a, b in zip(q, ps))                         # never below the raw p
+    for alpha in (0.01, 0.05, 0.1):
+        assert [x <= alpha for x in q] == holm_rejects(ps, alpha)
+
+
+def test_family_keeps_one_test_per_key_and_corrects_them_together():
+    fam = Family()
+    ab = fam.add("a minus b", "norms", paired(A, B), key=frozenset("ab"))
+    assert fam.add("b minus a", "sanity", paired(B, A), key=frozenset("ab")) is not None   # shown, not counted twice
+    fam.add("a minus c", "norms", welch(A, C))
+    assert fam.add("none", "norms", None) is None
+    assert len(fam) == 2
+    (n1, s1, c1, q1), (n2, _, c2, q2) = fam.corrected()
+    assert (n1, s1, c1) == ("a minus b", "norms", ab)
+    assert [q1, q2] == holm([c1.p, c2.p])

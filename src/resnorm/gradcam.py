@@ -32,7 +32,7 @@ from .data import load_classes, load_split, to_tensor
 from .io import UserError, atomic_dir, atomic_path, console, read_json, run_cli, save_figure, write_json
 from .metrics import predict
 from .params import Params, load_params
-from .stats import welch
+from .stats import Comparison, welch
 from .model import gradcam_layers, model_from_config
 from .train import load_checkpoint, run_paths
 
@@ -255,6 +255,25 @@ def _f(x: float | None) -> str:
     return "n/a" if x is None else f"{x:.2f}"
 
 
+MAP_MEASURES = (("top10_mass", "top-10% mass (concentration)", 0.10), ("centre_mass", "central-quarter mass", 0.25))
+
+
+def map_tests(index: dict) -> dict[str, tuple[list[float], list[float], Comparison]]:
+    """Per map measure (MAP_MEASURES), the correct and the wrong examples' values pooled over
+    classes, and Welch's t of correct minus wrong (only where each side has 2 values or more)."""
+    pooled = defaultdict(list)
+    for entry in index["classes"].values():
+        for e in entry["examples"]:
+            pooled[e["kind"]].append(e)
+    out = {}
+    for key, _, _ in MAP_MEASURES:
+        c = [e[key] for e in pooled["correct"] if e[key] is not None]
+        w = [e[key] for e in pooled["wrong"] if e[key] is not None]
+        if len(c) >= 2 and len(w) >= 2:
+            out[key] = (c, w, welch(c, w))
+    return out
+
+
 def analysis(index: dict) -> tuple[dict[str, str], list[str]]:
     """Observations computed from the maps' numbers: one paragraph per class, and overall sentences."""
     per_class, pooled = {}, defaultdict(list)
@@ -292,12 +311,10 @@ def analysis(index: dict) -> tuple[dict[str, str], list[str]]:
                "centre_mass": ("Correct answers draw more of their evidence from the centre of the image; wrong "
                                "ones look more towards the edges.",
                                "Wrong answers draw more of their evidence from the centre than correct ones.")}
-    for key, label, flat in (("top10_mass", "top-10% mass (concentration)", 0.10),
-                             ("centre_mass", "central-quarter mass", 0.25)):
-        c = [e[key] for e in pooled["correct"] if e[key] is not None]
-        w = [e[key] for e in pooled["wrong"] if e[key] is not None]
-        if len(c) >= 2 and len(w) >= 2:
-            cmp = welch(c, w)
+    tests = map_tests(index)
+    for key, label, flat in MAP_MEASURES:
+        if key in tests:
+            c, w, cmp = tests[key]
             overall.append(f"{label.capitalize()}: correct {statistics.fmean(c):.3f} (n = {len(c)}), wrong "
                            f"{statistics.fmean(w):.3f} (n = {len(w)}), a flat map gives {flat:.2f}; correct minus "
                            f"wrong = {cmp.describe()}."

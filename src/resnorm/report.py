@@ -15,13 +15,15 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
+from scipy import stats as sps
+
 from .assignment import DIFFERS, settings
 from .data import PREPARED, batch_count
-from .gradcam import analysis as gradcam_analysis
+from .gradcam import MAP_MEASURES, map_tests, analysis as gradcam_analysis
 from .io import write_json, console, read_csv, read_json, run_cli, save_figure, write_csv, write_text
 from .params import Params, load_params
 from .prepare import skip_kind
-from .stats import Comparison, binomial_se, compare, mean_interval
+from .stats import Comparison, Family, binomial_se, compare, mean_interval
 from .summary import arch_summary, model_summary
 from .transfer import describe as describe_transfer
 
@@ -207,9 +209,10 @@ def test_verdict(c: Comparison | None) -> tuple[str, str]:
 
 
 def ranking_section(runs: dict[str, list[dict]], variants: list[str], n_test: int,
-                    nn: str | None) -> tuple[list[list[str]], list[str], int]:
-    """The test-accuracy ranking table, its observations, and how many tests it made.
-    `nn` is the no-normalization variant every other is tested against (None: none in the study)."""
+                    nn: str | None, family: Family | None = None) -> tuple[list[list[str]], list[str], int]:
+    """The test-accuracy ranking table, its observations, and how many distinct tests it made
+    (each recorded in `family`). `nn` is the no-normalization variant every other is tested
+    against (None: none in the study)."""
     order = ranking(runs, variants)
     if not order:
         return [], ["No variant has test scores."], 0
@@ -217,7 +220,12 @@ def ranking_section(runs: dict[str, list[dict]], variants: list[str], n_test: in
     test_of = {v: by_seed(runs[v], "test") for v in order}
     vs_best = {v: compare(test_of[v], test_of[best]) for v in order if v != best}
     vs_nn = {v: compare(test_of[v], test_of[nn]) for v in order if nn in order and v != nn}
-    tests = sum(c is not None for c in (*vs_best.values(), *vs_nn.values()))
+    family = Family() if family is None else family
+    before = len(family)
+    for other, tests_of in ((best, vs_best), (nn, vs_nn)):
+        for v, c in tests_of.items():
+            family.add(f"{v} minus {other}, test accuracy", "norms compared", c, key=("test", frozenset((v, other))))
+    tests = len(family) - before
     rows, obs = [], []
     for i, v in enumerate(order, 1):
         test, val = score(runs[v], "test", "accuracy"), score(runs[v], "val", "accuracy")
@@ -300,8 +308,11 @@ def batch_protocol(p: Params, n_train: int) -> str:
     return text
 
 
-def batch_study(runs: dict[str, list[dict]], p: Params) -> tuple[list[list[str]], list[list[str]], list[str], int]:
-    """Table rows, comparison rows and observations for the batch-size group (BN vs GN, one protocol)."""
+def batch_study(runs: dict[str, list[dict]], p: Params, family: Family | None = None
+                ) -> tuple[list[list[str]], list[list[str]], list[str], int]:
+    """Table rows, comparison rows and observations for the batch-size group (BN vs GN, one protocol),
+    and how many tests it made (each recorded in `family`)."""
+    family = Family() if family is None else family
     by_norm: dict[str, dict[int, str]] = defaultdict(dict)
     for v in p.variants("batch"):
         by_norm[v.norm][v.batch_size] = v.name
@@ -324,19 +335,21 @@ def batch_study(runs: dict[str, list[dict]], p: Params) -> tuple[list[list[str]]
         pairs = [(bss[0], bss[-1])] + [(a, b) for a, b in zip(bss, bss[1:]) if (a, b) != (bss[0], bss[-1])]
         for small, large in pairs if len(bss) >= 2 else []:
             a, b = by_seed(runs[sizes[small]], "test"), by_seed(runs[sizes[large]], "test")
-            c = compare(a, b)
+            name = f"{norm.upper()}: batch {small} minus batch {large}"
+            c = family.add(name + ", test accuracy", "batch size", compare(a, b))
             tests += c is not None
-            comps.append([f"{norm.upper()}: batch {small} minus batch {large}", cell(c), *test_verdict(c)])
+            comps.append([name, cell(c), *test_verdict(c)])
             if (small, large) == (bss[0], bss[-1]):
                 change[norm] = ({s: a[s] - b[s] for s in a if s in b}, c)
                 obs.append(f"{norm.upper()}: test accuracy at batch {small} minus batch {large} = "
                            + (c.describe() if c else "n/a (fewer than 2 runs)") + ".")
     if "bn" in change and "gn" in change:
         (d_bn, c_bn), (d_gn, c_gn) = change["bn"], change["gn"]
-        c = compare(d_bn, d_gn)
-        tests += c is not None
         small, large = min(by_norm["bn"]), max(by_norm["bn"])
-        comps.append([f"sensitivity: BN's change minus GN's ({small} vs {large})", cell(c), *test_verdict(c)])
+        name = f"sensitivity: BN's change minus GN's ({small} vs {large})"
+        c = family.add(name + ", test accuracy", "batch size", compare(d_bn, d_gn))
+        tests += c is not None
+        comps.append([name, cell(c), *test_verdict(c)])
         if c is None:
             obs.append("BN's and GN's sensitivity to batch size cannot be compared with fewer than 2 seeds.")
         else:
@@ -470,6 +483,40 @@ def settings_rows(p: Params, data: dict) -> tuple[list[list[str]], list[str]]:
     return rows, differ
 
 
+def multiple_comparisons(family: Family, seeds: int) -> tuple[list[str], list[list[str]], list[str]]:
+    """Every distinct test of the report with its Holm-adjusted p-value: table head, rows, and the
+    text around it (a lead paragraph, then observations)."""
+    tests = family.corrected()
+    m = len(tests)
+    raw = [name for name, _, c, _ in tests if c.significant]
+    kept = [name for name, _, c, q in tests if q < 1 - c.confidence]
+    rows = [[name, section, c.interval(), c.test, f"{c.p:.2g}", f"{q:.2g}",
+             "significant" if q < 1 - c.confidence else "not significant"] for name, section, c, q in tests]
+    lead = (f"The sections above make {m} distinct tests, each at the 5% level on its own. With that many, even if "
+            f"no two variants truly differed, about {0.05 * m:.1f} would come out significant by chance. Holm's "
+            f"step-down correction (Holm 1979) keeps the chance of even one false 'significant' among all {m} at 5%, "
+            "whatever the dependence between the tests: the smallest p-value is multiplied by the number of tests, "
+            "the next by one fewer, and so on ('Holm p', made non-decreasing). The intervals are each test's own "
+            "95% intervals, not simultaneous ones.")
+    obs = [f"Uncorrected, {len(raw)} of {m} tests are significant at 5%"
+           + (f" ({'; '.join(raw)})" if raw else "") + ". "
+           + (f"After Holm's correction {len(kept)} {'remains' if len(kept) == 1 else 'remain'}: {'; '.join(kept)}." if kept else
+              "After Holm's correction none remains: no difference in this report holds once the number of tests is "
+              "counted, so each single 'significant' above is a lead to test again, not a finding.")]
+    if seeds >= 2 and m:
+        def need(n: int, alpha: float) -> str:      # |t| a paired t over n seeds must pass at two-sided alpha
+            return f"{float(sps.t.isf(alpha / 2, n - 1)):.1f}"
+        more = [n for n in (5, 10) if n > seeds]
+        obs.append(f"With {seeds} seeds a paired t-test has {seeds - 1} degree(s) of freedom, so passing the strictest "
+                   f"Holm threshold (p < 0.05 / {m} = {0.05 / m:.2g}) takes |t| > {need(seeds, 0.05 / m)}, and the "
+                   f"loosest (p < 0.05) |t| > {need(seeds, 0.05)}."
+                   + ("".join(f" With {n} seeds the two bars are {need(n, 0.05 / m)} and {need(n, 0.05)}." for n in more)
+                      + " More seeds lower the bar, and for a real difference they also raise |t|, which grows with "
+                        "the square root of the number of seeds." if more else ""))
+    return (["test", "section", "difference [95% CI]", "test kind", "p", "Holm p", "after correction"], rows,
+            [lead, *obs])
+
+
 def report(p: Params) -> Doc:
     runs = load_runs(p)
     names = list(p.study.variants)
@@ -477,7 +524,7 @@ def report(p: Params) -> Doc:
     batch = [v.name for v in p.variants("batch")]
     data = read_json(PREPARED / "report.json")
     classes = read_json(PREPARED / "classes.json")
-    n_tests = 0
+    family = Family()
     doc = Doc()
     doc.h(1, "ResNet with different normalization schemes: study report")
     doc.p(f"Generated by `dvc repro` from metrics/study/*.json ({sum(map(len, runs.values()))} runs: "
@@ -486,7 +533,8 @@ def report(p: Params) -> Doc:
           f"assignment asks. Comparisons: a paired t-test over seeds where two variants share their seeds (same "
           f"initialisation and data order), Welch's t otherwise, each with its 95% confidence interval from the t "
           f"distribution for its degrees of freedom (with 3 seeds the critical value is 4.30, not 2). \"Not "
-          f"significant\" means these runs cannot tell two variants apart, never that they are equal.")
+          f"significant\" means these runs cannot tell two variants apart, never that they are equal. Each test is at the "
+          f"5% level on its own; 'All tests, corrected for multiple comparisons' below corrects them together.")
 
     doc.h(2, "Settings: assignment / this run")
     rows, differ = settings_rows(p, data)
@@ -534,10 +582,10 @@ def report(p: Params) -> Doc:
     doc.h(2, "The norms compared")
     doc.p(f"Ranked on test accuracy, the split that selected nothing; val beside it. 'test s.e.' is the binomial "
           f"sampling error of one run's test accuracy on {data['images']['test']} images. 'vs best' and 'vs nn' give "
-          f"the difference in test accuracy with its 95% confidence interval and p-value (* = significant at 5%).")
+          f"the difference in test accuracy with its 95% confidence interval and p-value (* = significant at 5%, "
+          f"uncorrected; 'All tests' below corrects for the number of tests).")
     nn = next((v for v in base if p.variant(v).norm == "nn"), None)
-    rows, obs, k = ranking_section(runs, base, data["images"]["test"], nn)
-    n_tests += k
+    rows, obs, _ = ranking_section(runs, base, data["images"]["test"], nn, family)
     doc.table(["rank", "variant", "test accuracy", "95% CI of mean", "test s.e.", "val accuracy", "val - test",
                "vs best", "vs nn"], rows)
     plot_curves(figs / "curves_norms.png", runs, base, "Norms", colors)
@@ -566,9 +614,10 @@ def report(p: Params) -> Doc:
             a, b = sanity
             rows, obs = [], []
             for split in ("val", "test"):
-                c = compare(by_seed(runs[a], split), by_seed(runs[b], split))
+                c = family.add(f"{a} minus {b}, {split} accuracy", "sanity check",
+                               compare(by_seed(runs[a], split), by_seed(runs[b], split)),
+                               key=(split, frozenset((a, b))))
                 if c is not None:
-                    n_tests += 1
                     rows.append([split, fmt(score(runs[a], split, "accuracy")), fmt(score(runs[b], split, "accuracy")),
                                  cell(c), c.test])
             doc.table(["split", a, b, f"{a} - {b} [95% CI]", "test"], rows)
@@ -595,21 +644,17 @@ def report(p: Params) -> Doc:
         doc.p(f"Over all layers the mean gate is {tot[2]} and {tot[5]} of the gates are still exactly 1 (pure BN); "
               f"{tot[4]} reached 0 (pure IN).")
 
-    brows, comps, bobs, k = batch_study(runs, p)
-    n_tests += k
+    brows, comps, bobs, _ = batch_study(runs, p, family)
     if brows:
         doc.h(2, "Batch size: BN against GN")
         doc.p(batch_protocol(p, data["images"]["train"]))
         doc.table(["norm", "batch", "variant", "lr", "val accuracy", "test accuracy", "test macro-F1",
                    "epochs trained", "best epoch", "early-stopped"], brows)
-        doc.p("Differences in test accuracy, paired over seeds (* = significant at 5%):")
+        doc.p("Differences in test accuracy, paired over seeds (* = significant at 5%, uncorrected):")
         doc.table(["comparison", "difference [95% CI], p", "test", "verdict"], comps)
         doc.ul(bobs)
         plot_curves(figs / "curves_batch.png", runs, batch, "Batch-size study", colors)
         doc.img("figures/curves_batch.png", "batch-size curves")
-
-    doc.p(f"This report makes {n_tests} tests at the 5% level without a correction for multiple comparisons: even "
-          f"with no real differences, about {n_tests * 0.05:.1f} of them would come out significant by chance.")
 
     index_path = OUT / "gradcam" / "index.json"
     if index_path.exists():
@@ -629,6 +674,17 @@ def report(p: Params) -> Doc:
             doc.h(3, name)
             doc.p(text)
             doc.img(f"gradcam/grids/{name}.png", f"Grad-CAM {name}")
+        map_comparisons = map_tests(index)
+        for key, label, _ in MAP_MEASURES:
+            if key in map_comparisons:
+                family.add(f"{label}: correct minus wrong maps", "Grad-CAM", map_comparisons[key][2])
+
+    if family:
+        doc.h(2, "All tests, corrected for multiple comparisons")
+        head, rows, text = multiple_comparisons(family, len(p.study.seeds))
+        doc.p(text[0])
+        doc.table(head, rows)
+        doc.ul(text[1:])
 
     inside_section(doc)
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import statistics
+from collections.abc import Hashable
 from dataclasses import dataclass
 
 from scipy import stats as sps
@@ -108,3 +109,44 @@ def binomial_se(accuracy: float, n: int) -> float:
     It is what a different draw of the same-sized test set would move the score by, which
     the spread over seeds (one fixed test set) does not show."""
     return math.sqrt(max(accuracy * (1 - accuracy), 0.0) / n) if n else math.nan
+
+
+def holm(pvalues: list[float]) -> list[float]:
+    """Holm's (1979) step-down adjusted p-values, in the input's order.
+
+    Sorted ascending, the i-th smallest of m p-values (i from 0) is multiplied by m - i, and
+    the adjusted values are made non-decreasing in that order (capped at 1). A test whose
+    adjusted p is below alpha is rejected by Holm's procedure, which keeps the chance of even
+    one false rejection among all m tests at alpha, however the tests depend on each other."""
+    m = len(pvalues)
+    adjusted = [math.nan] * m
+    running = 0.0
+    for rank, i in enumerate(sorted(range(m), key=lambda i: pvalues[i])):
+        running = max(running, min(1.0, (m - rank) * pvalues[i]))
+        adjusted[i] = running
+    return adjusted
+
+
+class Family:
+    """Every distinct test a report makes, so that all of them can be corrected together.
+
+    One comparison shown twice (B against the best, and the best against B) is one test: give
+    both the same `key` (default: the name) and the first one added stands for it."""
+
+    def __init__(self):
+        self.tests: dict[Hashable, tuple[str, str, Comparison]] = {}
+
+    def add(self, name: str, section: str, c: Comparison | None, key: Hashable = None) -> Comparison | None:
+        key = name if key is None else key
+        if c is not None and key not in self.tests:
+            self.tests[key] = (name, section, c)
+        return c
+
+    def __len__(self) -> int:
+        return len(self.tests)
+
+    def corrected(self) -> list[tuple[str, str, Comparison, float]]:
+        """(name, section, comparison, Holm-adjusted p) for every test, in the order they were added."""
+        items = list(self.tests.values())
+        adjusted = holm([c.p for _, _, c in items])
+        return [(name, section, c, q) for (name, section, c), q in zip(items, adjusted)]
