@@ -243,7 +243,8 @@ def ranking_section(runs: dict[str, list[dict]], variants: list[str], n_test: in
         worse = [v for v, c in vs_nn.items() if c and c.significant and c.diff < 0]
         unclear = [v for v in vs_nn if v not in beat + worse]
         text = (f"{len(beat)} of {len(vs_nn)} normalized variants beat no normalization ({nn}) on test accuracy at "
-                f"the 5% level" + (f" ({', '.join(beat)})" if beat else "") + ".")
+                f"the 5% level, each tested on its own" + (f": {', '.join(beat)}" if beat else "")
+                + " ('All tests' below corrects for the number of tests).")
         if worse:
             text += f" {', '.join(worse)} did significantly worse than {nn}."
         if unclear:
