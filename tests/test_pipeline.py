@@ -161,6 +161,46 @@ def test_parallel_training_is_recorded_as_dvc_repro_would(repo, tmp_path):
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1, bad.stderr
 
 
+def cache_objects_intact(repo: Path) -> list[str]:
+    """The DVC cache objects whose content no longer has the md5 they are filed under."""
+    import hashlib
+    bad = []
+    for f in (repo / ".dvc" / "cache" / "files" / "md5").glob("*/*"):
+        name = f.parent.name + f.name.removesuffix(".dir")
+        if hashlib.md5(f.read_bytes()).hexdigest() != name:
+            bad.append(str(f.relative_to(repo)))
+    return bad
+
+
+def test_hardlinked_cache_gives_the_same_runs_and_a_rerun_corrupts_no_cache_object(repo, tmp_path):
+    """The paper setting's arrays are 7.4 GB: with `cache.type hardlink` the workspace and the DVC
+    cache share one copy (the README suggests it). Outputs are then links into the cache. `dvc
+    repro` unprotects a persisted output before its stage runs, but `resnorm.parallel` runs the
+    stage's command itself, so a training that wrote into its old checkpoint in place would change
+    a cached object behind DVC's back (as root, the read-only bit stops nothing). Every write
+    here is temp file + rename."""
+    repo, _ = repo
+    twin = copy_repo(tmp_path / "linked")
+    shutil.copy(repo / "params.yaml", twin / "params.yaml")
+    dvc(twin, "config", "cache.type", "hardlink")
+    stage = "study-train@bn-bs8-0"
+    dvc(twin, "repro", stage)
+    for out in ("data/prepared/train_x.npy", "models/study/bn-bs8-0/best.pt", "models/study/bn-bs8-0/last.pt"):
+        assert (twin / out).stat().st_nlink == 2, out                        # one copy, not two
+    lock = lambda r: yaml.safe_load((r / "dvc.lock").read_text())["stages"][stage]["outs"]
+    assert lock(twin) == lock(repo)                                          # the very same run
+    params = yaml.safe_load((twin / "params.yaml").read_text())
+    params["study"]["variants"]["bn-bs8"]["lr"] = 0.02                       # the persisted run starts over
+    (twin / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    r = subprocess.run([sys.executable, "-m", "resnorm.parallel", "--train-only", stage], cwd=twin, env=env,
+                       capture_output=True, text=True)
+    assert r.returncode == 0 and "recorded in dvc.lock" in r.stderr, r.stdout + r.stderr
+    assert lock(twin) != lock(repo)
+    assert cache_objects_intact(twin) == []
+    assert "Data and pipelines are up to date" in dvc(twin, "status", stage)
+
+
 def test_forced_rerun_with_identical_results_changes_no_tracked_file(repo):
     """Wall-clock figures live in the untracked logs/, checkpoints are byte-stable, so rerunning
     stages that give the same results leaves dvc.lock and every file git tracks as they were."""
