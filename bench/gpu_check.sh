@@ -15,7 +15,8 @@
 #                                         single32 bench32 concurrent e2e batches (the default: all of them), goal2
 #
 # Every step writes into $OUT as it goes (speed.json, logs, report.md), so a call cut short keeps
-# what it measured; a step that would start past BUDGET is skipped and says so.
+# what it measured; a step that would start past BUDGET is skipped, and one still running when its share
+# runs out is stopped with every process it started (timeout signals its process group); each says so.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 HERE=$PWD
@@ -50,39 +51,45 @@ pip_install() { "$PYTHON" -m pip install --quiet --no-index --find-links "$HERE/
 "$PYTHON" -c "import os; print(os.cpu_count(), 'CPUs')"
 
 SPEED=("$PYTHON" bench/gpu_speed.py --out "$OUT" --device "$DEVICE" --size "$SIZE" --images "$IMAGES")
+# budgeted NEED LOG COMMAND...: runs COMMAND if more than NEED seconds of the budget are left, under a
+# timeout that keeps 10 s for the rest (a run that hangs, say on an MPS server that never answers or a
+# DataLoader worker that never returns, must not eat the call; timeout signals its whole process group),
+# its output shown and added to $OUT/LOG; else says it is skipped. Every step below goes through it.
+budgeted() {
+    local need=$1 log=$2; shift 2
+    if [ "$(left)" -le "$need" ]; then echo "skipped: past the time budget"; return; fi
+    local limit=$(( $(left) - 10 ))
+    timeout "$limit" "$@" 2>&1 | grep --line-buffered -v "^USDT\|^STAGE:" | tee -a "$OUT/$log"
+    [ "${PIPESTATUS[0]}" = 124 ] && echo "stopped: the step's ${limit} s of budget ran out (its output so far is above)" |
+        tee -a "$OUT/$log"
+    return 0
+}
 single32() {
     step "resnorm.train alone, batch 32"
-    "${SPEED[@]}" --phase single --configs bn:32,gn:32,torch_bn:32 --budget "$(left)" 2>&1 | tee -a "$OUT/speed.log"
+    budgeted 30 speed.log "${SPEED[@]}" --phase single --configs bn:32,gn:32,torch_bn:32 --budget "$(left)"
 }
 bench32() {
     step "the bench loop, batch 32"
-    if [ "$(left)" -gt 60 ]; then "${SPEED[@]}" --phase bench --configs bn:32,gn:32,torch_bn:32 --bench-seconds 5 2>&1 |
-        grep -v "^\s*$" | tail -8 | tee -a "$OUT/speed.log"; else echo "skipped: past the time budget"; fi
+    budgeted 60 speed.log "${SPEED[@]}" --phase bench --configs bn:32,gn:32,torch_bn:32 --bench-seconds 5 |
+        grep -v "^\s*$" | tail -8
 }
 concurrent() {
     step "several runs at once on the one GPU"
-    if [ "$(left)" -gt 60 ]; then "${SPEED[@]}" --phase concurrent --jobs 4,8 --epochs 2 --budget "$(( $(left) - 40 ))" \
-        2>&1 | tee -a "$OUT/speed.log"; else echo "skipped: past the time budget"; fi
+    budgeted 60 speed.log "${SPEED[@]}" --phase concurrent --jobs 4,8 --epochs 2 --budget "$(( $(left) - 40 ))"
 }
 e2e() {
     step "end to end through DVC (bench/gpu_e2e.sh)"
-    if [ "$(left)" -gt 100 ]; then
-        OUT=$OUT/e2e SIZE=$SIZE TRAIN=${E2E_TRAIN:-40} VALID=${E2E_VALID:-10} EPOCHS=2 DEVICE=$DEVICE JOBS=4 BENCH=0 \
-            KEEP="bn-bs32 gn-bs32" bash bench/gpu_e2e.sh 2>&1 | tee "$OUT/e2e.log" | grep -v "^  .* s$" | tail -50
-        grep "^  " "$OUT/e2e/stage_times.txt" 2>/dev/null
-    else
-        echo "skipped: past the time budget"
-    fi
+    budgeted 100 e2e.log env OUT="$OUT/e2e" SIZE="$SIZE" TRAIN="${E2E_TRAIN:-40}" VALID="${E2E_VALID:-10}" EPOCHS=2 \
+        DEVICE="$DEVICE" JOBS=4 BENCH=0 KEEP="bn-bs32 gn-bs32" bash bench/gpu_e2e.sh | grep -v "^  .* s$" | tail -50
+    grep "^  " "$OUT/e2e/stage_times.txt" 2>/dev/null
 }
 batches() {
     step "batch 8 and 128: resnorm.train (bn at 8 also with CUDA graphs), then the bench loop"
     local configs=${BATCH_CONFIGS:-bn:8,bn:8:reduce-overhead,bn:128,gn:8,gn:128,torch_bn:8,torch_bn:128}
-    if [ "$(left)" -gt 50 ]; then "${SPEED[@]}" --phase single --configs "$configs" \
-        --budget "$(( $(left) - 100 ))" 2>&1 | tee -a "$OUT/speed.log"; else echo "skipped: past the time budget"; fi
+    budgeted 50 speed.log "${SPEED[@]}" --phase single --configs "$configs" --budget "$(( $(left) - 100 ))"
     # the bench loop on the same norms and batch sizes (the pipeline's compile modes dropped)
     local bench; bench=$(tr ',' '\n' <<< "$configs" | cut -d: -f1,2 | sort -u | paste -sd, -)
-    if [ "$(left)" -gt 45 ]; then "${SPEED[@]}" --phase bench --configs "$bench" \
-        --bench-seconds 4 2>&1 | grep -v "^\s*$" | tail -8 | tee -a "$OUT/speed.log"; else echo "skipped: past the time budget"; fi
+    budgeted 45 speed.log "${SPEED[@]}" --phase bench --configs "$bench" --bench-seconds 4 | grep -v "^\s*$" | tail -8
 }
 # Runs "$@" under an MPS control daemon of this call's own (pipe folder in /tmp, log under $OUT), then
 # quits it. Without MPS a GPU time-slices between processes, so kernels of different processes never
@@ -96,14 +103,6 @@ with_mps() {
         echo "skipped: the MPS daemon did not start (see $log)"; return; fi
     CUDA_MPS_PIPE_DIRECTORY=$pipe CUDA_MPS_LOG_DIRECTORY=$log "$@"
     echo quit | CUDA_MPS_PIPE_DIRECTORY=$pipe nvidia-cuda-mps-control
-}
-# budgeted NEED LOG COMMAND...: runs COMMAND if more than NEED seconds of the budget are left, under a
-# timeout that keeps 10 s for the rest (a run that hangs, say on an MPS server that never answers,
-# must not eat the call), its output shown and added to $OUT/LOG; else says it is skipped
-budgeted() {
-    local need=$1 log=$2; shift 2
-    if [ "$(left)" -gt "$need" ]; then timeout "$(( $(left) - 10 ))" "$@" 2>&1 | grep --line-buffered -v "^USDT\|^STAGE:" | tee -a "$OUT/$log"
-    else echo "skipped: past the time budget"; fi
 }
 together() {      # together CFG [COMPILE]: 4 runs of CFG (norm:batch) at once through resnorm.parallel
     budgeted 90 speed.log "${SPEED[@]}" --phase concurrent --jobs 4 --epochs 2 --concurrent-config "$1" \
@@ -145,4 +144,4 @@ for s in ${STEPS:-single32 bench32 concurrent e2e batches}; do "$s"; done
 step "the paper study's training time, projected from what this call (and earlier ones into \$OUT) measured"
 "$PYTHON" bench/gpu_speed.py --phase project --out "$OUT" 2>&1 | tee -a "$OUT/speed.log"
 step "done"
-cat "$OUT/speed.json" 2>/dev/null
+cat "$OUT/speed.json" 2>/dev/null || echo "no $OUT/speed.json: nothing was measured"

@@ -205,3 +205,26 @@ def test_gpu_check_refuses_an_unknown_step_or_probe_before_any_work(tmp_path):
         assert r.returncode == 2, r.stdout + r.stderr
         assert "unknown" in r.stderr and ("bogus" in r.stderr or "nope" in r.stderr)
         assert "== tools" not in r.stdout
+
+
+def test_gpu_check_stops_a_step_that_outruns_the_budget_with_all_it_started(tmp_path):
+    """A step that hangs (an MPS server that never answers, a stuck worker) is stopped when the
+    budget runs out, with every process it started (timeout signals the whole process group), and
+    the session goes on to its projection. A fake python stands in for the step's bench."""
+    import time
+    marker = "3017"                                   # a sleep of this length is the step's grandchild
+    fake = tmp_path / "python"
+    fake.write_text(f'#!/usr/bin/env bash\nif [ "$1" = bench/gpu_speed.py ] && [[ " $* " == *" --phase single "* ]]; '
+                    f'then sleep {marker} & exec sleep 3000; fi\nexec {sys.executable} "$@"\n')
+    fake.chmod(0o755)
+    start = time.time()
+    r = subprocess.run(["bash", str(REPO / "bench" / "gpu_check.sh")], capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "STEPS": "single32", "BUDGET": "41", "DEVICE": "cpu",
+                            "PYTHON": str(fake), "OUT": str(tmp_path / "out")})
+    took = time.time() - start
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "stopped: the step's" in r.stdout and "budget ran out" in r.stdout, r.stdout
+    assert "== the paper study's training time" in r.stdout                 # the session went on
+    assert took < 41 + 20, took
+    left = subprocess.run(["pgrep", "-f", f"sleep {marker}"], capture_output=True, text=True)
+    assert left.stdout.strip() == "", "a process of the stopped step is still running"

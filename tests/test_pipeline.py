@@ -161,6 +161,45 @@ def test_parallel_training_is_recorded_as_dvc_repro_would(repo, tmp_path):
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1, bad.stderr
 
 
+def processes_in(folder: Path) -> list[int]:
+    """The processes whose working directory is inside `folder` (Linux /proc)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and Path(os.readlink(proc / "cwd")).is_relative_to(folder):
+                found.append(int(proc.name))
+        except OSError:
+            continue
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc/self/cwd").exists(), reason="finds processes through Linux /proc")
+def test_parallel_ended_by_sigterm_stops_its_runs_and_releases_the_lock(repo, tmp_path):
+    """kill, timeout and a batch scheduler's cancel send SIGTERM. Each run is in a session of its own,
+    so unless `resnorm.parallel` stops them they go on training, outside DVC's lock, after it exits."""
+    import signal
+    import time
+    repo, _ = repo
+    twin = copy_repo(tmp_path / "term")
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["train"]["epochs"] = 10_000                                      # longer than this test waits
+    (twin / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    p = subprocess.Popen([sys.executable, "-m", "resnorm.parallel", "-j", "2", "--train-only", "study-train@bn-bs8-*"],
+                         cwd=twin, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    checkpoints = [twin / "models" / "study" / f"bn-bs8-{s}" / "last.pt" for s in SEEDS]
+    deadline = time.time() + 180
+    while not all(c.exists() for c in checkpoints) and p.poll() is None and time.time() < deadline:
+        time.sleep(0.2)                                                     # both runs past their first epoch
+    assert p.poll() is None, p.communicate()
+    p.send_signal(signal.SIGTERM)
+    out, err = p.communicate(timeout=60)
+    assert p.returncode == 128 + signal.SIGTERM, out + err
+    assert err.count("stopped study-train@bn-bs8-") == 2, err
+    assert processes_in(twin) == []
+    assert "study-train@bn-bs8-0" in dvc(twin, "status", "study-train@bn-bs8-0")   # the lock is free; not recorded
+
+
 def cache_objects_intact(repo: Path) -> list[str]:
     """The DVC cache objects whose content no longer has the md5 they are filed under."""
     import hashlib

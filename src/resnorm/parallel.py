@@ -21,8 +21,9 @@ single truth and only adds concurrency:
    committed training stages are up to date and are skipped.
 
 A run that fails is not committed and is named with the end of its log; the others go on.
-Killed midway, nothing is lost: committed runs stay committed, and a training started again
-resumes from its last epoch. Each run's output goes to `.dvc/tmp/parallel/<stage>.log`.
+Stopped midway (Ctrl-C, SIGTERM, SIGHUP), it stops the runs still going and waits for them
+before it releases DVC's lock; nothing is lost: committed runs stay committed, and a training
+started again resumes from its last epoch. Each run's output goes to `.dvc/tmp/parallel/<stage>.log`.
 """
 from __future__ import annotations
 
@@ -83,11 +84,21 @@ def plan(repo, patterns: list[str]) -> tuple[list, list]:
     return sorted(upstream, key=lambda s: s.addressing), stages
 
 
+def stop_on_signals(signum, frame):
+    """SIGTERM (kill, timeout, a batch scheduler's cancel) and SIGHUP (the terminal closed) end this
+    process as Ctrl-C does, through the `finally` that stops the runs: by default Python dies at once
+    and leaves them training, each in its own session, outside DVC's lock."""
+    raise SystemExit(128 + signum)
+
+
 def run_jobs(jobs: list[Job], slots: int, on_done) -> list[Job]:
-    """Run the jobs `slots` at a time; `on_done(job, returncode)` as each ends. Returns the failed ones."""
+    """Run the jobs `slots` at a time; `on_done(job, returncode)` as each ends. Returns the failed ones.
+    Ended by Ctrl-C, SIGTERM or SIGHUP, it stops the runs still going and waits for them to exit."""
     pending, running, failed = list(jobs), {}, []
     gpus = visible_gpus()
     free = list(range(slots))
+    previous = {s: signal.signal(s, stop_on_signals) for s in (signal.SIGTERM, signal.SIGHUP)
+                if signal.getsignal(s) is not signal.SIG_IGN}        # under nohup, SIGHUP stays ignored
     try:
         while pending or running:
             while pending and free:
@@ -115,9 +126,18 @@ def run_jobs(jobs: list[Job], slots: int, on_done) -> list[Job]:
                     failed.append(job)
                 on_done(job, rc)
     finally:
-        for job in running.values():          # Ctrl-C or an error here: stop the children with us
-            if job.process.poll() is None:
-                os.killpg(job.process.pid, signal.SIGTERM)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        stopping = [job for job in running.values() if job.process.poll() is None]
+        for job in stopping:                  # Ctrl-C, a signal or an error here: stop the children with us
+            os.killpg(job.process.pid, signal.SIGTERM)
+        for job in stopping:                  # and hold DVC's lock until they are gone
+            try:
+                job.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(job.process.pid, signal.SIGKILL)
+                job.process.wait()
+            console.print(f"stopped {job.stage}; it resumes from its last epoch when run again", soft_wrap=True)
     return failed
 
 
