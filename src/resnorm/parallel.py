@@ -30,14 +30,17 @@ from __future__ import annotations
 import argparse
 import fnmatch
 import os
+import re
 import signal
+import statistics
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .io import UserError, console, run_cli
+from .io import UserError, console, read_csv, run_cli
+from .params import load_params
 
 LOGS = Path(".dvc/tmp/parallel")
 
@@ -51,6 +54,49 @@ class Job:
     gpu: str | None = None
     process: subprocess.Popen | None = None
     started: float = 0.0
+    epochs: int = 0    # the run's epoch budget (0: not known); early stopping may end it sooner
+
+
+def run_of(cmd: str) -> tuple[str | None, int | None]:
+    """(variant, seed) of a `resnorm.train` command; (None, None) for the single experiment."""
+    m = re.search(r"--variant[ =](\S+)\s+--seed[ =](\d+)", cmd)
+    return (m.group(1), int(m.group(2))) if m else (None, None)
+
+
+def epochs_done(job: Job) -> tuple[int, float] | None:
+    """(epochs finished, seconds of the last one) from the run's timing log (logs/timing/, which
+    resnorm.train appends to after each epoch); None before its first epoch ends."""
+    from .train import run_paths
+    try:
+        rows = read_csv(Path(job.wdir) / run_paths(*run_of(job.cmd)).timing)
+        return int(rows[-1]["epoch"]), float(rows[-1]["epoch_seconds"])
+    except (OSError, IndexError, KeyError, ValueError):
+        return None
+
+
+def status_line(running: list[Job], done: int, waiting: list[Job], slots: int, failed: int = 0) -> str:
+    """Where the runs stand: each running one's epoch, the counts, and a rough time left: the epochs
+    still to go in the epoch budgets (early stopping only shortens them), at each running run's last
+    epoch time and, for the waiting ones, at the mean of those, shared among the slots."""
+    parts, left, per_epoch = [], 0.0, []
+    for job in running:
+        name = job.stage.split("@")[-1]
+        seen = epochs_done(job)
+        if seen is None:
+            parts.append(f"{name} starting")
+            continue
+        epoch, seconds = seen
+        parts.append(f"{name} epoch {epoch}" + (f"/{job.epochs}" if job.epochs else ""))
+        per_epoch.append(seconds)
+        left += max(job.epochs - epoch, 0) * seconds
+    line = (f"{len(running)} running ({', '.join(parts)}); {done} done, "
+            + (f"{failed} failed, " if failed else "") + f"{len(waiting)} waiting")
+    if per_epoch and all(j.epochs for j in running + waiting):
+        left += sum(j.epochs for j in waiting) * statistics.fmean(per_epoch)
+        left /= slots
+        line += "; about " + (f"{left:.0f} s" if left < 90 else f"{left / 60:.0f} min" if left < 5400
+                              else f"{left / 3600:.1f} h") + " left at most"
+    return line
 
 
 def is_training(stage) -> bool:
@@ -91,10 +137,12 @@ def stop_on_signals(signum, frame):
     raise SystemExit(128 + signum)
 
 
-def run_jobs(jobs: list[Job], slots: int, on_done) -> list[Job]:
+def run_jobs(jobs: list[Job], slots: int, on_done, status_every: float = 0) -> list[Job]:
     """Run the jobs `slots` at a time; `on_done(job, returncode)` as each ends. Returns the failed ones.
-    Ended by Ctrl-C, SIGTERM or SIGHUP, it stops the runs still going and waits for them to exit."""
+    Ended by Ctrl-C, SIGTERM or SIGHUP, it stops the runs still going and waits for them to exit.
+    Every `status_every` seconds (0: never) it prints a status_line."""
     pending, running, failed = list(jobs), {}, []
+    finished, next_status = 0, time.time() + status_every
     gpus = visible_gpus()
     free = list(range(slots))
     previous = {s: signal.signal(s, stop_on_signals) for s in (signal.SIGTERM, signal.SIGHUP)
@@ -124,7 +172,13 @@ def run_jobs(jobs: list[Job], slots: int, on_done) -> list[Job]:
                 free.sort()
                 if rc != 0:
                     failed.append(job)
+                else:
+                    finished += 1
                 on_done(job, rc)
+            if status_every and running and time.time() >= next_status:
+                next_status = time.time() + status_every
+                console.print(time.strftime("%H:%M ") + status_line(list(running.values()), finished, pending, slots, len(failed)),
+                              soft_wrap=True)
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
@@ -153,7 +207,6 @@ def set_params(overrides: list[str], path: Path = Path("params.yaml")) -> None:
     """Apply `-S` overrides to params.yaml with DVC's parser, then validate the result; on a bad
     override or value, params.yaml is left as it was."""
     from dvc.utils.hydra import apply_overrides
-    from .params import load_params
     before = path.read_bytes()
     try:
         apply_overrides(path, overrides)
@@ -171,9 +224,13 @@ def main(argv: list[str]) -> None:
     ap.add_argument("-S", "--set-param", action="append", default=[], metavar="KEY=VALUE",
                     help="edit params.yaml first, with the syntax of `dvc exp run -S`")
     ap.add_argument("--train-only", action="store_true", help="stop after the training stages (no `dvc repro`)")
+    ap.add_argument("--status-every", type=float, default=60, metavar="SECONDS",
+                    help="a line on the runs' epochs and the time left this often (default 60; 0: never)")
     args = ap.parse_args(argv)
     if args.jobs < 1:
         raise UserError(f"-j/--jobs = {args.jobs} is not allowed: at least 1")
+    if not (args.status_every == 0 or 0 < args.status_every < float("inf")):
+        raise UserError(f"--status-every = {args.status_every:g} is not allowed: seconds > 0, or 0 for never")
     if not Path("dvc.yaml").exists():
         raise UserError("dvc.yaml not found: run from the repository root")
 
@@ -195,8 +252,10 @@ def main(argv: list[str]) -> None:
                     repo.reproduce(s.addressing)
                 upstream, stages = plan(repo, args.patterns)
             stale = [s for s in stages if s.changed()]
-            jobs = [Job(s.addressing, s.cmd, s.wdir, LOGS / f"{s.addressing.replace('@', '_')}.log")
-                    for s in stale]
+            from .train import select
+            params = load_params()
+            jobs = [Job(s.addressing, s.cmd, s.wdir, LOGS / f"{s.addressing.replace('@', '_')}.log",
+                        epochs=select(params, run_of(s.cmd)[0]).train.epochs) for s in stale]
             gpus = visible_gpus()
             console.print(f"{len(stages)} training stages, {len(stale)} to run, {args.jobs} at a time"
                           + (f" on GPU {', '.join(gpus)}" if gpus else " on the CPU")
@@ -216,7 +275,7 @@ def main(argv: list[str]) -> None:
                 repo.commit(job.stage, force=True)
                 console.print(f"done  {job.stage} in {took:.0f} s, recorded in dvc.lock", soft_wrap=True)
 
-            failed = run_jobs(jobs, args.jobs, record)
+            failed = run_jobs(jobs, args.jobs, record, args.status_every)
     except LockError as e:
         raise UserError(f"the DVC repository is locked ({e}); is another `dvc repro` running?") from None
     finally:
