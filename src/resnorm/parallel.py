@@ -28,6 +28,7 @@ started again resumes from its last epoch. Each run's output goes to `.dvc/tmp/p
 from __future__ import annotations
 
 import argparse
+import contextlib
 import fnmatch
 import os
 import re
@@ -137,6 +138,17 @@ def stop_on_signals(signum, frame):
     raise SystemExit(128 + signum)
 
 
+@contextlib.contextmanager
+def signals_held():
+    """Ctrl-C, SIGTERM and SIGHUP that arrive inside the block are delivered when it ends, so that
+    a run's record (`dvc commit` writing dvc.lock) is never cut off halfway."""
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM, signal.SIGHUP})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
 def run_jobs(jobs: list[Job], slots: int, on_done, status_every: float = 0) -> list[Job]:
     """Run the jobs `slots` at a time; `on_done(job, returncode)` as each ends. Returns the failed ones.
     Ended by Ctrl-C, SIGTERM or SIGHUP, it stops the runs still going and waits for them to exit.
@@ -174,7 +186,8 @@ def run_jobs(jobs: list[Job], slots: int, on_done, status_every: float = 0) -> l
                     failed.append(job)
                 else:
                     finished += 1
-                on_done(job, rc)
+                with signals_held():
+                    on_done(job, rc)
             if status_every and running and time.time() >= next_status:
                 next_status = time.time() + status_every
                 console.print(time.strftime("%H:%M ") + status_line(list(running.values()), finished, pending, slots, len(failed)),
