@@ -41,6 +41,7 @@ def test_two_epochs_write_every_field(prepared, capfd):
     timing = read_csv(paths.timing)                # wall times: an untracked log, one row per epoch
     assert [int(r["epoch"]) for r in timing] == [1, 2] and float(timing[0]["images_per_second"]) > 0
     assert str(paths.timing).startswith("logs/")
+    assert [r["gpu_peak_gib"] for r in timing] == ["", ""]      # a GPU's peak memory; none on a CPU
     conf = read_csv(paths.plots / "confusion.csv")        # square: every (actual, predicted) pair, zeros too
     classes = read_json("data/prepared/classes.json")
     assert [(r["actual"], r["predicted"]) for r in conf] == [(a, b) for a in classes for b in classes]

@@ -38,7 +38,7 @@ HISTORY_COLUMNS = ["epoch", "lr", "train_loss", "train_error", "train_accuracy",
 # Wall-clock figures change with every run, so they stay out of everything git or DVC tracks
 # (a rerun with identical results leaves `git status` and dvc.lock clean); they go to an
 # untracked log, logs/timing/<run>.csv, one row per epoch.
-TIMING_COLUMNS = ["epoch", "epoch_seconds", "train_seconds", "images_per_second", "finished_at"]
+TIMING_COLUMNS = ["epoch", "epoch_seconds", "train_seconds", "images_per_second", "finished_at", "gpu_peak_gib"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -548,7 +548,11 @@ def train(p: Params, variant: str | None = None, seed: int | None = None,
             _save(paths, state, model, optimizer, schedule, improved)
             timing = {"epoch": epoch + 1, "epoch_seconds": round(time.perf_counter() - t0, 3),
                       "train_seconds": round(train_time, 3), "images_per_second": round(seen / train_time, 1),
-                      "finished_at": round(time.time(), 1)}
+                      "finished_at": round(time.time(), 1),
+                      # what this run's caching allocator has held at most so far: with several runs on one
+                      # GPU, their sum is what has to fit (empty on a CPU)
+                      "gpu_peak_gib": round(torch.cuda.max_memory_reserved(device) / 2**30, 2)
+                      if device.type == "cuda" else ""}
             append_csv(paths.timing, timing, TIMING_COLUMNS)
             console.print(f"{paths.name} epoch {epoch + 1}/{t.epochs} lr {lr:.1e} "
                           f"train {row['train_loss']:.3f} {tr['accuracy']:.1%} "
