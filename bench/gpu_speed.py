@@ -144,6 +144,13 @@ def epoch_over_train_time(path: Path, images: int) -> float:
             sum(images / float(r["images_per_second"]) for r in rows))
 
 
+def peak_gib(path: Path) -> float | None:
+    """The most GPU memory the run's allocator held (GiB, `gpu_peak_gib` of its timing log); None on a
+    CPU or from a log written before the column existed."""
+    peaks = [float(r["gpu_peak_gib"]) for r in csv.DictReader(open(path)) if r.get("gpu_peak_gib")]
+    return max(peaks) if peaks else None
+
+
 def save(out: Path, results: dict) -> None:
     (out / "speed.json").write_text(json.dumps(results, indent=2))
 
@@ -188,12 +195,14 @@ def phase_single(repo: Path, out: Path, args, results: dict, deadline: float) ->
         results["single"][key] = {"precision": precision, "cudnn_benchmark_limit": args.cudnn_benchmark_limit,
                                   "images_per_second": [round(r) for r in rates],
                                   "median": round(statistics.median(rates)), "epoch1_seconds": round(first, 1),
-                                  "train_images": args.images,
+                                  **split_sizes(repo),
                                   "epoch_over_train_time": round(epoch_over_train_time(history, args.images), 3),
-                                  "process_seconds": round(wall, 1)}
+                                  "process_seconds": round(wall, 1), "gpu_peak_gib": peak_gib(history)}
         save(out, results)
+        peak = peak_gib(history)
         print(f"resnorm.train {key:<24} {statistics.median(rates):7.0f} images/s (epochs 2-{len(rates) + 1}: "
-              f"{', '.join(f'{r:.0f}' for r in rates)}); epoch 1 {first:.1f} s; process {wall:.0f} s", flush=True)
+              f"{', '.join(f'{r:.0f}' for r in rates)}); epoch 1 {first:.1f} s; process {wall:.0f} s"
+              + (f"; GPU memory held at most {peak:.2f} GiB" if peak is not None else ""), flush=True)
 
 
 def phase_bench(repo: Path, out: Path, args, results: dict, deadline: float) -> None:
@@ -216,7 +225,33 @@ def phase_bench(repo: Path, out: Path, args, results: dict, deadline: float) -> 
         save(out, results)
 
 
-PAPER_EPOCHS, PAPER_TRAIN_IMAGES = 50, 30_000
+PAPER_EPOCHS = 50
+BIRDS_TRAIN_FOLDER, BIRDS_VALID = 30_000, 7_500      # the birds set as distributed: train/ and valid/, no test/
+MEASURED_VAL_IMAGES = 512                           # --val's default, for records that did not keep theirs
+
+
+def split_sizes(repo: Path) -> dict[str, int]:
+    """The work copy's train and val images, as its prepared arrays hold them (a kept copy may have
+    been made with other --images / --val than this call's)."""
+    prepared = repo / "data" / "prepared"
+    return {f"{split}_images": int(np.load(prepared / f"{split}_y.npy", mmap_mode="r").shape[0])
+            for split in ("train", "val")}
+
+
+def paper_epoch(params: Path = HERE / "params.yaml") -> tuple[int, int]:
+    """(train, val) images of one epoch of the paper study. `prepare` keeps the birds set's valid/ as
+    val and, as there is no test/ folder, carves test out of train/: data.split.test / (train + test)
+    of each class (group-aware, so to within a few images)."""
+    split = yaml.safe_load(params.read_text())["data"]["split"]
+    return round(BIRDS_TRAIN_FOLDER * split["train"] / (split["train"] + split["test"])), BIRDS_VALID
+
+
+def paper_overhead(route: dict, paper: tuple[int, int]) -> float:
+    """A route's epoch / train-time ratio at the paper study's val / train ratio: the measured part
+    above 1 (validation, and the checkpoint, counted with it: an overestimate) scales with val images
+    per train image. Routes measured before they kept their ratio are taken as they are."""
+    ratio = route.get("val_ratio")
+    return route["overhead"] if ratio is None else 1 + (route["overhead"] - 1) * (paper[1] / paper[0]) / ratio
 
 
 def study_runs(params: Path = HERE / "params.yaml", skip: tuple[str, ...] = ()) -> dict[int, int]:
@@ -234,17 +269,25 @@ def study_runs(params: Path = HERE / "params.yaml", skip: tuple[str, ...] = ()) 
     return runs
 
 
-def study_hours(runs: dict[int, int], routes: dict[int, dict]) -> float:
-    """Training hours of the study: for each batch size, its runs x 50 epochs x 30,000 images at the
-    route's aggregate images/s (`rate`), times its epoch / train-time ratio (`overhead`: validation,
-    checkpoints), plus its epoch-1 extra (`extra` seconds: start-up, compile) once per wave of
-    `jobs` runs at once."""
+def study_hours(runs: dict[int, int], routes: dict[int, dict], paper: tuple[int, int] | None = None) -> float:
+    """Training hours of the study: for each batch size, its runs x 50 epochs x the paper epoch's
+    train images (`paper`: (train, val), default paper_epoch()) at the route's aggregate images/s
+    (`rate`), times its epoch / train-time ratio at the paper's val / train ratio (paper_overhead:
+    validation, checkpoints), plus its epoch-1 extra (`extra` seconds: start-up, compile) once per
+    wave of `jobs` runs at once."""
+    paper = paper or paper_epoch()
     seconds = 0.0
     for batch, n in runs.items():
         r = routes[batch]
-        train = n * PAPER_EPOCHS * PAPER_TRAIN_IMAGES / r["rate"] * r["overhead"]
+        train = n * PAPER_EPOCHS * paper[0] / r["rate"] * paper_overhead(r, paper)
         seconds += train + math.ceil(n / r["jobs"]) * r["extra"]
     return seconds / 3600
+
+
+def val_ratio(record: dict, images: int) -> float:
+    """Val over train images where a speed.json record was measured (older records: --val's default
+    over `images`)."""
+    return record.get("val_images", MEASURED_VAL_IMAGES) / record.get("train_images", images)
 
 
 def best_routes(results: dict, images: int) -> dict[int, dict]:
@@ -265,13 +308,14 @@ def best_routes(results: dict, images: int) -> dict[int, dict]:
         steady_epoch = slow.get("train_images", images) / slow["median"]
         candidates.append((batch, {"route": f"one at a time ({mode}, {len(rs)} norm(s))", "jobs": 1,
                                    "rate": slow["median"], "overhead": slow.get("epoch_over_train_time", fallback),
-                                   "extra": max(0.0, slow["epoch1_seconds"] - steady_epoch)}))
+                                   "extra": max(0.0, slow["epoch1_seconds"] - steady_epoch),
+                                   "val_ratio": val_ratio(slow, images)}))
     for key, c in results.get("concurrent", {}).items():
         candidates.append((c.get("batch", 32), {"route": f"{c['runs']} at once (compile: {c['compile']}"
                                                          f"{', MPS' if c.get('mps') else ''})",
                                                 "jobs": c["runs"], "rate": c["together"],
                                                 "overhead": c["epoch_over_train_time"],
-                                                "extra": c["epoch1_extra_seconds"]}))
+                                                "extra": c["epoch1_extra_seconds"], "val_ratio": val_ratio(c, images)}))
     for batch, route in candidates:
         if batch not in routes or route["rate"] > routes[batch]["rate"]:
             routes[batch] = route
@@ -285,16 +329,20 @@ def phase_project(out: Path, args, results: dict) -> None:
     if missing:
         print(f"no projection: nothing measured at batch {', '.join(map(str, missing))}", flush=True)
         return
-    hours = study_hours(runs, routes)
+    paper = paper_epoch()
+    hours = study_hours(runs, routes, paper)
     for batch in sorted(runs):
         r = routes[batch]
         print(f"batch {batch:>3}: {runs[batch]:2d} runs at {r['rate']:,.0f} images/s ({r['route']}), "
-              f"epoch / train time {r['overhead']:.3f}, epoch-1 extra {r['extra']:.0f} s per wave", flush=True)
+              f"epoch / train time {r['overhead']:.3f} as measured (val / train {r['val_ratio']:.3f}), "
+              f"{paper_overhead(r, paper):.3f} at the paper's, epoch-1 extra {r['extra']:.0f} s per wave", flush=True)
     without = f" without {', '.join(skip)}" if skip else ""
     print(f"projected paper study{without}: {sum(runs.values())} runs x {PAPER_EPOCHS} epochs x "
-          f"{PAPER_TRAIN_IMAGES:,} images, no early stop: {hours:.2f} h of training (a projection from the "
+          f"{paper[0]:,} train images (the birds set's {BIRDS_TRAIN_FOLDER:,} less the test split prepare carves "
+          f"out of them) and {paper[1]:,} val, no early stop: {hours:.2f} h of training (a projection from the "
           f"figures above)", flush=True)
     results["projection"] = {"hours": round(hours, 2), "skipped_variants": list(skip),
+                             "paper_epoch": {"train": paper[0], "val": paper[1]},
                              "runs": {str(b): n for b, n in sorted(runs.items())},
                              "routes": {str(b): routes[b] for b in sorted(runs)}}
     save(out, results)
@@ -329,10 +377,11 @@ def phase_concurrent(repo: Path, out: Path, args, results: dict, deadline: float
         except RuntimeError as e:
             print(f"-j {j}: {e}", flush=True)
             continue
-        per_run, overheads, firsts = [], [], []
+        per_run, overheads, firsts, peaks = [], [], [], []
         for s in seeds:
             history = repo / "logs" / "timing" / f"{variant}-{s}.csv"
             rates, first = history_rates(history)
+            peaks.append(peak_gib(history))
             per_run.append(statistics.median(rates))
             firsts.append(first)
             overheads.append(epoch_over_train_time(history, args.images))
@@ -344,7 +393,9 @@ def phase_concurrent(repo: Path, out: Path, args, results: dict, deadline: float
         extra = max(firsts) - args.images / min(per_run)
         # the whole paper study if every run, at any batch size, went at this rate (--phase project mixes routes)
         runs = sum(study_runs(skip=args.skip_variants).values())
-        hours = study_hours({0: runs}, {0: {"rate": together, "overhead": overhead, "extra": extra, "jobs": j}})
+        sizes = split_sizes(repo)
+        hours = study_hours({0: runs}, {0: {"rate": together, "overhead": overhead, "extra": extra, "jobs": j,
+                                            "val_ratio": sizes["val_images"] / sizes["train_images"]}})
         mps = bool(os.environ.get("CUDA_MPS_PIPE_DIRECTORY"))    # under bench/gpu_check.sh's with_mps
         key = ":".join([str(j)] + ([args.concurrent_config] if args.concurrent_config != "bn:32" else []) +
                        ([str(mode)] if args.concurrent_compile is not None else []) + (["mps"] if mps else []))
@@ -356,15 +407,19 @@ def phase_concurrent(repo: Path, out: Path, args, results: dict, deadline: float
                                          "train_images_over_wall": round(images / wall),
                                          "epoch_over_train_time": round(overhead, 3),
                                          "epoch1_extra_seconds": round(extra, 1),
-                                         "projected_paper_study_hours": round(hours, 2)}
+                                         "projected_paper_study_hours": round(hours, 2), **sizes,
+                                         # each run's own peak; their sum bounds what j at once held
+                                         "gpu_peak_gib_per_run": peaks,
+                                         "gpu_peak_gib_sum": round(sum(peaks), 2) if None not in peaks else None}
         save(out, results)
         print(f"resnorm.parallel -j {j} ({variant}, train.compile: {mode}{', under MPS' if mps else ''}): "
               f"{j} runs x {args.epochs} epochs in {wall:.0f} s wall; steady state {together:.0f} images/s together "
               f"({j} x the median run; {min(per_run):.0f}-{max(per_run):.0f} each); {images / wall:.0f} train "
               f"images/s over the whole wall time (start-up and compile included); validation adds "
               f"{overhead - 1:.0%} to an epoch; the paper study ({runs} runs x {PAPER_EPOCHS} epochs x "
-              f"{PAPER_TRAIN_IMAGES:,} images, all at this rate) would take {hours:.2f} h",
-              flush=True)
+              f"{paper_epoch()[0]:,} images, all at this rate) would take {hours:.2f} h"
+              + (f"; GPU memory held at most {min(peaks):.2f}-{max(peaks):.2f} GiB a run, {sum(peaks):.1f} GiB "
+                 f"for the {j}" if None not in peaks else ""), flush=True)
 
 
 def main() -> None:
