@@ -166,6 +166,12 @@ def test_parallel_status_line_reads_each_runs_epoch_and_bounds_the_time_left(tmp
     from resnorm.train import TIMING_COLUMNS
     assert run_of("python -m resnorm.train --variant gn-bs8-es --seed 2") == ("gn-bs8-es", 2)
     assert run_of("python -m resnorm.train") == (None, None)
+    from conftest import REPO
+    from resnorm.parallel import epoch_budget
+    from resnorm.params import load_params
+    params = load_params(REPO / "params.yaml")
+    assert epoch_budget(params, "python -m resnorm.train --variant bn-bs32 --seed 1") == params.train.epochs
+    assert epoch_budget(params, "python -m resnorm.train --variant nope --seed 0") == 0          # not known: no bound
     timing = tmp_path / "logs" / "timing"
     timing.mkdir(parents=True)
     head = ",".join(TIMING_COLUMNS)

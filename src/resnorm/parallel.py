@@ -64,6 +64,16 @@ def run_of(cmd: str) -> tuple[str | None, int | None]:
     return (m.group(1), int(m.group(2))) if m else (None, None)
 
 
+def epoch_budget(params, cmd: str) -> int:
+    """The epochs a `resnorm.train` command may train (0 where its variant is not in params.yaml)."""
+    from .params import ParamError
+    from .train import select
+    try:
+        return select(params, run_of(cmd)[0]).train.epochs
+    except ParamError:
+        return 0
+
+
 def epochs_done(job: Job) -> tuple[int, float] | None:
     """(epochs finished, seconds of the last one) from the run's timing log (logs/timing/, which
     resnorm.train appends to after each epoch); None before its first epoch ends."""
@@ -265,10 +275,9 @@ def main(argv: list[str]) -> None:
                     repo.reproduce(s.addressing)
                 upstream, stages = plan(repo, args.patterns)
             stale = [s for s in stages if s.changed()]
-            from .train import select
             params = load_params()
             jobs = [Job(s.addressing, s.cmd, s.wdir, LOGS / f"{s.addressing.replace('@', '_')}.log",
-                        epochs=select(params, run_of(s.cmd)[0]).train.epochs) for s in stale]
+                        epochs=epoch_budget(params, s.cmd)) for s in stale]
             gpus = visible_gpus()
             console.print(f"{len(stages)} training stages, {len(stale)} to run, {args.jobs} at a time"
                           + (f" on GPU {', '.join(gpus)}" if gpus else " on the CPU")
