@@ -161,36 +161,39 @@ def test_parallel_training_is_recorded_as_dvc_repro_would(repo, tmp_path):
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1, bad.stderr
 
 
-def test_parallel_status_line_reads_each_runs_epoch_and_bounds_the_time_left(tmp_path):
-    from resnorm.parallel import Job, run_of, status_line
+def test_parallel_status_line_reads_each_runs_epoch_and_the_time_left(tmp_path):
+    import time
+    from resnorm.parallel import Job, epoch_budget, run_of, status_line
+    from resnorm.params import load_params
     from resnorm.train import TIMING_COLUMNS
+    from conftest import REPO
     assert run_of("python -m resnorm.train --variant gn-bs8-es --seed 2") == ("gn-bs8-es", 2)
     assert run_of("python -m resnorm.train") == (None, None)
-    from conftest import REPO
-    from resnorm.parallel import epoch_budget
-    from resnorm.params import load_params
     params = load_params(REPO / "params.yaml")
     assert epoch_budget(params, "python -m resnorm.train --variant bn-bs32 --seed 1") == params.train.epochs
     assert epoch_budget(params, "python -m resnorm.train --variant nope --seed 0") == 0          # not known: no bound
     timing = tmp_path / "logs" / "timing"
     timing.mkdir(parents=True)
     head = ",".join(TIMING_COLUMNS)
-    (timing / "bn-bs32-0.csv").write_text(f"{head}\n1,10.0,9.0,800,0\n2,12.0,11.0,700,0\n")
-    (timing / "experiment.csv").write_text(f"{head}\n1,30.0,28.0,300,0\n")
+    started = time.time() - 60
     job = lambda stage, args, epochs: Job(stage, f"python -m resnorm.train {args}".strip(), str(tmp_path),
-                                          tmp_path / "log", epochs=epochs)
+                                          tmp_path / "log", started=started, epochs=epochs)
+    (timing / "bn-bs32-0.csv").write_text(f"{head}\n1,10.0,9.0,800,0,\n2,12.0,11.0,700,0,\n")
+    (timing / "experiment.csv").write_text(f"{head}\n1,30.0,28.0,300,0,\n")
+    (timing / "gn-bs32-1.csv").write_text(f"{head}\n30,9.0,8.0,900,0,\n")        # an earlier run's log
+    os.utime(timing / "gn-bs32-1.csv", (started - 600, started - 600))
     running = [job("study-train@bn-bs32-0", "--variant bn-bs32 --seed 0", 50), job("train", "", 30),
-               job("study-train@gn-bs32-1", "--variant gn-bs32 --seed 1", 50)]       # no epoch ended yet
+               job("study-train@gn-bs32-1", "--variant gn-bs32 --seed 1", 50)]
     waiting = [job("study-train@in-bs32-0", "--variant in-bs32 --seed 0", 50)]
     line = status_line(running, 5, waiting, slots=3)
     assert "bn-bs32-0 epoch 2/50, train epoch 1/30, gn-bs32-1 starting" in line, line
     assert "3 running" in line and "5 done, 1 waiting" in line
     # 48 x 12 s + 29 x 30 s, and the waiting run's 50 epochs at the mean 21 s: 2,496 s over 3 slots
-    assert line.endswith("about 14 min left at most"), line
+    assert line.endswith("about 14 min left if no run stops early"), line
     assert "left" not in status_line([running[2]], 0, [], slots=1)                  # nothing measured yet
-    assert status_line(running[:1], 0, [], slots=1, failed=2).endswith(
-        "0 done, 2 failed, 0 waiting; about 10 min left at most")                  # 48 x 12 s
-    assert status_line([job("train", "", 3)], 0, [], slots=1).endswith("about 60 s left at most")
+    assert status_line(running[:1], 0, [], slots=4, failed=2).endswith(             # one run: its own 48 x 12 s,
+        "0 done, 2 failed, 0 waiting; about 10 min left if no run stops early")     # however many slots
+    assert status_line([job("train", "", 3)], 0, [], slots=1).endswith("about 60 s left if no run stops early")
 
 
 def test_a_signal_during_a_runs_record_is_delivered_after_it():

@@ -76,20 +76,25 @@ def epoch_budget(params, cmd: str) -> int:
 
 def epochs_done(job: Job) -> tuple[int, float] | None:
     """(epochs finished, seconds of the last one) from the run's timing log (logs/timing/, which
-    resnorm.train appends to after each epoch); None before its first epoch ends."""
+    resnorm.train appends to after each epoch); None before an epoch of this start has ended (a
+    log last written before it is an earlier run's, or a resumed one's earlier epochs)."""
     from .train import run_paths
     try:
-        rows = read_csv(Path(job.wdir) / run_paths(*run_of(job.cmd)).timing)
+        log = Path(job.wdir) / run_paths(*run_of(job.cmd)).timing
+        if log.stat().st_mtime < job.started:
+            return None
+        rows = read_csv(log)
         return int(rows[-1]["epoch"]), float(rows[-1]["epoch_seconds"])
     except (OSError, IndexError, KeyError, ValueError):
         return None
 
 
 def status_line(running: list[Job], done: int, waiting: list[Job], slots: int, failed: int = 0) -> str:
-    """Where the runs stand: each running one's epoch, the counts, and a rough time left: the epochs
-    still to go in the epoch budgets (early stopping only shortens them), at each running run's last
-    epoch time and, for the waiting ones, at the mean of those, shared among the slots."""
-    parts, left, per_epoch = [], 0.0, []
+    """Where the runs stand: each running one's epoch, the counts, and a rough time left if no run
+    stops early: the epochs still to go in the epoch budgets, at each running run's last epoch time
+    and, for the waiting ones, at the mean of those, shared among the slots (but never less than
+    the longest running run still needs)."""
+    parts, left, longest, per_epoch = [], 0.0, 0.0, []
     for job in running:
         name = job.stage.split("@")[-1]
         seen = epochs_done(job)
@@ -100,13 +105,14 @@ def status_line(running: list[Job], done: int, waiting: list[Job], slots: int, f
         parts.append(f"{name} epoch {epoch}" + (f"/{job.epochs}" if job.epochs else ""))
         per_epoch.append(seconds)
         left += max(job.epochs - epoch, 0) * seconds
+        longest = max(longest, max(job.epochs - epoch, 0) * seconds)
     line = (f"{len(running)} running ({', '.join(parts)}); {done} done, "
             + (f"{failed} failed, " if failed else "") + f"{len(waiting)} waiting")
     if per_epoch and all(j.epochs for j in running + waiting):
         left += sum(j.epochs for j in waiting) * statistics.fmean(per_epoch)
-        left /= slots
+        left = max(left / slots, longest)
         line += "; about " + (f"{left:.0f} s" if left < 90 else f"{left / 60:.0f} min" if left < 5400
-                              else f"{left / 3600:.1f} h") + " left at most"
+                              else f"{left / 3600:.1f} h") + " left if no run stops early"
     return line
 
 
