@@ -196,6 +196,48 @@ def test_parallel_status_line_reads_each_runs_epoch_and_the_time_left(tmp_path):
     assert status_line([job("train", "", 3)], 0, [], slots=1).endswith("about 60 s left if no run stops early")
 
 
+def test_a_run_out_of_gpu_memory_beside_others_starts_again_with_fewer_at_once(tmp_path):
+    """Fake runs: `big` fails with PyTorch's out-of-memory error while another runs, and succeeds alone.
+    It is started again after `slow` ends, then at most 1 at once; a run that fails so alone fails."""
+    from resnorm.parallel import Job, run_jobs
+    events = tmp_path / "events.txt"
+    def fake(name: str, seconds: float, oom_unless_alone: bool = False) -> str:
+        code = (f"import os, sys, time\n"
+                f"log = open({str(events)!r}, 'a'); log.write('start {name} ' + str(time.time()) + '\\n'); log.flush()\n"
+                f"busy = [l for l in open({str(events)!r}) if l.startswith('running ')]\n")
+        if oom_unless_alone:            # the first start waits until another run is going: no race
+            marker = tmp_path / f"{name}.tried"
+            code += (f"if not os.path.exists({str(marker)!r}):\n"
+                     f"    open({str(marker)!r}, 'w').close()\n"
+                     f"    t0 = time.time()\n"
+                     f"    while not busy and time.time() - t0 < 30:\n"
+                     f"        time.sleep(0.05)\n"
+                     f"        busy = [l for l in open({str(events)!r}) if l.startswith('running ')]\n"
+                     f"if busy:\n"
+                     f"    sys.exit('torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB')\n")
+        code += (f"open({str(events)!r}, 'a').write('running {name}\\n')\n"
+                 f"time.sleep({seconds})\n"
+                 f"lines = open({str(events)!r}).read().replace('running {name}\\n', '')\n"
+                 f"open({str(events)!r}, 'w').write(lines + 'end {name} ' + str(time.time()) + '\\n')\n")
+        (tmp_path / f"{name}.py").write_text(code)
+        return f"{sys.executable} {tmp_path / name}.py"
+    jobs = [Job("study-train@slow-0", fake("slow", 1.5), str(tmp_path), tmp_path / "slow.log"),
+            Job("study-train@big-0", fake("big", 0.1, oom_unless_alone=True), str(tmp_path), tmp_path / "big.log"),
+            Job("study-train@after-0", fake("after", 0.1), str(tmp_path), tmp_path / "after.log")]
+    done = []
+    failed = run_jobs(jobs, 2, lambda job, rc: done.append((job.stage.split("@")[1], rc)))
+    assert failed == [] and sorted(done) == [("after-0", 0), ("big-0", 0), ("slow-0", 0)]
+    assert jobs[1].attempts == 2 and (tmp_path / "big.log").read_text().count("CUDA out of memory") == 1
+    lines = events.read_text().splitlines()
+    end_slow = float(next(l for l in lines if l.startswith("end slow")).split()[-1])
+    starts_big = [float(l.split()[-1]) for l in lines if l.startswith("start big")]
+    assert len(starts_big) == 2 and starts_big[1] > end_slow             # again only once slow had ended
+    # out of memory alone: a real failure, not a loop
+    (tmp_path / "events.txt").write_text("running someone-else\n")
+    alone = Job("study-train@big-1", fake("big1", 0.1, oom_unless_alone=True), str(tmp_path), tmp_path / "big1.log")
+    assert run_jobs([alone], 2, lambda job, rc: None) == [alone] and alone.attempts == 1
+
+
 def test_a_signal_during_a_runs_record_is_delivered_after_it():
     import signal
     from resnorm.parallel import signals_held

@@ -20,7 +20,8 @@ single truth and only adds concurrency:
 5. then it runs `dvc repro` for everything else (evaluate, gradcam, report), where the
    committed training stages are up to date and are skipped.
 
-A run that fails is not committed and is named with the end of its log; the others go on.
+A run that fails is not committed and is named with the end of its log; the others go on. A run
+that runs out of GPU memory beside others starts again later, with one fewer at once from then on.
 Stopped midway (Ctrl-C, SIGTERM, SIGHUP), it stops the runs still going and waits for them
 before it releases DVC's lock; nothing is lost: committed runs stay committed, and a training
 started again resumes from its last epoch. Each run's output goes to `.dvc/tmp/parallel/<stage>.log`.
@@ -56,6 +57,7 @@ class Job:
     process: subprocess.Popen | None = None
     started: float = 0.0
     epochs: int = 0    # the run's epoch budget (0: not known); early stopping may end it sooner
+    attempts: int = 0  # starts so far (a run that ran out of GPU memory is started again)
 
 
 def run_of(cmd: str) -> tuple[str | None, int | None]:
@@ -165,31 +167,47 @@ def signals_held():
         signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
+def out_of_memory(log: Path) -> bool:
+    """Whether a run's log ends in PyTorch's out-of-memory error (torch.OutOfMemoryError)."""
+    try:
+        with open(log, "rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - 65536))
+            tail = f.read().decode(errors="replace")
+    except OSError:
+        return False
+    return "CUDA out of memory" in tail or "OutOfMemoryError" in tail
+
+
 def run_jobs(jobs: list[Job], slots: int, on_done, status_every: float = 0) -> list[Job]:
     """Run the jobs `slots` at a time; `on_done(job, returncode)` as each ends. Returns the failed ones.
+
+    A run that runs out of GPU memory while others run beside it is not failed: it goes back to the
+    front of the queue and starts again (resuming from its last epoch) when one fewer runs, and from
+    then on at most that many run at once. Alone, it fails as any other run does.
     Ended by Ctrl-C, SIGTERM or SIGHUP, it stops the runs still going and waits for them to exit.
     Every `status_every` seconds (0: never) it prints a status_line."""
     pending, running, failed = list(jobs), {}, []
-    finished, next_status = 0, time.time() + status_every
+    finished, next_status, limit = 0, time.time() + status_every, slots
     gpus = visible_gpus()
     free = list(range(slots))
     previous = {s: signal.signal(s, stop_on_signals) for s in (signal.SIGTERM, signal.SIGHUP)
                 if signal.getsignal(s) is not signal.SIG_IGN}        # under nohup, SIGHUP stays ignored
     try:
         while pending or running:
-            while pending and free:
+            while pending and free and len(running) < limit:
                 job, slot = pending.pop(0), free.pop(0)
                 env = dict(os.environ)
                 if gpus:
                     job.gpu = gpus[slot % len(gpus)]
                     env["CUDA_VISIBLE_DEVICES"] = job.gpu
                 job.log.parent.mkdir(parents=True, exist_ok=True)
-                with open(job.log, "wb") as log:
+                with open(job.log, "ab" if job.attempts else "wb") as log:      # a retry adds to its log
                     job.process = subprocess.Popen(job.cmd, shell=True, cwd=job.wdir, env=env, stdout=log,
                                                    stderr=subprocess.STDOUT, start_new_session=True)
                 job.started, running[slot] = time.time(), job
-                console.print(f"start {job.stage}" + (f" on GPU {job.gpu}" if job.gpu else "") +
-                              f"  (log: {job.log})", soft_wrap=True)
+                job.attempts += 1
+                console.print(("again " if job.attempts > 1 else "start ") + job.stage +
+                              (f" on GPU {job.gpu}" if job.gpu else "") + f"  (log: {job.log})", soft_wrap=True)
             time.sleep(0.2)
             for slot, job in list(running.items()):
                 rc = job.process.poll()
@@ -198,6 +216,13 @@ def run_jobs(jobs: list[Job], slots: int, on_done, status_every: float = 0) -> l
                 del running[slot]
                 free.append(slot)
                 free.sort()
+                if rc != 0 and running and out_of_memory(job.log):
+                    limit = len(running)
+                    pending.insert(0, job)
+                    console.print(f"[yellow]out of GPU memory[/yellow] {job.stage} with {len(running) + 1} runs at "
+                                  f"once: it starts again (from its last epoch) when a run ends; at most {limit} at "
+                                  f"once from now on", soft_wrap=True)
+                    continue
                 if rc != 0:
                     failed.append(job)
                 else:
