@@ -158,13 +158,21 @@ def stop_on_signals(signum, frame):
 
 @contextlib.contextmanager
 def signals_held():
-    """Ctrl-C, SIGTERM and SIGHUP that arrive inside the block are delivered when it ends, so that
-    a run's record (`dvc commit` writing dvc.lock) is never cut off halfway."""
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM, signal.SIGHUP})
+    """Ctrl-C, SIGTERM and SIGHUP that arrive inside the block are acted on when it ends, so that a
+    run's record (`dvc commit` writing dvc.lock) is never cut off halfway. Python runs signal
+    handlers in the main thread whichever thread the signal reached, so a handler that only notes
+    the signal defers it in a process with other threads too (a blocking mask would not: a signal
+    sent to the process goes to any thread that does not block it). Main thread only."""
+    held: list[int] = []
+    kinds = [s for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP) if signal.getsignal(s) is not signal.SIG_IGN]
+    previous = {s: signal.signal(s, lambda signum, frame: held.append(signum)) for s in kinds}
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        if held:
+            signal.raise_signal(held[0])          # now, to the handler that was there before
 
 
 def out_of_memory(log: Path) -> bool:
