@@ -8,8 +8,8 @@ on the GPU, flip augmentation and normalization on the GPU as in training) with 
 autocast, channels_last, cudnn.benchmark and torch.compile (and eager with --eager),
 and prints sustained images/s; results are written to gpu_results.json after each
 variant, so a run cut short keeps what it measured. Then projects the wall time of the
-whole paper study from each variant's own rate: the 7 variants x 50 epochs x 30,000
-images, plus BN and GN at batch 8 and 128 (50 epochs each, no early stop assumed),
+whole paper study from each variant's own rate: the 7 variants x 50 epochs x 24,706
+train images (gpu_speed.paper_epoch), plus BN and GN at batch 8 and 128 (50 epochs each, no early stop assumed),
 training only. Also times the CPU data path (memory-mapped uint8 256x256, 4 and 8
 workers) that would feed it.
 """
@@ -32,7 +32,10 @@ from resnorm.data import EpochBatches, Split, batches  # noqa: E402
 from resnorm.model import ResNet  # noqa: E402
 from resnorm.norms import NORMS  # noqa: E402
 
-TRAIN_IMAGES, EPOCHS = 30_000, 50
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gpu_speed import PAPER_EPOCHS as EPOCHS, paper_epoch  # noqa: E402
+
+TRAIN_IMAGES = paper_epoch()[0]     # the birds set's 30,000 less the test split prepare carves out of them
 
 
 def variant_model(name: str) -> nn.Module:
@@ -166,7 +169,7 @@ def main() -> None:
         results["projected_study_hours"] = round((base + extra) / 3600, 2)
         results["projection_assumed"] = [n for n in study if n not in rate32] + \
             [f"{n}-bs{b}" for n in ("bn", "gn") for b in (8, 128) if f"{n}-bs{b}" not in r]
-        print(f"projected paper study (7 x 50 epochs at batch 32 + BN/GN at 8 and 128, 30,000 images, "
+        print(f"projected paper study (7 x 50 epochs at batch 32 + BN/GN at 8 and 128, {TRAIN_IMAGES:,} images, "
               f"training only): {(base + extra) / 3600:.2f} h; assumed at the slowest rate: "
               f"{results['projection_assumed'] or 'none'}", flush=True)
     for w in ((4, 8) if args.data_path else ()):

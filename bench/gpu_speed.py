@@ -18,8 +18,9 @@ project whose `data/prepared` arrays are generated (256x256 uint8 noise, 25 clas
 recorded with `dvc commit`, so no JPEG set is needed. Results accumulate in
 $OUT/speed.json after each measurement, so a call cut short keeps what it measured.
 `--phase project` reads them back and projects the paper study's training time: each run of
-params.yaml's study (its variants' batch sizes x its seeds) at 50 epochs x 30,000 images, at the
-fastest route measured for its batch size (one run at a time, or j at once). A projection, not
+params.yaml's study (its variants' batch sizes x its seeds) at 50 epochs of the paper epoch
+(paper_epoch: 24,706 train images, the test split carved out of the birds set's 30,000, and 7,500
+val), at the fastest route measured for its batch size (one run at a time, or j at once). A projection, not
 a measurement: it assumes no run stops early and every norm at the measured norms' slowest rate.
 Settings: the README's paper setting (bf16, channels_last, compile, lr 1e-4, no augmentation).
 """
