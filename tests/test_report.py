@@ -125,7 +125,8 @@ def test_every_test_is_counted_once_and_holm_corrected():
     _, obs, k = ranking_section(fake_runs(acc), list(acc), 60, "nn", family)
     # 3 against the best (bn), 3 against nn; bn against nn is one test shown twice
     assert k == len(family) == 5
-    head, rows, text = multiple_comparisons(family, seeds=3)
+    head, rows, lead, text = multiple_comparisons(family, seeds=3)
+    text = [lead, *text]
     p = {r[0]: float(r[4]) for r in rows}
     holm_p = {r[0]: float(r[5]) for r in rows}
     names = [name for name, *_ in family.corrected()]

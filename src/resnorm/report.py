@@ -484,9 +484,9 @@ def settings_rows(p: Params, data: dict) -> tuple[list[list[str]], list[str]]:
     return rows, differ
 
 
-def multiple_comparisons(family: Family, seeds: int) -> tuple[list[str], list[list[str]], list[str]]:
-    """Every distinct test of the report with its Holm-adjusted p-value: table head, rows, and the
-    text around it (a lead paragraph, then observations)."""
+def multiple_comparisons(family: Family, seeds: int) -> tuple[list[str], list[list[str]], str, list[str]]:
+    """Every distinct test of the report with its Holm-adjusted p-value: table head, rows, the lead
+    paragraph and the observations."""
     tests = family.corrected()
     m = len(tests)
     raw = [name for name, _, c, _ in tests if c.significant]
@@ -514,8 +514,7 @@ def multiple_comparisons(family: Family, seeds: int) -> tuple[list[str], list[li
                    + ("".join(f" With {n} seeds the two bars are {need(n, 0.05 / m)} and {need(n, 0.05)}." for n in more)
                       + " More seeds lower the bar, and for a real difference they also raise |t|, which grows with "
                         "the square root of the number of seeds." if more else ""))
-    return (["test", "section", "difference [95% CI]", "test kind", "p", "Holm p", "after correction"], rows,
-            [lead, *obs])
+    return ["test", "section", "difference [95% CI]", "test kind", "p", "Holm p", "after correction"], rows, lead, obs
 
 
 def report(p: Params) -> Doc:
@@ -682,10 +681,10 @@ def report(p: Params) -> Doc:
 
     if family:
         doc.h(2, "All tests, corrected for multiple comparisons")
-        head, rows, text = multiple_comparisons(family, len(p.study.seeds))
-        doc.p(text[0])
+        head, rows, lead, obs = multiple_comparisons(family, len(p.study.seeds))
+        doc.p(lead)
         doc.table(head, rows)
-        doc.ul(text[1:])
+        doc.ul(obs)
 
     inside_section(doc)
 
