@@ -193,14 +193,14 @@ def phase_single(repo: Path, out: Path, args, results: dict, deadline: float) ->
             continue
         history = repo / "logs" / "timing" / "experiment.csv"
         rates, first = history_rates(history)
+        peak = peak_gib(history)
         results["single"][key] = {"precision": precision, "cudnn_benchmark_limit": args.cudnn_benchmark_limit,
                                   "images_per_second": [round(r) for r in rates],
                                   "median": round(statistics.median(rates)), "epoch1_seconds": round(first, 1),
                                   **split_sizes(repo),
                                   "epoch_over_train_time": round(epoch_over_train_time(history, args.images), 3),
-                                  "process_seconds": round(wall, 1), "gpu_peak_gib": peak_gib(history)}
+                                  "process_seconds": round(wall, 1), "gpu_peak_gib": peak}
         save(out, results)
-        peak = peak_gib(history)
         print(f"resnorm.train {key:<24} {statistics.median(rates):7.0f} images/s (epochs 2-{len(rates) + 1}: "
               f"{', '.join(f'{r:.0f}' for r in rates)}); epoch 1 {first:.1f} s; process {wall:.0f} s"
               + (f"; GPU memory held at most {peak:.2f} GiB" if peak is not None else ""), flush=True)
@@ -402,16 +402,16 @@ def phase_concurrent(repo: Path, out: Path, args, results: dict, deadline: float
                        ([str(mode)] if args.concurrent_compile is not None else []) + (["mps"] if mps else []))
         results["concurrent"][key] = {"runs": j, "norm": norm, "batch": int(batch), "compile": mode, "mps": mps,
                                       "wall_seconds": round(wall, 1),
-                                         "sum_of_steady_rates": round(sum(per_run)),
-                                         "together": round(together),
-                                         "per_run_median": [round(r) for r in per_run],
-                                         "train_images_over_wall": round(images / wall),
-                                         "epoch_over_train_time": round(overhead, 3),
-                                         "epoch1_extra_seconds": round(extra, 1),
-                                         "projected_paper_study_hours": round(hours, 2), **sizes,
-                                         # each run's own peak; their sum bounds what j at once held
-                                         "gpu_peak_gib_per_run": peaks,
-                                         "gpu_peak_gib_sum": round(sum(peaks), 2) if None not in peaks else None}
+                                      "sum_of_steady_rates": round(sum(per_run)),
+                                      "together": round(together),
+                                      "per_run_median": [round(r) for r in per_run],
+                                      "train_images_over_wall": round(images / wall),
+                                      "epoch_over_train_time": round(overhead, 3),
+                                      "epoch1_extra_seconds": round(extra, 1),
+                                      "projected_paper_study_hours": round(hours, 2), **sizes,
+                                      # each run's own peak; their sum bounds what j at once held
+                                      "gpu_peak_gib_per_run": peaks,
+                                      "gpu_peak_gib_sum": round(sum(peaks), 2) if None not in peaks else None}
         save(out, results)
         print(f"resnorm.parallel -j {j} ({variant}, train.compile: {mode}{', under MPS' if mps else ''}): "
               f"{j} runs x {args.epochs} epochs in {wall:.0f} s wall; steady state {together:.0f} images/s together "
