@@ -353,3 +353,22 @@ def test_runs_of_a_variant_removed_from_params_are_ignored(workdir):
     variant, run, means = best_run(load_params(), study)
     assert (variant, run) == ("gn-bs32", "gn-bs32-0") and set(means) == {"bn-bs32", "gn-bs32"}
     assert set(load_runs(load_params())) == {"bn-bs32", "gn-bs32"}
+
+
+def test_stage_times_lists_the_stages_since_a_moment_and_refuses_a_bad_one(workdir, capsys):
+    from resnorm.io import STAGE_TIMES
+    from resnorm.times import main
+
+    main([])
+    assert capsys.readouterr().out.strip() == "no stage ran"
+    STAGE_TIMES.parent.mkdir()
+    STAGE_TIMES.write_text("100\tprepare\t2.50\n200\ttrain --variant bn-bs32 --seed 0\t40.00\n")
+    main(["150"])
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == 2 and out[0].split()[:2] == ["train", "--variant"] and "40.0 s" in out[0]
+    assert out[1].startswith("  1 stages, 40 s in stage processes, ")
+    main([])
+    assert "2 stages, 42 s in stage processes" in capsys.readouterr().out      # no moment: every stage, no wall
+    with pytest.raises(SystemExit) as e:
+        main(["yesterday"])
+    assert e.value.code == 2 and "invalid float value: 'yesterday'" in capsys.readouterr().err

@@ -192,3 +192,16 @@ def test_model_from_config_rebuilds_every_arch_and_old_checkpoints():
     old = model_from_config({"n": 2, "num_classes": 5, "norm": "bn", "shortcut": "A", "gn_groups": 4,
                              "image_size": 32})                      # a checkpoint from before model.arch
     assert isinstance(old, ResNet) and old.n == 2 and old.block == "basic"
+
+
+@pytest.mark.parametrize("args, words", [(["--n", "0"], "argument --n: 0 is not allowed: at least 1"),
+                                         (["--classes", "x"], "argument --classes: 'x' is not a whole number"),
+                                         (["--norm", "foo"], "argument --norm: invalid choice: 'foo'"),
+                                         (["--size", "30"], "--size must be divisible by 4")])
+def test_summary_cli_refuses_bad_arguments_in_one_line(args, words, capsys):
+    from resnorm.summary import main
+
+    with pytest.raises(SystemExit) as e:
+        main(args)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and words in err[-1] and not any("Traceback" in x for x in err)

@@ -44,3 +44,37 @@ def test_predict_cli_prints_top_k_for_a_folder_and_fails_in_one_line(prepared, t
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and "nothing.pt" in bad.stderr
     with pytest.raises(UserError, match="no such file"):
         image_files("missing-folder")
+
+
+def test_unreadable_images_get_prepares_reason_and_only_all_unreadable_fails(prepared, tiny_data, tmp_path, capsys):
+    from PIL import Image
+
+    from resnorm.predict import MAX_PIXELS, main
+    from resnorm.prepare import _load_worker
+
+    train(load_params())
+    best = str(run_paths(None, None).best)
+    model, info = load_model(best)
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    good = next((tiny_data / "class_0").iterdir()).read_bytes()
+    (bad / "truncated.jpg").write_bytes(good[: len(good) // 2])
+    (bad / "empty.jpg").write_bytes(b"")
+    (bad / "text.jpg").write_text("this is a text file with a .jpg name")
+    Image.new("RGB", (1, 1)).save(bad / "tiny.png")
+    files = image_files(bad)
+    got = dict(classify(model, info, files))
+    for f in files:                      # the words prepare puts in its report.json for the same file
+        assert got[str(f)] == "cannot read: " + _load_worker((str(f), info["image_size"], MAX_PIXELS, 10**9))
+    assert got[str(bad / "text.jpg")] == "cannot read: not a readable image"
+
+    with pytest.raises(UserError, match=r"text\.jpg: cannot read: not a readable image$"):
+        main([best, str(bad / "text.jpg")])
+    with pytest.raises(UserError, match=r"none of its 4 image files could be read"):
+        main([best, str(bad)])
+    (bad / "good.jpg").write_bytes(good)                  # one readable image: a result, the rest listed
+    capsys.readouterr()
+    main([best, str(bad)])
+    out = dict(line.split("\t") for line in capsys.readouterr().out.strip().splitlines())
+    assert len(out) == 5 and out[str(bad / "good.jpg")].split()[0] in info["classes"]
+    assert out[str(bad / "empty.jpg")] == "cannot read: zero-byte file"

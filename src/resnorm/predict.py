@@ -26,7 +26,7 @@ import torch
 from .data import to_tensor
 from .io import UserError, atomic_path, console, run_cli
 from .model import model_from_config
-from .prepare import IMAGE_SUFFIXES, load_image
+from .prepare import IMAGE_SUFFIXES, decode_failure, load_image
 
 MAX_PIXELS = 178_956_970           # Pillow's own decompression-bomb limit
 
@@ -81,7 +81,7 @@ def classify(model: torch.nn.Module, info: dict, files: list[Path], top_k: int =
                     arrays.append(load_image(str(f), size, MAX_PIXELS)[0])
                     ok.append(f)
                 except Exception as e:          # one bad file is reported, the rest go on
-                    out.append((str(f), f"cannot read: {str(e).splitlines()[0] if str(e) else type(e).__name__}"))
+                    out.append((str(f), f"cannot read: {decode_failure(e)}"))
             if arrays:
                 x = to_tensor(np.stack(arrays), info["mean"], info["std"])
                 prob = torch.softmax(model(x).float(), 1)
@@ -107,6 +107,10 @@ def main(argv: list[str]) -> None:
     files = image_files(args.images)
     torch.set_num_threads(max(1, min(4, torch.get_num_threads())))
     results = classify(model, info, files, args.top_k, progress=len(files) > 50)
+    if all(isinstance(top, str) for _, top in results):
+        path, why = results[0]
+        raise UserError(f"{path}: {why}" if len(results) == 1 else
+                        f"{args.images}: none of its {len(results)} image files could be read ({path}: {why})")
     console.print(f"{info['name']} (epoch {info['epoch']}, {len(info['classes'])} classes, "
                   f"{info['image_size']} px): {len(files)} image(s)", markup=False)
     for path, top in results:

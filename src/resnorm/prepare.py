@@ -206,18 +206,25 @@ def _load_worker(args: tuple[str, int, int, int]):
     path, size, max_pixels, max_bytes = args
     try:
         return load_image(path, size, max_pixels, max_bytes)
-    except Image.DecompressionBombError as e:
-        return f"decompression bomb refused ({str(e).split('.')[0]})"
-    except Image.DecompressionBombWarning:
+    except Exception as e:
+        return decode_failure(e)
+
+
+def decode_failure(e: Exception) -> str:
+    """A short reason for what `load_image` raised on one file (resnorm.predict says the same)."""
+    msg = str(e).splitlines()[0] if str(e) else ""
+    if isinstance(e, Image.DecompressionBombError):
+        return f"decompression bomb refused ({msg.split('.')[0]})"
+    if isinstance(e, Image.DecompressionBombWarning):
         return "decompression bomb refused (over data.max_image_pixels)"
-    except Image.UnidentifiedImageError:
+    if isinstance(e, Image.UnidentifiedImageError):
         return "not a readable image"
-    except (OSError, ValueError, SyntaxError, EOFError) as e:
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        return f"cannot decode: {msg}" if not isinstance(e, ValueError) else msg
-    except Exception as e:              # Pillow's plugins raise more than they document (struct.error in EXIF, ...)
-        msg = str(e).splitlines()[0][:200] if str(e) else ""
-        return f"cannot decode: {type(e).__name__}" + (f": {msg}" if msg else "")
+    if isinstance(e, ValueError):       # load_image's own reasons: zero-byte file, too large, too small
+        return msg or type(e).__name__
+    if isinstance(e, (OSError, SyntaxError, EOFError)):
+        return f"cannot decode: {msg or type(e).__name__}"
+    # Pillow's plugins raise more than they document (struct.error in EXIF, ...)
+    return f"cannot decode: {type(e).__name__}" + (f": {msg[:200]}" if msg else "")
 
 
 def decode_all(items: list[Item], d: DataParams, buffer: np.ndarray, skipped: list[dict]) -> list[Item]:

@@ -1,14 +1,17 @@
 """Print the wall time of each stage run since a given moment (`make repro` calls this at the end)."""
 from __future__ import annotations
 
-import sys
+import argparse
 import time
 
 from .io import STAGE_TIMES
 
 
-def main(argv: list[str]) -> None:
-    since = float(argv[0]) if argv else 0.0
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m resnorm.times", description=__doc__.splitlines()[0])
+    ap.add_argument("since", nargs="?", type=float, default=0.0,
+                    help="a Unix time (`date +%%s`): only stages that ended after it (default: all)")
+    since = ap.parse_args(argv).since
     if not STAGE_TIMES.exists():
         print("no stage ran")
         return
@@ -29,4 +32,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    main()
