@@ -372,3 +372,20 @@ def test_stage_times_lists_the_stages_since_a_moment_and_refuses_a_bad_one(workd
     with pytest.raises(SystemExit) as e:
         main(["yesterday"])
     assert e.value.code == 2 and "invalid float value: 'yesterday'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("stage, keys", [("fetch", "data.root"), ("prepare", "data.*"), ("sanity", "sanity.*"),
+                                         ("gradcam", "gradcam.*"), ("visualize", "visualize.*"), ("report", "study.*")])
+def test_a_stage_without_options_explains_help_and_refuses_an_argument(stage, keys, workdir, capsys):
+    import importlib
+
+    main = importlib.import_module(f"resnorm.{stage}").main
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert e.value.code == 0 and f"Stage `{stage}`" in out and keys in out and f"dvc repro {stage}" in out
+    with pytest.raises(SystemExit) as e:
+        main(["--epochs", "3"])                 # refused before any work: nothing is written
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and err[-1].endswith("unrecognized arguments: --epochs 3")
+    assert not any(workdir.iterdir())

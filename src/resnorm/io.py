@@ -1,6 +1,7 @@
 """Shared I/O: atomic writes (temp file + rename) and the one-line-error CLI wrapper."""
 from __future__ import annotations
 
+import argparse
 import contextlib
 import csv
 import json
@@ -127,6 +128,14 @@ def read_csv(path: str | Path) -> list[dict[str, str]]:
 
 
 STAGE_TIMES = Path("logs/stage_times.tsv")
+
+
+def no_options(argv: list[str], stage: str, doc: str, settings: str) -> None:
+    """The command line of a stage whose every knob is in params.yaml: `--help` says what it does
+    and which keys set it; any other argument exits 2 in one line instead of being ignored."""
+    argparse.ArgumentParser(prog=f"python -m resnorm.{stage}", description=doc.split("\n")[0],
+                            epilog=f"It takes no options: its settings are {settings} in params.yaml, and "
+                                   f"`dvc repro {stage}` runs it when they or its inputs change.").parse_args(argv)
 
 
 def run_cli(main: Callable[[list[str]], Any], stage: bool = True) -> None:

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFile, ImageOps
 
-from .io import UserError, atomic_dir, console, run_cli, write_csv, write_json
+from .io import UserError, atomic_dir, console, no_options, run_cli, write_csv, write_json
 from .params import DataParams, load_params
 
 SPLITS = ("train", "val", "test")
@@ -493,6 +493,7 @@ def summary(report: dict, out: Path = OUT) -> str:
 
 
 def main(argv: list[str]) -> None:
+    no_options(argv, "prepare", __doc__, "data.*")
     p = load_params()
     report = prepare(p.data)
     console.print(summary(report), markup=False, soft_wrap=True)

@@ -20,7 +20,7 @@ from scipy import stats as sps
 from .assignment import DIFFERS, settings
 from .data import PREPARED, batch_count
 from .gradcam import MAP_MEASURES, map_tests, analysis as gradcam_analysis
-from .io import write_json, console, read_csv, read_json, run_cli, save_figure, write_csv, write_text
+from .io import console, no_options, read_csv, read_json, run_cli, save_figure, write_csv, write_json, write_text
 from .params import Params, load_params
 from .prepare import skip_kind
 from .stats import Comparison, Family, binomial_se, compare, mean_interval
@@ -767,6 +767,7 @@ def study_summary(runs: dict[str, list[dict]]) -> dict[str, dict[str, float]]:
 
 
 def main(argv: list[str]) -> None:
+    no_options(argv, "report", __doc__, "data.*, model.*, train.*, study.* and gradcam.*")
     p = load_params()
     write_json(STUDY_SUMMARY, study_summary(load_runs(p)))
     doc = report(p)

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from .data import EpochBatches, channel_stats, load_classes, load_split
-from .io import console, run_cli, write_json
+from .io import console, no_options, run_cli, write_json
 from .params import Params, load_params
 from .train import make_model, make_optimizer, pick_device
 
@@ -86,6 +86,7 @@ def _max_diff(a, b) -> float:
 
 
 def main(argv: list[str]) -> None:
+    no_options(argv, "sanity", __doc__, "sanity.*, model.* and train.*")
     p = load_params()
     result = lockstep(p, p.sanity.steps)
     write_json(OUT, result)

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from .data import load_split, to_tensor
-from .io import UserError, atomic_dir, console, run_cli, save_figure, write_json
+from .io import UserError, atomic_dir, console, no_options, run_cli, save_figure, write_json
 from .model import feature_points, model_from_config, stages
 from .norms import NORMS
 from .params import Params, load_params
@@ -234,9 +234,7 @@ def visualize(p: Params) -> dict:
 
 
 def main(argv: list[str]) -> None:
-    if argv:
-        raise UserError(f"python -m resnorm.visualize takes no arguments (got {' '.join(argv)}); "
-                        "its settings are visualize.* in params.yaml")
+    no_options(argv, "visualize", __doc__, "visualize.*")
     visualize(load_params())
 
 
