@@ -258,13 +258,19 @@ def _f(x: float | None) -> str:
 MAP_MEASURES = (("top10_mass", "top-10% mass (concentration)", 0.10), ("centre_mass", "central-quarter mass", 0.25))
 
 
-def map_tests(index: dict) -> dict[str, tuple[list[float], list[float], Comparison]]:
-    """Per map measure (MAP_MEASURES), the correct and the wrong examples' values pooled over
-    classes, and Welch's t of correct minus wrong (only where each side has 2 values or more)."""
+def pooled_examples(index: dict) -> dict[str, list[dict]]:
+    """Every class's examples, by kind ("correct", "wrong")."""
     pooled = defaultdict(list)
     for entry in index["classes"].values():
         for e in entry["examples"]:
             pooled[e["kind"]].append(e)
+    return pooled
+
+
+def map_tests(index: dict) -> dict[str, tuple[list[float], list[float], Comparison]]:
+    """Per map measure (MAP_MEASURES), the correct and the wrong examples' values pooled over
+    classes, and Welch's t of correct minus wrong (only where each side has 2 values or more)."""
+    pooled = pooled_examples(index)
     out = {}
     for key, _, _ in MAP_MEASURES:
         c = [e[key] for e in pooled["correct"] if e[key] is not None]
@@ -276,12 +282,10 @@ def map_tests(index: dict) -> dict[str, tuple[list[float], list[float], Comparis
 
 def analysis(index: dict) -> tuple[dict[str, str], list[str]]:
     """Observations computed from the maps' numbers: one paragraph per class, and overall sentences."""
-    per_class, pooled = {}, defaultdict(list)
+    per_class, pooled = {}, pooled_examples(index)
     for name, entry in index["classes"].items():
         ex = entry["examples"]
         kinds = {kd: [e for e in ex if e["kind"] == kd] for kd in ("correct", "wrong")}
-        for e in ex:
-            pooled[e["kind"]].append(e)
         parts = [f"{len(kinds['correct'])} correct and {len(kinds['wrong'])} wrong of "
                  f"{entry['available']['images']} {index['split']} images."]
         for kd, es in kinds.items():
