@@ -278,3 +278,18 @@ def test_compile_auto_uses_cuda_graphs_at_small_batches_only(setting, device, ba
     H100), inductor's default mode above, nothing on a CPU; any other setting is taken as given."""
     t = load_params(overrides={"train": {"compile": setting}}).train
     assert compile_mode(t, torch.device(device), batch) == mode
+
+
+def test_evaluate_scores_val_as_validation_did_in_training(prepared, monkeypatch):
+    """evaluate repeats validation's precision, memory layout and batch size, so its val figures are the
+    ones that chose the best epoch. On a GPU the precision is bf16 autocast; a CPU bf16 autocast stands
+    in for it here (scored in fp32, as evaluate did before, the val loss differs in the 4th digit)."""
+    bf16 = lambda t, device: (lambda: torch.autocast("cpu", dtype=torch.bfloat16))
+    monkeypatch.setattr("resnorm.train.autocast_for", bf16)
+    monkeypatch.setattr("resnorm.evaluate.autocast_for", bf16)
+    p = load_params(overrides={"train": {"epochs": 3}})
+    state = train(p)
+    m = evaluate(p)
+    best = state["history"][m["best_epoch"] - 1]
+    assert (m["val"]["accuracy"], m["val"]["macro_f1"], m["val"]["loss"]) == \
+        (best["val_accuracy"], best["val_macro_f1"], best["val_loss"])

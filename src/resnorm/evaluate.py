@@ -1,5 +1,8 @@
 """Stage `evaluate`: the best checkpoint (by validation accuracy) on train, val and test.
 
+Each split is scored as validation was scored in training: the run's precision (bf16 autocast
+on a GPU), memory layout and batch size, so the val figures are those that chose the best epoch.
+
 Writes, for one run (its wall time goes to logs/stage_times.tsv, like every stage's):
   metrics/<run>.json          accuracy, micro-F1, macro-F1, loss per split, the epoch chosen
                               (bit-identical for the same params and seed on the same CPU)
@@ -18,7 +21,7 @@ from .io import UserError, console, run_cli, write_csv, write_json
 from .metrics import per_class, predict, scores
 from .params import Params, load_params
 from .model import model_from_config
-from .train import load_checkpoint, parse_run, pick_device, run_paths, select
+from .train import autocast_for, eval_batch_size, load_checkpoint, parse_run, pick_device, run_paths, select
 
 SPLITS = ("train", "val", "test")
 EXPERIMENT_SUMMARY = Path("metrics/summary/experiment.json")
@@ -68,16 +71,20 @@ def evaluate(p: Params, variant: str | None = None, seed: int | None = None) -> 
         console.print(f"[red]{paths.name}: diverged[/red] ({metrics['message']}); no scores written")
     else:
         best = load_checkpoint(paths.best)
-        device = pick_device(v.train.device)
-        torch.set_num_threads(v.train.threads)
+        t = v.train                     # scored as validation scored it in training (precision, layout, batch),
+        device = pick_device(t.device)  # so the val figures repeat those that chose the best epoch
+        torch.set_num_threads(t.threads)
         model = model_from_config(best["model_config"]).to(device)
         model.load_state_dict(best["model"])
+        if t.channels_last:
+            model = model.to(memory_format=torch.channels_last)
         for split in SPLITS:
             data = load_split(split)
             if len(data) == 0:
                 metrics[split] = None
                 continue
-            loss, pred, _ = predict(model, data, best["mean"], best["std"], 128, device)
+            loss, pred, _ = predict(model, data, best["mean"], best["std"], eval_batch_size(v.batch_size), device,
+                                    autocast_for(t, device), t.channels_last)
             s = scores(data.y, pred, len(classes))
             metrics[split] = {k: round(x, 6) for k, x in {**s, "loss": loss}.items()}
             if split == "test":

@@ -297,6 +297,11 @@ def compiled(model: nn.Module, mode: bool | str) -> nn.Module:
     return torch.compile(model, mode=None if mode in (True, "default") else mode, dynamic=False)
 
 
+def eval_batch_size(batch_size: int) -> int:
+    """The batch of validation, and of `evaluate`, which repeats it: the run's own, at least 64."""
+    return max(batch_size, 64)
+
+
 def autocast_for(t: TrainParams, device: torch.device):
     if device.type != "cuda" or t.precision == "fp32":
         return None
@@ -526,7 +531,7 @@ def train(p: Params, variant: str | None = None, seed: int | None = None,
             seen = tally.seen
             train_time = time.perf_counter() - t0
             tr = scores(*tally.labels(), len(classes))
-            val_loss, val_pred, _ = predict(step_model, val_split, mean, std, max(v.batch_size, 64), device,
+            val_loss, val_pred, _ = predict(step_model, val_split, mean, std, eval_batch_size(v.batch_size), device,
                                             autocast, t.channels_last, resident_val)
             va = scores(val_split.y, val_pred, len(classes))
             if not math.isfinite(val_loss):
