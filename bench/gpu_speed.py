@@ -84,6 +84,7 @@ def setup(work: Path, args) -> Path:
     if (repo / "dvc.lock").exists():          # the generated arrays are kept; the code is this checkout's
         copy_pipeline(repo, keep_params=True)
         edit_params(repo, gradcam__classes=GRADCAM_CLASSES)      # a copy made before this line existed
+        record_stand_in_data(repo, work)      # new fetch or prepare code must not replace the generated arrays
         return repo
     shutil.rmtree(repo, ignore_errors=True)
     repo.mkdir(parents=True)
@@ -117,8 +118,15 @@ def setup(work: Path, args) -> Path:
     p["study"] = {"seeds": [0], "variants": {}}
     p["gradcam"]["classes"] = GRADCAM_CLASSES     # a study run checks them against the data before training
     (repo / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
-    sh([sys.executable, "-m", "dvc", "commit", "-f", "fetch", "prepare"], repo, work / "commit.log")
+    record_stand_in_data(repo, work)
     return repo
+
+
+def record_stand_in_data(repo: Path, work: Path) -> None:
+    """Record the generated arrays as what `fetch` and `prepare` made, with this code: else
+    `resnorm.parallel`, which brings `prepare` up to date first, would fetch and prepare the real data
+    set over them (in a copy kept from before a change to either stage's code)."""
+    sh([sys.executable, "-m", "dvc", "commit", "-f", "fetch", "prepare"], repo, work / "commit.log")
 
 
 def edit_params(repo: Path, **top) -> None:
