@@ -464,6 +464,8 @@ def main() -> None:
         return
     if not args.phase:
         ap.error("--phase is required (single, bench, concurrent or project), or --copy-pipeline DEST")
+    if args.epochs < 2 and {"single", "concurrent"} & set(args.phase):
+        ap.error(f"--epochs {args.epochs}: at least 2 (rates are read from epoch 2 on; epoch 1 compiles)")
     args.skip_variants = tuple(v for v in args.skip_variants.split(",") if v)
     try:
         study_runs(skip=args.skip_variants)

@@ -234,6 +234,15 @@ def test_gpu_check_refuses_an_unknown_step_or_probe_before_any_work(tmp_path):
         assert "== tools" not in r.stdout
 
 
+def test_gpu_speed_refuses_a_single_epoch_before_any_work(tmp_path):
+    """Rates come from epoch 2 on (epoch 1 compiles): one epoch would measure nothing, after minutes."""
+    r = subprocess.run([sys.executable, str(REPO / "bench" / "gpu_speed.py"), "--phase", "concurrent", "--epochs", "1",
+                        "--work", str(tmp_path / "work")], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].endswith("--epochs 1: at least 2 (rates are "
+                                                                            "read from epoch 2 on; epoch 1 compiles)")
+    assert not (tmp_path / "work").exists()
+
+
 def test_gpu_check_stops_a_step_that_outruns_the_budget_with_all_it_started(tmp_path):
     """A step that hangs (an MPS server that never answers, a stuck worker) is stopped when the
     budget runs out, with every process it started (timeout signals the whole process group), and
