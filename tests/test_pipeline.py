@@ -1,4 +1,5 @@
 """End to end: the whole DVC pipeline on a tiny generated data set in a temporary repository."""
+import csv
 import json
 import os
 import re
@@ -76,6 +77,23 @@ def test_every_declared_output_exists(repo):
     sanity = json.loads((repo / "metrics/sanity.json").read_text())
     assert sanity["steps"] == 3 and sanity["max_loss_difference"] < 1e-8
     assert (repo / "data/raw/ifct/NOT_USED.txt").exists()       # another data.root: nothing fetched
+
+
+def test_gradcams_right_and_wrong_are_evaluates(repo):
+    """gradcam scores its split as evaluate does (`predict_as_validated`): the images it shows as right
+    and wrong are as many as the best run's test confusion matrix allows, per class."""
+    repo, _ = repo
+    index = json.loads((repo / "plots/gradcam/index.json").read_text())
+    assert index["split"] == "test"
+    k = 2                                                                  # gradcam.per_kind above
+    confusion = list(csv.DictReader(open(repo / "plots/study" / index["run"] / "confusion.csv")))
+    for name, entry in index["classes"].items():
+        row = [r for r in confusion if r["actual"] == name]
+        right = sum(int(r["count"]) for r in row if r["predicted"] == name)
+        wrong = sum(int(r["count"]) for r in row) - right
+        assert entry["available"] == {"images": right + wrong, "correct": min(k, right), "wrong": min(k, wrong)}
+        for e in entry["examples"]:
+            assert (e["predicted"] == name) == (e["kind"] == "correct")
 
 
 def test_report_table_matches_metrics_files(repo):

@@ -16,10 +16,10 @@ from pathlib import Path
 
 import torch
 
-from .data import load_classes, load_split
+from .data import Split, load_classes, load_split
 from .io import UserError, console, run_cli, write_csv, write_json
 from .metrics import per_class, predict, scores
-from .params import Params, load_params
+from .params import Params, TrainParams, Variant, load_params
 from .model import model_from_config
 from .train import autocast_for, eval_batch_size, load_checkpoint, parse_run, pick_device, run_paths, select
 
@@ -48,6 +48,24 @@ def summary(metrics: dict) -> dict:
     return out
 
 
+def scoring_model(checkpoint: dict, t: TrainParams) -> tuple[torch.nn.Module, torch.device]:
+    """A checkpoint's model in eval mode on its run's device (`train.device`) and memory layout."""
+    device = pick_device(t.device)
+    torch.set_num_threads(t.threads)
+    model = model_from_config(checkpoint["model_config"]).to(device)
+    model.load_state_dict(checkpoint["model"])
+    if t.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model.eval(), device
+
+
+def predict_as_validated(model: torch.nn.Module, device: torch.device, split: Split, checkpoint: dict, v: Variant):
+    """`predict` as validation ran in training (the run's precision, memory layout and batch size), so
+    the val figures repeat those that chose the best epoch and Grad-CAM's right and wrong are evaluate's."""
+    return predict(model, split, checkpoint["mean"], checkpoint["std"], eval_batch_size(v.batch_size), device,
+                   autocast_for(v.train, device), v.train.channels_last)
+
+
 def evaluate(p: Params, variant: str | None = None, seed: int | None = None) -> dict:
     v = select(p, variant)
     seed = p.seed if seed is None else seed
@@ -71,20 +89,13 @@ def evaluate(p: Params, variant: str | None = None, seed: int | None = None) -> 
         console.print(f"[red]{paths.name}: diverged[/red] ({metrics['message']}); no scores written")
     else:
         best = load_checkpoint(paths.best)
-        t = v.train                     # scored as validation scored it in training (precision, layout, batch),
-        device = pick_device(t.device)  # so the val figures repeat those that chose the best epoch
-        torch.set_num_threads(t.threads)
-        model = model_from_config(best["model_config"]).to(device)
-        model.load_state_dict(best["model"])
-        if t.channels_last:
-            model = model.to(memory_format=torch.channels_last)
+        model, device = scoring_model(best, v.train)
         for split in SPLITS:
             data = load_split(split)
             if len(data) == 0:
                 metrics[split] = None
                 continue
-            loss, pred, _ = predict(model, data, best["mean"], best["std"], eval_batch_size(v.batch_size), device,
-                                    autocast_for(t, device), t.channels_last)
+            loss, pred, _ = predict_as_validated(model, device, data, best, v)
             s = scores(data.y, pred, len(classes))
             metrics[split] = {k: round(x, 6) for k, x in {**s, "loss": loss}.items()}
             if split == "test":

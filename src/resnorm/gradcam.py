@@ -7,7 +7,10 @@ classified images of `gradcam.split` (default test: val already picked the model
 its checkpoint) get a Grad-CAM map for their true class over the last 2n conv layers
 (stage 3, a quarter of the input size: 8x8 at 32 px, 64x64 at 256 px; with a torchvision
 ResNet, the last stage's convs, at 1/32 of the input size), mean-aggregated
-by the package. Wrong ones also get the map of the class they were taken for.
+by the package. Wrong ones also get the map of the class they were taken for. The split is
+scored as `evaluate` scores it (`predict_as_validated`: the run's device, precision, memory
+layout and batch size), so right and wrong are evaluate's; the maps are computed in fp32 on
+that device.
 
 Each map is measured (`map_stats`): how concentrated it is (the share of its mass in
 its top 10% of pixels; 0.10 for a flat map), how much of it lies in the central quarter
@@ -30,10 +33,10 @@ import torch
 
 from .data import load_classes, load_split, to_tensor
 from .io import UserError, atomic_dir, atomic_path, console, no_options, read_json, run_cli, save_figure, write_json
-from .metrics import predict
+from .evaluate import predict_as_validated, scoring_model
 from .params import Params, load_params
 from .stats import Comparison, welch
-from .model import gradcam_layers, model_from_config
+from .model import gradcam_layers
 from .train import load_checkpoint, run_paths
 
 OUT = Path("plots/gradcam")
@@ -79,7 +82,7 @@ def map_resolution(model: torch.nn.Module, size: int) -> int:
     hook = gradcam_layers(model)[-1].register_forward_hook(record)
     try:
         with torch.no_grad():
-            model(torch.zeros(1, 3, size, size))
+            model(torch.zeros(1, 3, size, size, device=next(model.parameters()).device))
     finally:
         hook.remove()
     return int(seen["shape"][-1])
@@ -189,12 +192,9 @@ def gradcam(p: Params) -> dict:
     if unknown:
         raise UserError(f"gradcam.classes: {', '.join(map(repr, unknown))} not in the prepared data set; "
                         f"known: {', '.join(classes)}")
-    torch.set_num_threads(v.train.threads)
-    model = model_from_config(best["model_config"])
-    model.load_state_dict(best["model"])
-    model.eval()
+    model, device = scoring_model(best, v.train)     # on the run's device: a GPU scores 7,500 images in seconds
     split = load_split(p.gradcam.split)
-    _, pred, prob = predict(model, split, best["mean"], best["std"], 128, torch.device("cpu"))
+    _, pred, prob = predict_as_validated(model, device, split, best, v)
     k = p.gradcam.per_kind
     index = {"variant": variant, "run": run, "mean_val_accuracy": round(means[variant], 6),
              "split": p.gradcam.split, "image_size": int(split.x.shape[1]),
@@ -213,7 +213,7 @@ def gradcam(p: Params) -> dict:
             for kind, idx in chosen.items():
                 if not idx:
                     continue
-                x = to_tensor(split.x[idx], best["mean"], best["std"])
+                x = to_tensor(split.x[idx], best["mean"], best["std"], device)    # maps in fp32
                 maps = cams(model, x, [c] * len(idx))
                 wrong_maps = cams(model, x, [int(pred[i]) for i in idx]) if kind == "wrong" else None
                 for j, i in enumerate(idx):
