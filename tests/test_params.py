@@ -55,6 +55,7 @@ def test_linear_lr_scaling(workdir):
     ({"model": {"freeze": "layers:2", "weights": "w.pth"}}, ["model.freeze", "stages:K"]),
     ({"model": {"freeze": "stages:4", "weights": "w.pth"}}, ["model.freeze", "resnet6n2 has 3 stages"]),
     ({"model": {"freeze": "stem"}}, ["model.freeze", "model.weights"]),
+    ({"model": {"input_stats": "cifar"}}, ["model.input_stats", "auto, data, imagenet"]),
     ({"model": {"weights": 3}}, ["model.weights", "a path"]),
     ({"train": {"head_lr": -0.1}}, ["train.head_lr", ">= 0"]),
     ({"study": {"variants": {"x": {"norm": "gn", "batch_size": 8, "arch": "resnet18", "gn_groups": 6}}}},

@@ -232,3 +232,34 @@ def test_study_variants_may_set_model_keys(prepared):
     state = train(p, "gn-r18-bs8", 0)
     assert state["model_config"]["arch"] == "resnet18"
     assert isinstance(make_model(p.variant("bn-pre").model, "bn", 3), ResNet)
+
+
+def test_inputs_are_normalized_as_the_weights_expect(prepared, tmp_path):
+    """model.input_stats: auto takes a checkpoint's own mean and std, ImageNet's for a torchvision file,
+    and the train split's from scratch; data and imagenet force one. The checkpoint keeps what was used,
+    so evaluate, gradcam and predict normalize the same way."""
+    from resnorm.predict import load_model
+    from resnorm.transfer import IMAGENET_STATS
+
+    def fresh(**model):
+        for f in run_paths(None, None).models.iterdir():
+            f.unlink()
+        return train(load_params(overrides={"model": {"n": 1, **model}, "train": {"epochs": 1}}))
+
+    data = train(load_params(overrides={"train": {"epochs": 1}}))        # from scratch: the train split's
+    assert data["mean"] != IMAGENET_STATS["mean"]
+    ck = load_checkpoint(run_paths(None, None).best)
+    ck["mean"], ck["std"] = [0.1, 0.2, 0.3], [0.4, 0.5, 0.6]              # a source trained on other data
+    src = tmp_path / "other.pt"
+    torch.save(ck, src)
+    state = fresh(weights=str(src))
+    assert (state["mean"], state["std"]) == ([0.1, 0.2, 0.3], [0.4, 0.5, 0.6])
+    assert load_model(run_paths(None, None).best)[1]["mean"] == [0.1, 0.2, 0.3]
+    assert (fresh(weights=str(src), input_stats="data")["mean"]) == data["mean"]
+    assert fresh(input_stats="imagenet")["std"] == IMAGENET_STATS["std"]
+    r18 = saved(tmp_path, build_model("resnet18", 1000, "torch_bn"), "r18.pth")    # torchvision's format
+    state = fresh(arch="resnet18", weights=str(r18))
+    assert (state["mean"], state["std"]) == (IMAGENET_STATS["mean"], IMAGENET_STATS["std"])
+    assert state["transfer"]["input_stats"]["from"].startswith("ImageNet")
+    plain = saved(tmp_path, ResNet(1, 3), "plain.pth")      # a bare state dict of the 6n+2 net: nothing known
+    assert fresh(weights=str(plain))["mean"] == data["mean"]

@@ -22,6 +22,7 @@ DEVICES = ("auto", "cpu", "cuda")
 SHORTCUTS = ("A", "B")
 ARCHS = ("resnet6n2", "resnet18", "resnet34", "resnet50")
 BLOCKS = ("basic", "preact")
+INPUT_STATS = ("auto", "data", "imagenet")   # what normalizes the input images (resnorm.transfer)
 # the channel counts a norm sees in each architecture (GN's group count must divide them all)
 ARCH_WIDTHS = {"resnet6n2": (16, 32, 64), "resnet18": (64, 128, 256, 512), "resnet34": (64, 128, 256, 512),
                "resnet50": (64, 128, 256, 512, 1024, 2048)}
@@ -78,6 +79,7 @@ class ModelParams:
     dropout: float = 0.0                # before the classifier
     weights: OptionalPath = OptionalPath("")  # "": from scratch; else a state dict or checkpoint to start from
     freeze: str = "none"                # none | stem | stages:K | all-but-head (with weights)
+    input_stats: str = "auto"           # the inputs' mean and std: auto (the weights file's, else data) | data | imagenet
 
 
 @dataclass(frozen=True)
@@ -342,6 +344,7 @@ def _validate_model(m: ModelParams, prefix: str) -> None:
                     f"{ARCH_STAGES[m.arch]} stages)")
     if m.freeze != "none" and not m.weights:
         raise _fail(f"{prefix}freeze", m.freeze, "none unless model.weights is set (frozen random layers learn nothing)")
+    _check_choice(f"{prefix}input_stats", m.input_stats, INPUT_STATS)
 
 
 def _check_variant(key: str, norm: str, batch_size: int) -> None:

@@ -568,8 +568,10 @@ def report(p: Params) -> Doc:
     transfers = {v: next((r["transfer"] for r in rs if r.get("transfer")), None) for v, rs in runs.items()}
     for v, t in transfers.items():
         if t:
+            stats = t.get("input_stats")
             doc.p(f"{v} did not start from scratch: {describe_transfer(t)}; freeze {t['freeze']} "
-                  f"({t['trainable_parameters']:,} parameters trained, {t['frozen_parameters']:,} frozen).")
+                  f"({t['trainable_parameters']:,} parameters trained, {t['frozen_parameters']:,} frozen)"
+                  + (f"; inputs normalized with the mean and std of {stats['from']}" if stats else "") + ".")
 
     doc.h(2, "All variants")
     head = ["variant", "seeds"] + [f"{s} {k.replace('_', '-')}" for s in SPLITS for k in SCORES]

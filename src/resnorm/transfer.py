@@ -26,6 +26,8 @@ from .model import stages, stem
 from .params import ModelParams
 
 HEAD = "fc."                      # the classifier's weights (the same name in both model families)
+# the per-channel mean and std that torchvision's ImageNet weights were trained with (its transforms)
+IMAGENET_STATS = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
 
 
 def file_sha1(path: str | Path) -> str:
@@ -36,9 +38,10 @@ def file_sha1(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], str, str | None]:
-    """(state dict, what the file is, its architecture if it says): a plain state dict (torchvision's
-    files), {"state_dict": ...} or a checkpoint of this project ({"model": ..., "model_config": ...}).
+def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], str, str | None, dict | None]:
+    """(state dict, what the file is, its architecture if it says, the mean and std its inputs were
+    normalized with if it says): a plain state dict (torchvision's files), {"state_dict": ...} or a
+    checkpoint of this project ({"model": ..., "model_config": ..., "mean": ..., "std": ...}).
     A "module." prefix (nn.DataParallel) is dropped. Anything else is one line naming the file."""
     path = Path(path)
     if not path.is_file():
@@ -49,17 +52,19 @@ def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], str, str | 
     except Exception as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
         raise UserError(f"model.weights: {path}: not a readable PyTorch file ({type(e).__name__}: {first})") from None
-    arch, kind = None, "state dict"
+    arch, kind, stats = None, "state dict", None
     if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
         config = obj.get("model_config") or {}
         arch, kind = config.get("arch", "resnet6n2"), f"resnorm checkpoint ({config.get('norm', '?')})"
+        if obj.get("mean") is not None and obj.get("std") is not None:
+            stats = {"mean": [float(x) for x in obj["mean"]], "std": [float(x) for x in obj["std"]]}
         obj = obj["model"]
     elif isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise UserError(f"model.weights: {path}: not a state dict (a mapping of names to tensors) "
                         "nor a checkpoint of this project")
-    return {k.removeprefix("module."): v for k, v in obj.items()}, kind, arch
+    return {k.removeprefix("module."): v for k, v in obj.items()}, kind, arch, stats
 
 
 def load_weights(model: nn.Module, path: str | Path, arch: str) -> dict:
@@ -69,7 +74,7 @@ def load_weights(model: nn.Module, path: str | Path, arch: str) -> dict:
     Everything else (norm parameters and statistics, conv biases) is copied where name and shape
     match; the head (`fc.*`) keeps its fresh initialisation, sized for this data set.
     """
-    sd, kind, file_arch = read_weights(path)
+    sd, kind, file_arch, stats = read_weights(path)
     if file_arch is not None and file_arch != arch:
         raise UserError(f"model.weights: {path} holds a {file_arch} (its model_config); model.arch is {arch}")
     own = model.state_dict()
@@ -101,8 +106,29 @@ def load_weights(model: nn.Module, path: str | Path, arch: str) -> dict:
             kept.append(k)
     unused = sorted(k for k in sd if k not in loaded and not k.startswith(HEAD))
     model.load_state_dict(loaded, strict=False)
+    if stats is None and kind == "state dict" and arch != "resnet6n2":
+        stats = {**IMAGENET_STATS, "from": "ImageNet (torchvision's weights were trained with it)"}
+    elif stats is not None:
+        stats["from"] = f"the checkpoint {path}"
     return {"weights": str(path), "sha1": file_sha1(path), "source": kind, "loaded": len(loaded),
-            "new_head": sorted(k for k in own if k.startswith(HEAD)), "not_loaded": kept, "unused": unused}
+            "new_head": sorted(k for k in own if k.startswith(HEAD)), "not_loaded": kept, "unused": unused,
+            "input_stats": stats}
+
+
+def input_stats(choice: str, transfer: dict | None, data_stats) -> tuple[list[float], list[float], str]:
+    """(mean, std, where they come from) for normalizing the input images (`model.input_stats`).
+
+    A pretrained model's filters expect inputs normalized as in its own training: `auto` takes the
+    weights file's statistics where it has them (a checkpoint of this project carries its mean and
+    std; torchvision's files of ResNet-18/34/50 mean ImageNet's) and the data set's own otherwise,
+    as from scratch. `data` and `imagenet` force one. `data_stats` computes the data set's (mean, std)."""
+    if choice == "imagenet":
+        return IMAGENET_STATS["mean"], IMAGENET_STATS["std"], "ImageNet"
+    found = (transfer or {}).get("input_stats")
+    if choice == "auto" and found:
+        return found["mean"], found["std"], found["from"]
+    mean, std = data_stats()
+    return mean, std, "the train split"
 
 
 def describe(report: dict) -> str:
