@@ -256,6 +256,32 @@ def test_a_run_out_of_gpu_memory_beside_others_starts_again_with_fewer_at_once(t
     assert run_jobs([alone], 2, lambda job, rc: None) == [alone] and alone.attempts == 1
 
 
+def test_a_failed_run_is_named_with_the_line_that_says_why(tmp_path):
+    """A failed run's line quotes the error its log names, not whatever came last (inductor's compile
+    errors print pages of compiler output after the exception), and quotes it verbatim: a log line
+    with [ ] once lost its text to rich's markup, and a stray "[/]" crashed resnorm.parallel itself."""
+    from resnorm.io import console
+    from resnorm.parallel import Job, failure_line, report_failure
+    log = tmp_path / "[run].log"
+    log.write_text("study-train@bn-bs8-0 epoch 1/50 ...\nTraceback (most recent call last):\n"
+                   '  File "train.py", line 530, in train\n'
+                   "torch._inductor.exc.InductorError: CppCompileError: C++ compile error [/] at [enforce fail]\n\n"
+                   "Output:\n/tmp/x.cpp:89:54: error: 'decltype' evaluates to 'float'\n   89 |  auto t = x;\n"
+                   "      |       ^~~~\n\n")
+    why = "torch._inductor.exc.InductorError: CppCompileError: C++ compile error [/] at [enforce fail]"
+    assert failure_line(log) == why
+    with console.capture() as out:
+        report_failure(Job("study-train@bn-bs8-0", "cmd", str(tmp_path), log), 1, 59.4)
+    assert out.get().strip() == f"failed study-train@bn-bs8-0 (exit 1, 59 s): {why}  (log: {log})"
+    # a stage's own one-line error, then a message of DVC's after it
+    log.write_text("Traceback ...\nerror: gradcam.classes: 'Owl' not in the prepared data set\n"
+                   "ERROR: failed to reproduce 'study-train@x'\n")
+    assert failure_line(log) == "error: gradcam.classes: 'Owl' not in the prepared data set"
+    log.write_text("no error named here\nthe last line\n\n")                 # none named: the last line
+    assert failure_line(log) == "the last line"
+    assert failure_line(tmp_path / "missing.log") == ""
+
+
 def test_a_signal_during_a_runs_record_is_delivered_after_it():
     """Also with another thread in the process (DVC's, or xdist's here), which a signal sent to the
     process may reach: a blocking mask on the main thread alone would let it through."""

@@ -233,7 +233,8 @@ def gradcam(p: Params) -> dict:
             counts = {kind: len(idx) for kind, idx in chosen.items()}
             for kind, n_found in counts.items():
                 if n_found < k:
-                    console.print(f"gradcam: class {name}: only {n_found} {kind} {p.gradcam.split} image(s) of {k}")
+                    console.print(f"gradcam: class {name}: only {n_found} {kind} {p.gradcam.split} image(s) of {k}",
+                                  markup=False)      # a class is a folder name, which may hold [ ]
             class_figure(tmp / "grids" / f"{name}.png", f"{name}: Grad-CAM of the true class ({run}, {p.gradcam.split} split)",
                          shown, k)
             index["classes"][name] = {"available": {"images": int((split.y == c).sum()), **counts},

@@ -20,8 +20,9 @@ single truth and only adds concurrency:
 5. then it runs `dvc repro` for everything else (evaluate, gradcam, report), where the
    committed training stages are up to date and are skipped.
 
-A run that fails is not committed and is named with the end of its log; the others go on. A run
-that runs out of GPU memory beside others starts again later, with one fewer at once from then on.
+A run that fails is not committed and is named with the line of its log that says why; the others
+go on. A run that runs out of GPU memory beside others starts again later, with one fewer at once
+from then on.
 Stopped midway (Ctrl-C, SIGTERM, SIGHUP), it stops the runs still going and waits for them
 before it releases DVC's lock; nothing is lost: committed runs stay committed, and a training
 started again resumes from its last epoch. Each run's output goes to `.dvc/tmp/parallel/<stage>.log`.
@@ -40,6 +41,8 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from rich.markup import escape
 
 from .io import UserError, console, read_csv, run_cli
 from .params import load_params
@@ -257,12 +260,29 @@ def run_jobs(jobs: list[Job], slots: int, on_done, status_every: float = 0) -> l
     return failed
 
 
-def last_line(log: Path) -> str:
+# a line that names what stopped a run: a Python exception ("torch.OutOfMemoryError: ...", "KeyError")
+# or a stage's own one-line error (`io.run_cli`: "error: ...")
+ERROR_LINE = re.compile(r"^(?:[A-Za-z_][\w.]*(?:Error|Exception|Exit|Interrupt)\b(?::.*)?|error: .*)$")
+
+
+def failure_line(log: Path) -> str:
+    """The line of a failed run's log that says why: the last one naming an error, else the last one.
+
+    The last line alone is not enough: a compiler's error (inductor's C++ or Triton) prints pages of
+    its output after the exception that names it."""
     try:
-        lines = [x for x in log.read_text(errors="replace").splitlines() if x.strip()]
+        lines = [x.strip() for x in log.read_text(errors="replace").splitlines() if x.strip()]
     except OSError:
         return ""
-    return lines[-1].strip() if lines else ""
+    named = [x for x in lines if ERROR_LINE.match(x)]
+    return (named or lines or [""])[-1]
+
+
+def report_failure(job: Job, rc: int, took: float) -> None:
+    """One line: which run failed, how, and why in its log's words (escaped: a log may hold [ ], which
+    rich would read as markup, swallowing the text or raising on a stray closing tag)."""
+    console.print(f"[red]failed[/red] {job.stage} (exit {rc}, {took:.0f} s): {escape(failure_line(job.log))}  "
+                  f"(log: {escape(str(job.log))})", soft_wrap=True)
 
 
 def set_params(overrides: list[str], path: Path = Path("params.yaml")) -> None:
@@ -324,14 +344,13 @@ def main(argv: list[str]) -> None:
                              if stale_upstream and args.dry else ""), soft_wrap=True)
             if args.dry:
                 for j in jobs:
-                    console.print(f"  {j.stage}: {j.cmd}", soft_wrap=True)
+                    console.print(f"  {j.stage}: {j.cmd}", soft_wrap=True, markup=False)
                 return
 
             def record(job: Job, rc: int) -> None:
                 took = time.time() - job.started
                 if rc != 0:
-                    console.print(f"[red]failed[/red] {job.stage} (exit {rc}, {took:.0f} s): "
-                                  f"{last_line(job.log)}  (log: {job.log})", soft_wrap=True, markup=True)
+                    report_failure(job, rc, took)
                     return
                 repo.commit(job.stage, force=True)
                 console.print(f"done  {job.stage} in {took:.0f} s, recorded in dvc.lock", soft_wrap=True)
