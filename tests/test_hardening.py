@@ -251,6 +251,7 @@ def test_markup_in_a_path_is_printed_as_text(workdir, root):
 
 
 @pytest.mark.parametrize("content", [b"", b"PK\x03\x04 torn zip", b"\x80\x04K\x01."])
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol:UserWarning")   # torch's, on the bare pickle
 def test_evaluate_on_a_corrupt_checkpoint_is_one_line(prepared, content):
     from resnorm.evaluate import evaluate
     from resnorm.io import UserError

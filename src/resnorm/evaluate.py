@@ -49,7 +49,8 @@ def summary(metrics: dict) -> dict:
 
 
 def scoring_model(checkpoint: dict, t: TrainParams) -> tuple[torch.nn.Module, torch.device]:
-    """A checkpoint's model in eval mode on its run's device (`train.device`) and memory layout."""
+    """A checkpoint's model in eval mode on its run's device (`train.device`) and memory layout; the
+    process then uses the run's CPU threads (`train.threads`) too, as training did."""
     device = pick_device(t.device)
     torch.set_num_threads(t.threads)
     model = model_from_config(checkpoint["model_config"]).to(device)

@@ -31,7 +31,7 @@ from .kernels import engine
 from .model import model_from_config
 from .norms import bin_layers, clamp_gates_
 from .params import ModelParams, Params, TrainParams, Variant, load_params
-from .transfer import HEAD, describe, file_sha1, freeze, input_stats, keep_frozen_norms, load_weights
+from .transfer import FROM_DATA, HEAD, describe, file_sha1, freeze, input_stats, keep_frozen_norms, load_weights
 
 HISTORY_COLUMNS = ["epoch", "lr", "train_loss", "train_error", "train_accuracy", "train_micro_f1",
                    "train_macro_f1", "val_loss", "val_error", "val_accuracy", "val_micro_f1", "val_macro_f1"]
@@ -468,7 +468,7 @@ def train(p: Params, variant: str | None = None, seed: int | None = None,
                                                           lambda: channel_stats(train_split.x))
         if state.get("transfer"):                        # the record says what was used, not what the file had
             state["transfer"]["input_stats"] = {"mean": state["mean"], "std": state["std"], "from": source}
-        if source != "the train split":
+        if source != FROM_DATA:           # the usual case goes without saying
             console.print(f"{paths.name}: inputs normalized with the mean and std of {source}", markup=False)
         paths.best.unlink(missing_ok=True)
         paths.timing.unlink(missing_ok=True)

@@ -28,6 +28,8 @@ from .params import ModelParams
 HEAD = "fc."                      # the classifier's weights (the same name in both model families)
 # the per-channel mean and std that torchvision's ImageNet weights were trained with (its transforms)
 IMAGENET_STATS = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
+# where `input_stats` says the statistics came from when they are the data set's own (from scratch)
+FROM_DATA = "the train split"
 
 
 def file_sha1(path: str | Path) -> str:
@@ -128,7 +130,7 @@ def input_stats(choice: str, transfer: dict | None, data_stats) -> tuple[list[fl
     if choice == "auto" and found:
         return found["mean"], found["std"], found["from"]
     mean, std = data_stats()
-    return mean, std, "the train split"
+    return mean, std, FROM_DATA
 
 
 def describe(report: dict) -> str:
