@@ -9,7 +9,7 @@ import torch
 from resnorm.model import build_model
 from resnorm.params import load_params
 from resnorm.train import model_config, save_checkpoint
-from resnorm.visualize import MODEL, NUMBERS, OUT, activation_stats, visualize
+from resnorm.visualize import MODEL, NUMBERS, OUT, Moments, activation_stats, visualize
 
 
 def best_checkpoint(arch: str, norm: str, n: int = 1) -> None:
@@ -60,6 +60,51 @@ def test_activation_stats_leave_fused_relu_as_it_was():
     assert len(fused) == 4 and all(m.fused_relu for m in fused)          # the stem and each block's first norm
     torch.testing.assert_close(model(x), before)
     assert len(rows) == 7 and [r["kind"] for r in rows] == ["BatchNorm"] * 7
+
+
+def test_activation_stats_in_chunks_equal_one_pass_over_all_images():
+    """The moments are merged chunk by chunk (so 256 images at 256 px need one chunk's activations,
+    not 7.7 GiB); any chunking must give one pass's figures, and those must be torch's own float64
+    mean and std of every norm layer's input."""
+    from resnorm.model import ResNet
+    from resnorm.visualize import norm_layers
+    torch.manual_seed(0)
+    model = ResNet(1, 3, norm="bn").eval()
+    for m in model.modules():                  # running statistics far from (0, 1), so the chunks differ
+        if hasattr(m, "running_mean"):
+            m.running_mean.uniform_(-1, 1)
+            m.running_var.uniform_(0.5, 2)
+    x = torch.randn(10, 3, 16, 16) * 2 + 0.5
+    whole = activation_stats(model, x, chunk=10)
+    keys = ("mean_before", "std_before", "mean_after", "std_after")
+    for chunk in (1, 3, 4):              # float32 convolutions round a little differently per batch size
+        parts = activation_stats(model, x, chunk=chunk)
+        assert [r["layer"] for r in parts] == [r["layer"] for r in whole]
+        for a, b in zip(whole, parts):
+            for k in keys:
+                assert b[k] == pytest.approx(a[k], rel=1e-5, abs=1e-7), (chunk, a["layer"], k)
+    # the merge itself, exactly: pieces of unequal size and mean against the whole in float64
+    t = torch.cat([torch.randn(7) * 3 + 5, torch.randn(1) - 2, torch.randn(40) * 0.1])
+    merged = Moments()
+    for piece in (t[:7], t[7:8], t[8:]):
+        merged.add(piece)
+    assert merged.n == 48 and merged.mean == pytest.approx(float(t.double().mean()), rel=1e-13)
+    assert merged.std == pytest.approx(float(t.double().std(unbiased=False)), rel=1e-13)
+    inputs = {}
+
+    def keep(name):
+        def hook(module, args, output):          # returns nothing: the output goes on unchanged
+            inputs[name] = args[0].double()
+        return hook
+    hooks = [m.register_forward_hook(keep(name)) for name, m in norm_layers(model)]
+    with torch.no_grad():
+        model(x)
+    for h in hooks:
+        h.remove()
+    for r in whole:
+        t = inputs[r["layer"]]
+        assert r["mean_before"] == pytest.approx(float(t.mean()), rel=1e-12, abs=1e-14)
+        assert r["std_before"] == pytest.approx(float(t.std(unbiased=False)), rel=1e-12)
 
 
 def test_visualize_without_a_best_model_is_one_line(prepared):
