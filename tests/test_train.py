@@ -131,6 +131,34 @@ def test_schedules_and_early_stopping(prepared, schedule):
         assert lrs[2] == pytest.approx(lrs[1] * 0.1)
 
 
+def test_channel_stats_are_the_plain_formula_exactly_and_any_chunking_gives_the_same_bits(tmp_path):
+    """channel_stats sums integers along image rows; it must be `x.reshape(-1, 3) / 255` and each
+    column's mean and population std, to the last bit a correctly rounded exact value allows."""
+    import numpy as np
+    from fractions import Fraction
+    from resnorm.data import channel_stats
+    rng = np.random.default_rng(1)
+    x = rng.integers(0, 256, size=(7, 5, 6, 3), dtype=np.uint8)
+    x[..., 2] //= 3                                       # channels with other means
+    np.save(tmp_path / "x.npy", x)
+    mapped = np.load(tmp_path / "x.npy", mmap_mode="r")  # as training reads the split
+    mean, std = channel_stats(mapped)
+    for chunk in (1, 100, 181, 1 << 24):                # one image per chunk, a few, all at once
+        assert channel_stats(mapped, chunk_bytes=chunk) == (mean, std)
+    pixels = x.reshape(-1, 3).astype(int)
+    for k in range(3):                                  # exact rational arithmetic as the truth
+        values = [Fraction(int(v), 255) for v in pixels[:, k]]
+        m = sum(values) / len(values)
+        var = sum((v - m) ** 2 for v in values) / len(values)
+        assert mean[k] == float(m)
+        assert std[k] == pytest.approx(math.sqrt(float(var)), rel=2e-16)
+    plain = pixels / 255.0
+    np.testing.assert_allclose(mean, plain.mean(0), rtol=1e-13)
+    np.testing.assert_allclose(std, plain.std(0), rtol=1e-13)
+    flat = np.full((2, 4, 4, 3), 51, dtype=np.uint8)   # one colour: std floored, not 0 (it divides)
+    assert channel_stats(flat) == ([0.2] * 3, [1e-6] * 3)
+
+
 def test_workers_give_the_same_batches(prepared):
     from resnorm.data import EpochBatches, batches, load_split
     split = load_split("train")

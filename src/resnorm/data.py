@@ -7,6 +7,7 @@ a resume in the middle of a run.
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,19 +57,32 @@ def load_classes(root: Path = PREPARED) -> list[str]:
     return classes
 
 
-def channel_stats(x: np.ndarray, chunk: int = 1024) -> tuple[list[float], list[float]]:
-    """Per-channel mean and std of uint8 images in [0, 1], streamed in chunks (flat memory)."""
-    total = np.zeros(3)
-    sq = np.zeros(3)
-    count = 0
-    for i in range(0, len(x), chunk):
-        a = np.asarray(x[i:i + chunk], dtype=np.float64) / 255.0
-        total += a.sum(axis=(0, 1, 2))
-        sq += (a * a).sum(axis=(0, 1, 2))
-        count += a.shape[0] * a.shape[1] * a.shape[2]
-    mean = total / max(count, 1)
-    std = np.sqrt(np.maximum(sq / max(count, 1) - mean ** 2, 1e-12))
-    return mean.tolist(), std.tolist()
+def channel_stats(x: np.ndarray, chunk_bytes: int = 1 << 24) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std of uint8 NHWC images, on the [0, 1] scale.
+
+    What it computes is plain: `a = x.reshape(-1, 3) / 255`, then each column's mean and population
+    std (tests/test_train.py holds it to exactly that). How: exact integer sums of the values
+    and of their squares, streamed over chunks of about `chunk_bytes` (flat memory), each chunk seen
+    as rows of one image row (W x 3 bytes), so numpy sums along contiguous memory; the squares fit
+    uint16 (255^2 = 65,025). Every training run calls this once: on the birds train split (24,706
+    images at 256 px) it took about 2 minutes in float64 arithmetic on 2 cores, and now a few seconds.
+    The mean and variance are then one correctly rounded division each of exact integers."""
+    n, h, w, c = x.shape
+    total, squares = np.zeros(c, dtype=np.uint64), np.zeros(c, dtype=np.uint64)
+    step = max(1, chunk_bytes // max(h * w * c, 1))
+    for i in range(0, n, step):
+        rows = np.ascontiguousarray(x[i:i + step]).reshape(-1, w * c)
+        total += rows.sum(axis=0, dtype=np.uint64).reshape(w, c).sum(axis=0)
+        sq = rows.astype(np.uint16)
+        sq *= sq
+        squares += sq.sum(axis=0, dtype=np.uint64).reshape(w, c).sum(axis=0)
+    count = n * h * w
+    if count == 0:
+        return [0.0] * c, [1e-6] * c
+    t, q = [int(v) for v in total], [int(v) for v in squares]
+    mean = [t[k] / (count * 255) for k in range(c)]
+    var = [(count * q[k] - t[k] * t[k]) / (count * count * 255 * 255) for k in range(c)]
+    return mean, [math.sqrt(max(v, 1e-12)) for v in var]
 
 
 def to_tensor(x, mean: list[float], std: list[float], device: torch.device | str = "cpu",
