@@ -282,6 +282,30 @@ def test_a_failed_run_is_named_with_the_line_that_says_why(tmp_path):
     assert failure_line(tmp_path / "missing.log") == ""
 
 
+def test_a_run_whose_record_fails_is_named_and_the_others_go_on(tmp_path):
+    """`dvc commit` of one finished run raising (a full disk while caching) used to end
+    resnorm.parallel, and with it every run still training; now that run is named, left unrecorded
+    and counted as failed, and the others are recorded."""
+    from resnorm.io import console
+    from resnorm.parallel import Job, record_run, run_jobs
+
+    class Repo:                       # DVC's Repo as record_run uses it
+        committed = []
+
+        def commit(self, stage, force):
+            if stage.endswith("b-0"):
+                raise OSError(28, "No space left on device [cache]")
+            self.committed.append(stage)
+    repo = Repo()
+    jobs = [Job(f"study-train@{n}-0", f"{sys.executable} -c pass", str(tmp_path), tmp_path / f"{n}.log")
+            for n in ("a", "b", "c")]
+    with console.capture() as out:
+        failed = run_jobs(jobs, 2, lambda job, rc: record_run(repo, job, rc))
+    assert failed == [jobs[1]] and sorted(repo.committed) == ["study-train@a-0", "study-train@c-0"]
+    assert ("not recorded study-train@b-0: `dvc commit` failed: [Errno 28] No space left on device [cache]; "
+            "its outputs are kept") in out.get()
+
+
 def test_a_signal_during_a_runs_record_is_delivered_after_it():
     """Also with another thread in the process (DVC's, or xdist's here), which a signal sent to the
     process may reach: a blocking mask on the main thread alone would let it through."""

@@ -190,7 +190,8 @@ def out_of_memory(log: Path) -> bool:
 
 
 def run_jobs(jobs: list[Job], slots: int, on_done, status_every: float = 0) -> list[Job]:
-    """Run the jobs `slots` at a time; `on_done(job, returncode)` as each ends. Returns the failed ones.
+    """Run the jobs `slots` at a time; `on_done(job, returncode)` as each ends. Returns the failed ones:
+    those that exited non-zero, and those whose `on_done` returned False (not recorded).
 
     A run that runs out of GPU memory while others run beside it is not failed: it goes back to the
     front of the queue and starts again (resuming from its last epoch) when one fewer runs, and from
@@ -234,12 +235,12 @@ def run_jobs(jobs: list[Job], slots: int, on_done, status_every: float = 0) -> l
                                   f"once: it starts again (from its last epoch) when a run ends; at most {limit} at "
                                   f"once from now on", soft_wrap=True)
                     continue
-                if rc != 0:
+                with signals_held():
+                    recorded = on_done(job, rc)
+                if rc != 0 or recorded is False:
                     failed.append(job)
                 else:
                     finished += 1
-                with signals_held():
-                    on_done(job, rc)
             if status_every and running and time.time() >= next_status:
                 next_status = time.time() + status_every
                 console.print(time.strftime("%H:%M ") + status_line(list(running.values()), finished, pending, slots, len(failed)),
@@ -283,6 +284,26 @@ def report_failure(job: Job, rc: int, took: float) -> None:
     rich would read as markup, swallowing the text or raising on a stray closing tag)."""
     console.print(f"[red]failed[/red] {job.stage} (exit {rc}, {took:.0f} s): {escape(failure_line(job.log))}  "
                   f"(log: {escape(str(job.log))})", soft_wrap=True)
+
+
+def record_run(repo, job: Job, rc: int) -> bool:
+    """What `dvc repro` would write for a run that ended: `dvc commit` of its stage (deps, params and
+    outputs hashed into dvc.lock, outputs cached). A failed run, or a record that fails (a full disk
+    while caching, say), gets one line, stays unrecorded and returns False; the other runs go on, and
+    the next `resnorm.parallel` or `dvc repro` records it (a finished training is not trained again)."""
+    took = time.time() - job.started
+    if rc != 0:
+        report_failure(job, rc, took)
+        return False
+    try:
+        repo.commit(job.stage, force=True)
+    except Exception as e:                 # one run's record must not stop the runs beside it
+        why = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        console.print(f"[red]not recorded[/red] {job.stage}: `dvc commit` failed: {escape(why)}; its outputs "
+                      "are kept, and `dvc repro` records them", soft_wrap=True)
+        return False
+    console.print(f"done  {job.stage} in {took:.0f} s, recorded in dvc.lock", soft_wrap=True)
+    return True
 
 
 def set_params(overrides: list[str], path: Path = Path("params.yaml")) -> None:
@@ -346,16 +367,7 @@ def main(argv: list[str]) -> None:
                 for j in jobs:
                     console.print(f"  {j.stage}: {j.cmd}", soft_wrap=True, markup=False)
                 return
-
-            def record(job: Job, rc: int) -> None:
-                took = time.time() - job.started
-                if rc != 0:
-                    report_failure(job, rc, took)
-                    return
-                repo.commit(job.stage, force=True)
-                console.print(f"done  {job.stage} in {took:.0f} s, recorded in dvc.lock", soft_wrap=True)
-
-            failed = run_jobs(jobs, args.jobs, record, args.status_every)
+            failed = run_jobs(jobs, args.jobs, lambda job, rc: record_run(repo, job, rc), args.status_every)
     except LockError as e:
         raise UserError(f"the DVC repository is locked ({e}); is another `dvc repro` running?") from None
     finally:
