@@ -104,6 +104,28 @@ def test_batch_study_is_paired_over_seeds_with_intervals(workdir):
         assert "neither support nor refute" in text
 
 
+def test_batch_study_names_diverged_runs_and_why_a_test_is_missing(workdir):
+    """Runs that diverged have no scores: the section says which ones, and a missing test says it lacks
+    scored runs, not runs (there were 3 of them)."""
+    write_params(workdir, {})
+    p = load_params()
+    from resnorm.report import batch_study
+    acc = {"bn-bs8-es": [0.40, 0.45, 0.43], "bn-bs32-es": [0.55, 0.56, 0.50], "bn-bs128-es": [0.52, 0.58, 0.55],
+           "gn-bs8-es": [0.50, 0.49, 0.52], "gn-bs32-es": [0.51, 0.50, 0.53], "gn-bs128-es": [0.48, 0.52, 0.50]}
+    runs = fake_runs(acc)
+    for r in runs["gn-bs128-es"]:
+        r.update(status="diverged", message="loss is nan")
+        for split in ("train", "val", "test"):
+            del r[split]
+    rows, comps, obs, tests = batch_study(runs, p)
+    assert tests == 4                                   # GN's two tests against 128 and the sensitivity drop out
+    gn = next(c for c in comps if c[0] == "GN: batch 8 minus batch 128")
+    assert gn[1] == "n/a (fewer than 2 runs with scores)"
+    text = " ".join(obs)
+    assert "Diverged (no scores): gn-bs128-es-0, gn-bs128-es-1, gn-bs128-es-2." in text
+    assert "2 or more seeds scored at both batch sizes" in text
+
+
 def test_the_report_names_the_engines_that_computed_the_runs():
     from resnorm.report import engines_text
     cpu = {"device": "cpu", "norm_ops": "fused CPU kernels", "threads": 1, "compile": False, "torch": "2.14.1"}

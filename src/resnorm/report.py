@@ -196,9 +196,18 @@ def ranking(runs: dict[str, list[dict]], variants: list[str]) -> list[str]:
     return sorted(have, key=lambda v: -statistics.fmean(score(runs[v], "test", "accuracy")))
 
 
+NO_TEST = "n/a (fewer than 2 runs with scores)"      # where a test needs 2 or more scored runs a side
+
+
+def diverged_note(runs: dict[str, list[dict]], variants: list[str]) -> list[str]:
+    """A line naming the runs of `variants` that diverged: they have no scores, so tables show them as n/a."""
+    diverged = [r["run"] for v in variants for r in runs[v] if r.get("status") == "diverged"]
+    return [f"Diverged (no scores): {', '.join(diverged)}."] if diverged else []
+
+
 def cell(c: Comparison | None) -> str:
     if c is None:
-        return "n/a (fewer than 2 runs)"
+        return NO_TEST
     return f"{c.interval()}, p = {c.p:.2g}" + (" *" if c.significant else "")
 
 
@@ -268,10 +277,7 @@ def ranking_section(runs: dict[str, list[dict]], variants: list[str], n_test: in
         hi_v, lo_v = max(train_gap, key=train_gap.get), min(train_gap, key=train_gap.get)
         obs.append(f"The largest train-test accuracy gap is {hi_v} ({train_gap[hi_v]:+.3f}), the smallest {lo_v} "
                    f"({train_gap[lo_v]:+.3f}).")
-    diverged = [r["run"] for v in variants for r in runs[v] if r.get("status") == "diverged"]
-    if diverged:
-        obs.append(f"Diverged (no scores): {', '.join(diverged)}.")
-    return rows, obs, tests
+    return rows, obs + diverged_note(runs, variants), tests
 
 
 def batch_protocol(p: Params, n_train: int) -> str:
@@ -343,7 +349,7 @@ def batch_study(runs: dict[str, list[dict]], p: Params, family: Family | None = 
             if (small, large) == (bss[0], bss[-1]):
                 change[norm] = ({s: a[s] - b[s] for s in a if s in b}, c)
                 obs.append(f"{norm.upper()}: test accuracy at batch {small} minus batch {large} = "
-                           + (c.describe() if c else "n/a (fewer than 2 runs)") + ".")
+                           + (c.describe() if c else NO_TEST) + ".")
     if "bn" in change and "gn" in change:
         (d_bn, c_bn), (d_gn, c_gn) = change["bn"], change["gn"]
         small, large = min(by_norm["bn"]), max(by_norm["bn"])
@@ -352,7 +358,8 @@ def batch_study(runs: dict[str, list[dict]], p: Params, family: Family | None = 
         tests += c is not None
         comps.append([name, cell(c), *test_verdict(c)])
         if c is None:
-            obs.append("BN's and GN's sensitivity to batch size cannot be compared with fewer than 2 seeds.")
+            obs.append("BN's and GN's sensitivity to batch size cannot be compared: that takes 2 or more seeds "
+                       "scored at both batch sizes of each norm.")
         else:
             text = (f"Sensitivity (BN's change from batch {large} to {small} minus GN's) = {c.describe()}. ")
             if c.significant and c.diff < 0:
@@ -367,7 +374,7 @@ def batch_study(runs: dict[str, list[dict]], p: Params, family: Family | None = 
         if c_gn is not None and not c_gn.significant:
             obs.append("GN's own change is not significant; that is a failure to detect a change, not a demonstration "
                        "that GN is insensitive to batch size.")
-    return rows, comps, obs, tests
+    return rows, comps, obs + diverged_note(runs, [v.name for v in p.variants("batch")]), tests
 
 
 def gate_stats(p: Params) -> list[list[str]]:
