@@ -18,7 +18,7 @@ project whose `data/prepared` arrays are generated (256x256 uint8 noise, 25 clas
 recorded with `dvc commit`, so no JPEG set is needed. Results accumulate in
 $OUT/speed.json after each measurement, so a call cut short keeps what it measured.
 `--phase project` reads them back and projects the paper study's training time: each run of
-params.yaml's study (its variants' batch sizes x its seeds) at 50 epochs of the paper epoch
+params.yaml's study (its variants' batch sizes x its seeds, plus the single experiment, stage `train`) at 50 epochs of the paper epoch
 (paper_epoch: 24,706 train images, the test split carved out of the birds set's 30,000, and 7,500
 val), at the fastest route measured for its batch size (one run at a time, or j at once). A projection, not
 a measurement: it assumes no run stops early and every norm at the measured norms' slowest rate.
@@ -264,12 +264,14 @@ def paper_overhead(route: dict, paper: tuple[int, int]) -> float:
 
 
 def study_runs(params: Path = HERE / "params.yaml", skip: tuple[str, ...] = ()) -> dict[int, int]:
-    """The paper study's trainings per batch size: params.yaml's study variants (less `skip`) x its seeds."""
+    """The paper pipeline's trainings per batch size: params.yaml's study variants (less `skip`) x its
+    seeds, plus the single experiment (stage `train`, the top-level norm and batch size): `dvc repro`
+    and `resnorm.parallel` train it too, so it counts, though the study trains the same model."""
     p = yaml.safe_load(params.read_text())
     unknown = set(skip) - set(p["study"]["variants"])
     if unknown:
         raise ValueError(f"{', '.join(sorted(unknown))} not in {params}'s study")
-    runs: dict[int, int] = {}
+    runs: dict[int, int] = {int(p["batch_size"]): 1}
     for name, variant in p["study"]["variants"].items():
         if name in skip:
             continue
@@ -346,7 +348,7 @@ def phase_project(out: Path, args, results: dict) -> None:
               f"epoch / train time {r['overhead']:.3f} as measured (val / train {r['val_ratio']:.3f}), "
               f"{paper_overhead(r, paper):.3f} at the paper's, epoch-1 extra {r['extra']:.0f} s per wave", flush=True)
     without = f" without {', '.join(skip)}" if skip else ""
-    print(f"projected paper study{without}: {sum(runs.values())} runs x {PAPER_EPOCHS} epochs x "
+    print(f"projected paper study{without}: {sum(runs.values())} runs (the study's and the experiment's) x {PAPER_EPOCHS} epochs x "
           f"{paper[0]:,} train images (the birds set's {BIRDS_TRAIN_FOLDER:,} less the test split prepare carves "
           f"out of them) and {paper[1]:,} val, no early stop: {hours:.2f} h of training (a projection from the "
           f"figures above)", flush=True)
