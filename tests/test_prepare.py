@@ -9,7 +9,7 @@ from PIL import Image
 
 from resnorm.io import UserError
 from resnorm.params import load_params
-from resnorm.prepare import OUT, prepare
+from resnorm.prepare import OUT, Item, assign_splits, prepare
 from conftest import TINY, make_dataset, make_image, write_params
 
 
@@ -95,6 +95,7 @@ def test_split_is_stratified_deterministic_and_leak_free(workdir, tmp_path):
     assert "exact duplicate of" in reasons(report)["img_001.jpg"]      # dup.jpg sorts first and is kept
     for c, counts in report["per_class"].items():
         assert counts["train"] >= 10 and counts["val"] >= 2 and counts["test"] >= 2, (c, counts)
+    assert "uneven_splits" not in report          # listed only when some class has one: report.json as before
     hashes = {}
     for row in first:
         assert hashes.setdefault(row["sha1"], row["split"]) == row["split"]
@@ -118,6 +119,42 @@ def test_near_duplicates_stay_in_one_split(workdir, tmp_path):
     run(workdir, root)
     rows = [r for r in manifest() if "class_0/img_000" in r["path"] or "copy_q" in r["path"]]
     assert len(rows) == 4 and len({r["split"] for r in rows}) == 1
+
+
+def test_a_large_group_goes_to_the_split_it_fits_whatever_the_seed():
+    """Largest first: a group of 100 beside 6 single images lands in train (share 74 of 106), and the
+    singles go to val and test, 3 each; the class is reported as off its shares (3 of 16). Taken in
+    random order, the first group went to the smallest split: with seed 3 the 100 were val, with 11 test."""
+    for seed in range(12):
+        items = [Item(f"c/{i:03d}.jpg", "c", None) for i in range(106)]
+        uneven = assign_splits(items, {"train": 0.7, "val": 0.15, "test": 0.15}, seed, [0] * 100 + list(range(1, 7)))
+        assert uneven == [{"class": "c", "images": {"train": 100, "val": 3, "test": 3},
+                           "share": {"train": 74, "val": 16, "test": 16}, "largest_group": 100}], seed
+        assert {it.split for it in items[:100]} == {"train"}, seed
+    # three groups for three splits: one each, the largest to train
+    items = [Item(f"c/{i}.jpg", "c", None) for i in range(12)]
+    assign_splits(items, {"train": 0.7, "val": 0.15, "test": 0.15}, 0, [0] * 10 + [1, 2])
+    assert items[9].split == "train" and {items[10].split, items[11].split} == {"val", "test"}
+
+
+def test_a_class_split_off_its_shares_is_reported(workdir, tmp_path):
+    """A chain of look-alikes (one dHash group of 30) beside 6 distinct photos: train takes the 30,
+    val and test 3 each against shares of 7.2 (TINY's 60/20/20); report.json, the summary and the study
+    report say so."""
+    from resnorm.prepare import summary
+    from resnorm.report import uneven_text
+    root = make_dataset(tmp_path / "src", classes=2, per_class=12)
+    for i in range(30):                                   # one colour, tiny shifts: one near-duplicate group
+        Image.new("RGB", (24, 24), (200, 30, 10 + i)).save(root / "class_0" / f"flat_{i:02d}.png")
+    for f in list((root / "class_0").glob("img_*"))[6:]:
+        f.unlink()
+    report = run(workdir, root)
+    assert report["uneven_splits"] == [{"class": "class_0", "images": {"train": 30, "val": 3, "test": 3},
+                                        "share": {"train": 22, "val": 7, "test": 7}, "largest_group": 30}]
+    assert {r["split"] for r in manifest() if "flat_" in r["path"]} == {"train"}
+    assert "warning: 1 class(es) split off their shares" in summary(report) and "class_0 (train 30 / val 3 / test 3" in summary(report)
+    assert "class_0, train 30 / val 3 / test 3 against shares of 22 / 7 / 7 (largest group 30)" in uneven_text(report["uneven_splits"])
+    assert uneven_text([]) == ""
 
 
 def test_same_content_in_two_classes_is_dropped(workdir, tmp_path):

@@ -343,34 +343,62 @@ def near_duplicate_groups_plain(items: list[Item], max_bits: int) -> list[list[i
 
 # --------------------------------------------------------------------------- splitting
 
-def assign_splits(items: list[Item], fractions: dict[str, float], seed: int, groups: list[int]) -> None:
-    """Stratified, group-aware split: whole near-duplicate groups go to one split, per class."""
+UNEVEN_SHARE = 0.25     # a class's split this far off its share (and over 2 images) is reported
+
+
+def assign_splits(items: list[Item], fractions: dict[str, float], seed: int, groups: list[int]) -> list[dict]:
+    """Stratified, group-aware split: whole near-duplicate groups go to one split, per class.
+    Returns the classes that groups kept from their shares (`uneven_split`).
+
+    Per class, the groups are put in a seeded random order. Every split but the largest first gets
+    one of the smallest groups (smallest split first), so that each has one; then the other groups
+    go largest first (ties in the random order), each to the split furthest below its share, the
+    largest split's first of all. Largest first matters where look-alike photos chain into one big
+    group: it goes where it fits and the small groups even out the rest. Taken in random order, the
+    first group went to the smallest split whatever its size (a group of 1,173 of a class's 1,200
+    images became its test split). Where every group is one image, the order is the random one."""
     rng = random.Random(seed)
-    wanted = [s for s in SPLITS if fractions[s] > 0]
+    uneven: list[dict] = []
+    wanted = sorted((s for s in SPLITS if fractions[s] > 0), key=lambda s: (fractions[s], SPLITS.index(s)))
     per_class: dict[str, dict[int, list[Item]]] = defaultdict(lambda: defaultdict(list))
     for it, g in zip(items, groups):
         per_class[it.label][g].append(it)
     for label in sorted(per_class):
         glist = sorted(per_class[label].values(), key=lambda g: min(it.path for it in g))
         rng.shuffle(glist)
+        by_size = sorted(glist, key=len)                  # stable (and with reverse=True): ties keep the random order
+        seeds, rest = by_size[:len(wanted) - 1], sorted(by_size[len(wanted) - 1:], key=len, reverse=True)
         total = sum(len(g) for g in glist)
         count = {s: 0 for s in wanted}
-        # smallest splits first, so each gets at least one group, then fill by largest deficit
-        for i, group in enumerate(glist):
-            if i < len(wanted):
-                target = sorted(wanted, key=lambda s: (fractions[s], SPLITS.index(s)))[i]
-            else:
-                target = max(wanted, key=lambda s: (fractions[s] * total - count[s], -SPLITS.index(s)))
+        for target, group in [*zip(wanted, seeds), *((None, g) for g in rest)]:
+            target = target or max(wanted, key=lambda s: (fractions[s] * total - count[s], -SPLITS.index(s)))
             for it in group:
                 it.split = target
             count[target] += len(group)
+        if (entry := uneven_split(label, count, {s: fractions[s] * total for s in wanted}, len(by_size[-1]))):
+            uneven.append(entry)
+    return uneven
 
 
-def split_items(items: list[Item], d: DataParams, has_splits: bool, skipped: list[dict]) -> tuple[list[Item], list[str]]:
-    """Decide each item's split; drops classes too small to split. Returns items and dropped classes."""
+def uneven_split(label: str, count: dict[str, int], share: dict[str, float], largest: int) -> dict | None:
+    """A class whose split is more than UNEVEN_SHARE of its share (and over 2 images) off it, as
+    report.json lists it; None for the usual class. Only a near-duplicate group too large to place
+    does that: single images land within one of their share."""
+    if all(abs(count[s] - share[s]) <= max(2.0, UNEVEN_SHARE * share[s]) for s in share):
+        return None
+    order = [s for s in SPLITS if s in share]
+    return {"class": label, "images": {s: count[s] for s in order}, "share": {s: round(share[s]) for s in order},
+            "largest_group": largest}
+
+
+def split_items(items: list[Item], d: DataParams, has_splits: bool,
+                skipped: list[dict]) -> tuple[list[Item], list[str], list[dict]]:
+    """Decide each item's split; drops classes too small to split. Returns the items, the dropped
+    classes and the kept classes whose split near-duplicate groups kept from its shares."""
     groups = near_duplicate_groups(items, d.near_duplicate_bits)
     fr = {"train": d.split.train, "val": d.split.val, "test": d.split.test}
     need = sum(1 for v in fr.values() if v > 0)
+    uneven: list[dict] = []
     if has_splits:
         have_test = any(it.given_split == "test" for it in items)
         for it in items:
@@ -379,7 +407,7 @@ def split_items(items: list[Item], d: DataParams, has_splits: bool, skipped: lis
             pool = [(it, g) for it, g in zip(items, groups) if it.given_split == "train"]
             sub = {"train": fr["train"] / (fr["train"] + fr["test"]), "val": 0.0,
                    "test": fr["test"] / (fr["train"] + fr["test"])}
-            assign_splits([it for it, _ in pool], sub, d.seed, [g for _, g in pool])
+            uneven = assign_splits([it for it, _ in pool], sub, d.seed, [g for _, g in pool])
     counts: dict[str, int] = defaultdict(int)
     distinct: dict[str, set] = defaultdict(set)
     for it, g in zip(items, groups):
@@ -393,7 +421,7 @@ def split_items(items: list[Item], d: DataParams, has_splits: bool, skipped: lis
            f"data.near_duplicate_bits, fewer than the {need} splits" for lbl in dropped}
     keep = [(it, g) for it, g in zip(items, groups) if it.label not in dropped]
     if not has_splits:
-        assign_splits([it for it, _ in keep], fr, d.seed, [g for _, g in keep])
+        uneven = assign_splits([it for it, _ in keep], fr, d.seed, [g for _, g in keep])
     kept = [it for it, _ in keep]
     if has_splits:
         missing = sorted({it.label for it in kept} - {it.label for it in kept if it.split == "train"})
@@ -404,7 +432,7 @@ def split_items(items: list[Item], d: DataParams, has_splits: bool, skipped: lis
     for it in items:
         if it.label in dropped:
             skipped.append({"path": shown(it.path), "reason": f"class {it.label} dropped ({why[it.label]})"})
-    return kept, sorted(dropped)
+    return kept, sorted(dropped), [u for u in uneven if u["class"] not in dropped]
 
 
 # --------------------------------------------------------------------------- main
@@ -427,7 +455,7 @@ def prepare(d: DataParams, out: Path = OUT) -> dict:
                                            shape=(len(items), d.image_size, d.image_size, 3))
         items = decode_all(items, d, buffer, skipped)
         items = drop_exact_duplicates(items, skipped)
-        items, dropped = split_items(items, d, has_splits, skipped)
+        items, dropped, uneven = split_items(items, d, has_splits, skipped)
         classes = sorted({it.label for it in items})
         if len(classes) < 2:
             raise UserError(f"data.root: {shown(root)}: {len(classes)} usable class(es) left after skipping bad files "
@@ -458,6 +486,8 @@ def prepare(d: DataParams, out: Path = OUT) -> dict:
             "per_class": counts, "dropped_classes": dropped,
             "skipped": sorted(skipped, key=lambda r: r["path"]),
         }
+        if uneven:          # only then: a data set without any prepares byte for byte as before, so DVC retrains nothing
+            report["uneven_splits"] = uneven
         write_json(tmp / "report.json", report)
     return report
 
@@ -488,6 +518,14 @@ def summary(report: dict, out: Path = OUT) -> str:
             reasons[skip_kind(r["reason"])] += 1
         lines.append(f"  {len(report['skipped'])} file(s) skipped: " +
                      ", ".join(f"{n} {why}" for why, n in sorted(reasons.items(), key=lambda kv: -kv[1])))
+    uneven = report.get("uneven_splits", [])
+    if uneven:
+        shown_ = [f"{u['class']} ({' / '.join(f'{s} {n}' for s, n in u['images'].items())} against shares of "
+                  f"{' / '.join(str(n) for n in u['share'].values())}; largest group {u['largest_group']})"
+                  for u in uneven[:3]]
+        lines.append(f"  warning: {len(uneven)} class(es) split off their shares, a near-duplicate group too large "
+                     f"to place (a lower data.near_duplicate_bits splits them finer): {', '.join(shown_)}"
+                     + (f" and {len(uneven) - 3} more" if len(uneven) > 3 else ""))
     lines.append(f"  per class and every skipped file: {out}/report.json")
     return "\n".join(lines)
 

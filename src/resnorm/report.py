@@ -524,6 +524,18 @@ def multiple_comparisons(family: Family, seeds: int) -> tuple[list[str], list[li
     return ["test", "section", "difference [95% CI]", "test kind", "p", "Holm p", "after correction"], rows, lead, obs
 
 
+def uneven_text(uneven: list[dict]) -> str:
+    """The classes whose split missed its shares (prepare's report.json, `uneven_splits`), as a sentence."""
+    if not uneven:
+        return ""
+    return (f" {len(uneven)} class(es) are split off their shares: a group of near-duplicates (dHash within "
+            "data.near_duplicate_bits) goes to one split whole, and one was too large to place: " +
+            "; ".join(f"{u['class']}, " + " / ".join(f"{s} {n}" for s, n in u["images"].items()) + " against shares of "
+                      + " / ".join(str(n) for n in u["share"].values()) + f" (largest group {u['largest_group']})"
+                      for u in uneven) +
+            ". Their scores on the small split rest on fewer images than its fraction suggests.")
+
+
 def report(p: Params) -> Doc:
     runs = load_runs(p)
     names = list(p.study.variants)
@@ -562,7 +574,8 @@ def report(p: Params) -> Doc:
           ", ".join(f"{data['images'][s]} {s}" for s in SPLITS) + " images. " +
           (f"Skipped {len(data['skipped'])} files: " + ", ".join(f"{n} {r}" for r, n in sorted(reasons.items()))
            + "." if data["skipped"] else "No file was skipped.") +
-          (f" Dropped classes: {', '.join(data['dropped_classes'])}." if data["dropped_classes"] else ""))
+          (f" Dropped classes: {', '.join(data['dropped_classes'])}." if data["dropped_classes"] else "") +
+          uneven_text(data.get("uneven_splits", [])))
     doc.table(["class", *SPLITS], [[c, *(str(v[s]) for s in SPLITS)] for c, v in data["per_class"].items()])
 
     doc.h(2, "Model")
