@@ -179,6 +179,18 @@ def test_parallel_training_is_recorded_as_dvc_repro_would(repo, tmp_path):
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1, bad.stderr
 
 
+@pytest.mark.parametrize("args, words", [(["-j", "0"], "argument -j/--jobs: 0 is not allowed: at least 1"),
+                                         (["-j", "two"], "argument -j/--jobs: 'two' is not a whole number")])
+def test_parallel_refuses_a_bad_job_count_in_one_line(args, words, capsys):
+    """-j is checked as resnorm.summary checks its counts (io.positive_int): exit 2, the option named."""
+    from resnorm.parallel import main
+
+    with pytest.raises(SystemExit) as e:
+        main(args)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and words in err[-1]
+
+
 def test_parallel_status_line_reads_each_runs_epoch_and_the_time_left(tmp_path):
     import time
     from resnorm.parallel import Job, epoch_budget, run_of, status_line

@@ -138,6 +138,17 @@ def no_options(argv: list[str], stage: str, doc: str, settings: str) -> None:
                                    f"`dvc repro {stage}` runs it when they or its inputs change.").parse_args(argv)
 
 
+def positive_int(text: str) -> int:
+    """argparse type: a whole number of at least 1 (a bad value exits 2 with one line naming the option)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not allowed: at least 1")
+    return value
+
+
 def run_cli(main: Callable[[list[str]], Any], stage: bool = True) -> None:
     """Run a stage's main; user errors become one red line and exit status 2.
 

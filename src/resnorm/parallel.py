@@ -44,7 +44,7 @@ from pathlib import Path
 
 from rich.markup import escape
 
-from .io import UserError, console, read_csv, run_cli
+from .io import UserError, console, positive_int, read_csv, run_cli
 from .params import load_params
 
 LOGS = Path(".dvc/tmp/parallel")
@@ -322,7 +322,7 @@ def set_params(overrides: list[str], path: Path = Path("params.yaml")) -> None:
 def main(argv: list[str]) -> None:
     ap = argparse.ArgumentParser(prog="python -m resnorm.parallel", description=__doc__.split("\n")[0])
     ap.add_argument("patterns", nargs="*", help="training stages to consider (fnmatch, default: all)")
-    ap.add_argument("-j", "--jobs", type=int, default=2, help="runs at once (default 2)")
+    ap.add_argument("-j", "--jobs", type=positive_int, default=2, help="runs at once (default 2)")
     ap.add_argument("--dry", action="store_true", help="print what would run and stop")
     ap.add_argument("-S", "--set-param", action="append", default=[], metavar="KEY=VALUE",
                     help="edit params.yaml first, with the syntax of `dvc exp run -S`")
@@ -330,8 +330,6 @@ def main(argv: list[str]) -> None:
     ap.add_argument("--status-every", type=float, default=60, metavar="SECONDS",
                     help="a line on the runs' epochs and the time left this often (default 60; 0: never)")
     args = ap.parse_args(argv)
-    if args.jobs < 1:
-        raise UserError(f"-j/--jobs = {args.jobs} is not allowed: at least 1")
     if not (args.status_every == 0 or 0 < args.status_every < float("inf")):
         raise UserError(f"--status-every = {args.status_every:g} is not allowed: seconds > 0, or 0 for never")
     if not Path("dvc.yaml").exists():

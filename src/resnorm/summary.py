@@ -9,6 +9,7 @@ import argparse
 import torch
 from torch import nn
 
+from .io import positive_int
 from .model import ResNet
 from .norms import NORMS
 
@@ -65,17 +66,6 @@ def arch_summary(arch: str, num_classes: int, size: int, norm: str = "bn", **opt
     return s
 
 
-def _positive(text: str) -> int:
-    """argparse type: a whole number of at least 1 (a bad value exits 2 with one line naming the option)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} is not allowed: at least 1")
-    return value
-
-
 def main(argv: list[str] | None = None) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -90,9 +80,9 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m resnorm.summary", description=__doc__.splitlines()[0])
     ap.add_argument("--arch", default="resnet6n2", choices=("resnet6n2", "resnet18", "resnet34", "resnet50"),
                     help="resnet6n2 (this study's net, --n) or torchvision's ResNet-18/34/50")
-    ap.add_argument("--n", type=_positive, default=defaults.model.n if defaults else 2)
-    ap.add_argument("--classes", type=_positive, default=25)
-    ap.add_argument("--size", type=_positive, default=defaults.data.image_size if defaults else 256)
+    ap.add_argument("--n", type=positive_int, default=defaults.model.n if defaults else 2)
+    ap.add_argument("--classes", type=positive_int, default=25)
+    ap.add_argument("--size", type=positive_int, default=defaults.data.image_size if defaults else 256)
     ap.add_argument("--norm", choices=tuple(NORMS), default=defaults.norm if defaults else "bn")
     ap.add_argument("--shortcut", choices=("A", "B"), default=defaults.model.shortcut if defaults else "A",
                     help="A: identity + zero-padding (6n+2 layers); B: 1x1 projections (6n+4)")
