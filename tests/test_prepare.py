@@ -142,7 +142,7 @@ def test_a_class_split_off_its_shares_is_reported(workdir, tmp_path):
     val and test 3 each against shares of 7.2 (TINY's 60/20/20); report.json, the summary and the study
     report say so."""
     from resnorm.prepare import summary
-    from resnorm.report import uneven_text
+    from resnorm.report import split_notes
     root = make_dataset(tmp_path / "src", classes=2, per_class=12)
     for i in range(30):                                   # one colour, tiny shifts: one near-duplicate group
         Image.new("RGB", (24, 24), (200, 30, 10 + i)).save(root / "class_0" / f"flat_{i:02d}.png")
@@ -153,8 +153,8 @@ def test_a_class_split_off_its_shares_is_reported(workdir, tmp_path):
                                         "share": {"train": 22, "val": 7, "test": 7}, "largest_group": 30}]
     assert {r["split"] for r in manifest() if "flat_" in r["path"]} == {"train"}
     assert "warning: 1 class(es) split off their shares" in summary(report) and "class_0 (train 30 / val 3 / test 3" in summary(report)
-    assert "class_0, train 30 / val 3 / test 3 against shares of 22 / 7 / 7 (largest group 30)" in uneven_text(report["uneven_splits"])
-    assert uneven_text([]) == ""
+    assert "class_0, train 30 / val 3 / test 3 against shares of 22 / 7 / 7 (largest group 30)" in split_notes(report)
+    assert "near-duplicate in train" not in split_notes(report) and split_notes({}) == ""
 
 
 def test_same_content_in_two_classes_is_dropped(workdir, tmp_path):
@@ -192,6 +192,31 @@ def test_given_splits_and_test_carved_from_train(workdir, tmp_path):
     rows = manifest()
     assert all("/valid/" in r["path"] for r in rows if r["split"] == "val")
     assert all("/train/" in r["path"] for r in rows if r["split"] in ("train", "test"))
+
+
+def test_a_val_photo_nearly_one_in_train_is_listed(workdir, tmp_path):
+    """A re-encoding of a train/ photo in valid/ (other bytes, the same picture; given train, valid and
+    test folders): prepare keeps the given splits and lists the val image with its train twin; the
+    summary and the report say so. An exact copy is no such case: it is skipped as a duplicate."""
+    from resnorm.prepare import summary
+    from resnorm.report import split_notes
+    root = tmp_path / "birds"
+    make_dataset(root / "train", classes=3, per_class=15)
+    for c in range(3):
+        for i in range(4):
+            make_image(root / "valid" / f"class_{c}" / f"v{i}.jpg", c, 500 + i)
+            make_image(root / "test" / f"class_{c}" / f"t{i}.jpg", c, 700 + i)
+    Image.open(root / "train" / "class_1" / "img_003.jpg").save(root / "valid" / "class_1" / "twin.jpg", quality=60)
+    report = run(workdir, root)
+    assert report["near_duplicates_of_train"] == [
+        {"path": str(root / "valid" / "class_1" / "twin.jpg"), "split": "val",
+         "near": str(root / "train" / "class_1" / "img_003.jpg")}]
+    assert "warning: 1 val image(s) have a near-duplicate in train" in summary(report)
+    assert "1 val image(s) have a near-duplicate in train" in split_notes(report)
+    (root / "valid" / "class_1" / "twin.jpg").unlink()
+    (root / "valid" / "class_2" / "copy.jpg").write_bytes((root / "train" / "class_2" / "img_001.jpg").read_bytes())
+    report = run(workdir, root)
+    assert "near_duplicates_of_train" not in report and reasons(report)["copy.jpg"].startswith("exact duplicate of")
 
 
 def test_missing_root_is_a_clear_error(workdir, tmp_path):

@@ -391,10 +391,26 @@ def uneven_split(label: str, count: dict[str, int], share: dict[str, float], lar
             "largest_group": largest}
 
 
+def near_duplicates_of_train(items: list[Item], groups: list[int]) -> list[dict]:
+    """The val and test images with a near-duplicate (same class, dHash within
+    data.near_duplicate_bits) in train, each with one such train image. `assign_splits` keeps a
+    group in one split, so only given split folders have them: a photo in valid/ that is nearly one
+    in train/ is easier than a new photo, and its score says so."""
+    in_train: dict[int, str] = {}                     # group -> its first train path
+    for it, g in sorted(zip(items, groups), key=lambda pair: pair[0].path):
+        if it.split == "train":
+            in_train.setdefault(g, it.path)
+    found = [{"path": shown(it.path), "split": it.split, "near": shown(in_train[g])}
+             for it, g in zip(items, groups) if it.split != "train" and g in in_train]
+    return sorted(found, key=lambda r: (SPLITS.index(r["split"]), r["path"]))
+
+
 def split_items(items: list[Item], d: DataParams, has_splits: bool,
-                skipped: list[dict]) -> tuple[list[Item], list[str], list[dict]]:
+                skipped: list[dict]) -> tuple[list[Item], list[str], dict[str, list[dict]]]:
     """Decide each item's split; drops classes too small to split. Returns the items, the dropped
-    classes and the kept classes whose split near-duplicate groups kept from its shares."""
+    classes and what report.json adds where there is any (so that a data set without prepares as it
+    always did): `uneven_splits`, the classes whose split near-duplicate groups kept from its shares,
+    and `near_duplicates_of_train`, val and test images nearly the same as one in train."""
     groups = near_duplicate_groups(items, d.near_duplicate_bits)
     fr = {"train": d.split.train, "val": d.split.val, "test": d.split.test}
     need = sum(1 for v in fr.values() if v > 0)
@@ -432,7 +448,10 @@ def split_items(items: list[Item], d: DataParams, has_splits: bool,
     for it in items:
         if it.label in dropped:
             skipped.append({"path": shown(it.path), "reason": f"class {it.label} dropped ({why[it.label]})"})
-    return kept, sorted(dropped), [u for u in uneven if u["class"] not in dropped]
+    final = [(it, g) for it, g in keep if it.label not in dropped]
+    notes = {"uneven_splits": [u for u in uneven if u["class"] not in dropped],
+             "near_duplicates_of_train": near_duplicates_of_train([it for it, _ in final], [g for _, g in final])}
+    return kept, sorted(dropped), {k: v for k, v in notes.items() if v}
 
 
 # --------------------------------------------------------------------------- main
@@ -455,7 +474,7 @@ def prepare(d: DataParams, out: Path = OUT) -> dict:
                                            shape=(len(items), d.image_size, d.image_size, 3))
         items = decode_all(items, d, buffer, skipped)
         items = drop_exact_duplicates(items, skipped)
-        items, dropped, uneven = split_items(items, d, has_splits, skipped)
+        items, dropped, notes = split_items(items, d, has_splits, skipped)
         classes = sorted({it.label for it in items})
         if len(classes) < 2:
             raise UserError(f"data.root: {shown(root)}: {len(classes)} usable class(es) left after skipping bad files "
@@ -486,8 +505,7 @@ def prepare(d: DataParams, out: Path = OUT) -> dict:
             "per_class": counts, "dropped_classes": dropped,
             "skipped": sorted(skipped, key=lambda r: r["path"]),
         }
-        if uneven:          # only then: a data set without any prepares byte for byte as before, so DVC retrains nothing
-            report["uneven_splits"] = uneven
+        report.update(notes)        # only those with entries: a data set without any prepares as before
         write_json(tmp / "report.json", report)
     return report
 
@@ -526,6 +544,12 @@ def summary(report: dict, out: Path = OUT) -> str:
         lines.append(f"  warning: {len(uneven)} class(es) split off their shares, a near-duplicate group too large "
                      f"to place (a lower data.near_duplicate_bits splits them finer): {', '.join(shown_)}"
                      + (f" and {len(uneven) - 3} more" if len(uneven) > 3 else ""))
+    near = report.get("near_duplicates_of_train", [])
+    if near:
+        per = {s: sum(r["split"] == s for r in near) for s in SPLITS}
+        lines.append(f"  warning: {' and '.join(f'{n} {s}' for s, n in per.items() if n)} image(s) have a "
+                     f"near-duplicate in train (the given split folders; dHash within "
+                     f"data.near_duplicate_bits), so their scores may be too good: each is listed with it")
     lines.append(f"  per class and every skipped file: {out}/report.json")
     return "\n".join(lines)
 

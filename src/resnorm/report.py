@@ -524,16 +524,26 @@ def multiple_comparisons(family: Family, seeds: int) -> tuple[list[str], list[li
     return ["test", "section", "difference [95% CI]", "test kind", "p", "Holm p", "after correction"], rows, lead, obs
 
 
-def uneven_text(uneven: list[dict]) -> str:
-    """The classes whose split missed its shares (prepare's report.json, `uneven_splits`), as a sentence."""
-    if not uneven:
-        return ""
-    return (f" {len(uneven)} class(es) are split off their shares: a group of near-duplicates (dHash within "
-            "data.near_duplicate_bits) goes to one split whole, and one was too large to place: " +
-            "; ".join(f"{u['class']}, " + " / ".join(f"{s} {n}" for s, n in u["images"].items()) + " against shares of "
-                      + " / ".join(str(n) for n in u["share"].values()) + f" (largest group {u['largest_group']})"
-                      for u in uneven) +
-            ". Their scores on the small split rest on fewer images than its fraction suggests.")
+def split_notes(data: dict) -> str:
+    """What prepare's report.json says against the splits, as sentences: classes split off their
+    shares (`uneven_splits`) and val or test images nearly the same as one in train
+    (`near_duplicates_of_train`); "" for a data set with neither."""
+    text = ""
+    uneven = data.get("uneven_splits", [])
+    if uneven:
+        text += (f" {len(uneven)} class(es) are split off their shares: a group of near-duplicates (dHash within "
+                 "data.near_duplicate_bits) goes to one split whole, and one was too large to place: " +
+                 "; ".join(f"{u['class']}, " + " / ".join(f"{s} {n}" for s, n in u["images"].items()) + " against "
+                           "shares of " + " / ".join(str(n) for n in u["share"].values()) +
+                           f" (largest group {u['largest_group']})" for u in uneven) +
+                 ". Their scores on the small split rest on fewer images than its fraction suggests.")
+    near = data.get("near_duplicates_of_train", [])
+    if near:
+        per = [f"{sum(r['split'] == s for r in near)} {s}" for s in SPLITS if any(r["split"] == s for r in near)]
+        text += (f" {' and '.join(per)} image(s) have a near-duplicate in train (the given split folders; "
+                 "dHash within data.near_duplicate_bits; each is listed with it in data/prepared/report.json), so "
+                 "their scores may be better than new photos would get.")
+    return text
 
 
 def report(p: Params) -> Doc:
@@ -575,7 +585,7 @@ def report(p: Params) -> Doc:
           (f"Skipped {len(data['skipped'])} files: " + ", ".join(f"{n} {r}" for r, n in sorted(reasons.items()))
            + "." if data["skipped"] else "No file was skipped.") +
           (f" Dropped classes: {', '.join(data['dropped_classes'])}." if data["dropped_classes"] else "") +
-          uneven_text(data.get("uneven_splits", [])))
+          split_notes(data))
     doc.table(["class", *SPLITS], [[c, *(str(v[s]) for s in SPLITS)] for c, v in data["per_class"].items()])
 
     doc.h(2, "Model")
