@@ -208,15 +208,24 @@ def test_a_val_photo_nearly_one_in_train_is_listed(workdir, tmp_path):
             make_image(root / "test" / f"class_{c}" / f"t{i}.jpg", c, 700 + i)
     Image.open(root / "train" / "class_1" / "img_003.jpg").save(root / "valid" / "class_1" / "twin.jpg", quality=60)
     report = run(workdir, root)
-    assert report["near_duplicates_of_train"] == [
-        {"path": str(root / "valid" / "class_1" / "twin.jpg"), "split": "val",
-         "near": str(root / "train" / "class_1" / "img_003.jpg")}]
+    [entry] = report["near_duplicates_of_train"]
+    assert entry["path"] == str(root / "valid" / "class_1" / "twin.jpg") and entry["split"] == "val"
+    assert entry["near"] == str(root / "train" / "class_1" / "img_003.jpg") and entry["bits"] <= 4
     assert "warning: 1 val image(s) have a near-duplicate in train" in summary(report)
     assert "1 val image(s) have a near-duplicate in train" in split_notes(report)
     (root / "valid" / "class_1" / "twin.jpg").unlink()
     (root / "valid" / "class_2" / "copy.jpg").write_bytes((root / "train" / "class_2" / "img_001.jpg").read_bytes())
     report = run(workdir, root)
     assert "near_duplicates_of_train" not in report and reasons(report)["copy.jpg"].startswith("exact duplicate of")
+
+
+def test_hamming_counts_the_bits_python_counts():
+    """The table lookup that compares a val image's dHash with every train one, against int.bit_count."""
+    from resnorm.prepare import hamming
+    rng = np.random.default_rng(0)
+    hashes = rng.integers(0, 2**64, 500, dtype=np.uint64, endpoint=False)
+    for h in [0, 2**64 - 1, *map(int, hashes[:20])]:
+        assert hamming(hashes, h).tolist() == [(int(x) ^ h).bit_count() for x in hashes]
 
 
 def test_missing_root_is_a_clear_error(workdir, tmp_path):

@@ -391,17 +391,37 @@ def uneven_split(label: str, count: dict[str, int], share: dict[str, float], lar
             "largest_group": largest}
 
 
-def near_duplicates_of_train(items: list[Item], groups: list[int]) -> list[dict]:
-    """The val and test images with a near-duplicate (same class, dHash within
-    data.near_duplicate_bits) in train, each with one such train image. `assign_splits` keeps a
-    group in one split, so only given split folders have them: a photo in valid/ that is nearly one
-    in train/ is easier than a new photo, and its score says so."""
-    in_train: dict[int, str] = {}                     # group -> its first train path
-    for it, g in sorted(zip(items, groups), key=lambda pair: pair[0].path):
+@functools.lru_cache(maxsize=1)
+def _popcount16() -> np.ndarray:
+    """Set bits of every 16-bit number: a table that counts a uint64's bits in four lookups."""
+    return np.array([i.bit_count() for i in range(1 << 16)], dtype=np.uint8)
+
+
+def hamming(hashes: np.ndarray, h: int) -> np.ndarray:
+    """Bits in which each uint64 of `hashes` differs from `h` (numpy before 2.0 has no bitwise_count)."""
+    return _popcount16()[(hashes ^ np.uint64(h)).view(np.uint16)].reshape(-1, 4).sum(1)
+
+
+def near_duplicates_of_train(items: list[Item], max_bits: int) -> list[dict]:
+    """The val and test images within `max_bits` of a train image of their class (dHash), each with
+    the nearest one and the bits between. `assign_splits` keeps a near-duplicate group in one split,
+    so only given split folders have them: a photo in valid/ that is nearly one in train/ is easier
+    than a new photo, and its score says so. Measured photo to photo, not through a group's chain
+    of look-alikes. Vectorised: every val or test image against its class's train hashes at once."""
+    train: dict[str, list[Item]] = defaultdict(list)
+    for it in sorted(items, key=lambda it: it.path):
         if it.split == "train":
-            in_train.setdefault(g, it.path)
-    found = [{"path": shown(it.path), "split": it.split, "near": shown(in_train[g])}
-             for it, g in zip(items, groups) if it.split != "train" and g in in_train]
+            train[it.label].append(it)
+    hashes = {label: np.array([it.dhash for it in its], dtype=np.uint64) for label, its in train.items()}
+    found = []
+    for it in items:
+        if it.split == "train" or it.label not in train:
+            continue
+        bits = hamming(hashes[it.label], it.dhash)
+        j = int(np.argmin(bits))                       # the first of the nearest, in path order
+        if bits[j] <= max_bits:
+            found.append({"path": shown(it.path), "split": it.split, "near": shown(train[it.label][j].path),
+                          "bits": int(bits[j])})
     return sorted(found, key=lambda r: (SPLITS.index(r["split"]), r["path"]))
 
 
@@ -448,9 +468,8 @@ def split_items(items: list[Item], d: DataParams, has_splits: bool,
     for it in items:
         if it.label in dropped:
             skipped.append({"path": shown(it.path), "reason": f"class {it.label} dropped ({why[it.label]})"})
-    final = [(it, g) for it, g in keep if it.label not in dropped]
     notes = {"uneven_splits": [u for u in uneven if u["class"] not in dropped],
-             "near_duplicates_of_train": near_duplicates_of_train([it for it, _ in final], [g for _, g in final])}
+             "near_duplicates_of_train": near_duplicates_of_train(kept, d.near_duplicate_bits)}
     return kept, sorted(dropped), {k: v for k, v in notes.items() if v}
 
 
