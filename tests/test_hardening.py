@@ -149,6 +149,23 @@ def test_near_duplicate_grouping_equals_all_pairs():
         assert sorted(groups.values()) == near_duplicate_groups_plain(items, bits), bits
 
 
+def test_a_pair_far_apart_in_a_full_bucket_is_linked():
+    """600 distinct hashes in one bucket (all share band 0 at 1 bit: the low 32 bits), two of them 1 bit
+    apart at the top, so about 300 others sort between them. Comparing each hash with its next 256
+    in sorted order, as the grouping once did, left them apart; every pair is compared now."""
+    rng = random.Random(1)
+    x = rng.getrandbits(31)
+    tops = {x, x | 1 << 31} | {rng.getrandbits(32) for _ in range(600)}
+    items = [Item(f"{i:04d}", "a", None, dhash=top << 32) for i, top in enumerate(sorted(tops))]
+    fast = near_duplicate_groups(items, 1)
+    at = {it.dhash: i for i, it in enumerate(items)}
+    assert fast[at[x << 32]] == fast[at[(x | 1 << 31) << 32]]
+    groups = {}
+    for i, g in enumerate(fast):
+        groups.setdefault(g, []).append(i)
+    assert sorted(groups.values()) == near_duplicate_groups_plain(items, 1)
+
+
 def test_same_colour_images_group_in_near_linear_time():
     """20,000 identical hashes took over 300 s with all pairs in a bucket; now one pass."""
     import time
