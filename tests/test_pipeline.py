@@ -191,6 +191,15 @@ def test_parallel_refuses_a_bad_job_count_in_one_line(args, words, capsys):
     assert e.value.code == 2 and words in err[-1]
 
 
+@pytest.mark.parametrize("value", ["-1", "nan", "inf"])
+def test_parallel_refuses_a_bad_stall_limit(value):
+    from resnorm.io import UserError
+    from resnorm.parallel import main
+
+    with pytest.raises(UserError, match="--stall-after = .* is not allowed: seconds > 0, or 0 for never"):
+        main(["--stall-after", value])
+
+
 def test_parallel_status_line_reads_each_runs_epoch_and_the_time_left(tmp_path):
     import time
     from resnorm.parallel import Job, epoch_budget, run_of, status_line
@@ -266,6 +275,32 @@ def test_a_run_out_of_gpu_memory_beside_others_starts_again_with_fewer_at_once(t
     (tmp_path / "events.txt").write_text("running someone-else\n")
     alone = Job("study-train@big-1", fake("big1", 0.1, oom_unless_alone=True), str(tmp_path), tmp_path / "big1.log")
     assert run_jobs([alone], 2, lambda job, rc: None) == [alone] and alone.attempts == 1
+
+
+def test_a_run_that_writes_nothing_for_too_long_is_stopped_and_the_others_go_on(tmp_path):
+    """--stall-after: `hung` writes a line and then nothing (a deadlocked loader, a hung GPU); it is
+    stopped after 1.5 s of silence and counted as failed, unrecorded. `steady` writes a line every
+    0.3 s for 3 s and `quick` ends at once: both are recorded. Without the limit nothing is stopped.
+    A hung run used to hold its slot, and the `dvc repro` after the runs, forever."""
+    import time
+    from resnorm.io import console
+    from resnorm.parallel import Job, run_jobs
+
+    def job(name: str, code: str) -> Job:
+        (tmp_path / f"{name}.py").write_text("import sys, time\n" + code)
+        return Job(f"study-train@{name}-0", f"{sys.executable} {tmp_path / name}.py", str(tmp_path), tmp_path / f"{name}.log")
+    jobs = [job("hung", "print('epoch 1', flush=True)\ntime.sleep(120)\n"),
+            job("steady", "for i in range(10):\n    print('epoch', i, flush=True)\n    time.sleep(0.3)\n"),
+            job("quick", "print('done')\n")]
+    done = []
+    t0 = time.time()
+    with console.capture() as out:
+        failed = run_jobs(jobs, 3, lambda j, rc: done.append((j.stage, rc)), stall_after=1.5)
+    assert failed == [jobs[0]] and sorted(done) == [("study-train@quick-0", 0), ("study-train@steady-0", 0)]
+    assert time.time() - t0 < 60 and jobs[0].process.returncode != 0
+    assert "stalled study-train@hung-0: nothing in its log for 1.5 s; stopping it" in out.get()
+    fine = job("fine", "print('epoch 1', flush=True)\ntime.sleep(2)\n")
+    assert run_jobs([fine], 1, lambda j, rc: None) == [] and not fine.stalled
 
 
 def test_a_failed_run_is_named_with_the_line_that_says_why(tmp_path):

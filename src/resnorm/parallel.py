@@ -22,7 +22,8 @@ single truth and only adds concurrency:
 
 A run that fails is not committed and is named with the line of its log that says why; the others
 go on. A run that runs out of GPU memory beside others starts again later, with one fewer at once
-from then on.
+from then on. With --stall-after SECONDS, a run that writes nothing to its log that long (a hung
+process: a training writes a line an epoch) is stopped and counted as failed.
 Stopped midway (Ctrl-C, SIGTERM, SIGHUP), it stops the runs still going and waits for them
 before it releases DVC's lock; nothing is lost: committed runs stay committed, and a training
 started again resumes from its last epoch. Each run's output goes to `.dvc/tmp/parallel/<stage>.log`.
@@ -61,6 +62,7 @@ class Job:
     started: float = 0.0
     epochs: int = 0    # the run's epoch budget (0: not known); early stopping may end it sooner
     attempts: int = 0  # starts so far (a run that ran out of GPU memory is started again)
+    stalled: float = 0.0   # when it was stopped for writing nothing to its log for too long (0: never)
 
 
 def run_of(cmd: str) -> tuple[str | None, int | None]:
@@ -189,9 +191,32 @@ def out_of_memory(log: Path) -> bool:
     return "CUDA out of memory" in tail or "OutOfMemoryError" in tail
 
 
-def run_jobs(jobs: list[Job], slots: int, on_done, status_every: float = 0) -> list[Job]:
+def quiet_for(job: Job, now: float) -> float:
+    """Seconds since the run last wrote to its log (a training writes a line every epoch), or since
+    it started if it has written nothing since."""
+    try:
+        return now - max(job.started, job.log.stat().st_mtime)
+    except OSError:
+        return now - job.started
+
+
+def stop_stalled(job: Job, stall_after: float, now: float) -> None:
+    """Stop a run that has written nothing to its log for `stall_after` seconds (a hung process would
+    hold its slot, and the final `dvc repro`, forever): SIGTERM to its process group, SIGKILL if it
+    is still there 30 s later. It then counts as failed and resumes from its last epoch when run again."""
+    if not job.stalled and quiet_for(job, now) > stall_after:
+        job.stalled = now
+        console.print(f"[red]stalled[/red] {job.stage}: nothing in its log for {stall_after:g} s; stopping it "
+                      f"(it resumes from its last epoch when run again)  (log: {escape(str(job.log))})", soft_wrap=True)
+        os.killpg(job.process.pid, signal.SIGTERM)
+    elif job.stalled and now - job.stalled > 30:
+        os.killpg(job.process.pid, signal.SIGKILL)
+
+
+def run_jobs(jobs: list[Job], slots: int, on_done, status_every: float = 0, stall_after: float = 0) -> list[Job]:
     """Run the jobs `slots` at a time; `on_done(job, returncode)` as each ends. Returns the failed ones:
-    those that exited non-zero, and those whose `on_done` returned False (not recorded).
+    those that exited non-zero, those whose `on_done` returned False (not recorded), and those stopped
+    for writing nothing to their log in `stall_after` seconds (0: never; `stop_stalled`).
 
     A run that runs out of GPU memory while others run beside it is not failed: it goes back to the
     front of the queue and starts again (resuming from its last epoch) when one fewer runs, and from
@@ -224,10 +249,15 @@ def run_jobs(jobs: list[Job], slots: int, on_done, status_every: float = 0) -> l
             for slot, job in list(running.items()):
                 rc = job.process.poll()
                 if rc is None:
+                    if stall_after:
+                        stop_stalled(job, stall_after, time.time())
                     continue
                 del running[slot]
                 free.append(slot)
                 free.sort()
+                if job.stalled:               # stopped here: a failure, not a run to record
+                    failed.append(job)
+                    continue
                 if rc != 0 and running and out_of_memory(job.log):
                     limit = len(running)
                     pending.insert(0, job)
@@ -329,7 +359,12 @@ def main(argv: list[str]) -> None:
     ap.add_argument("--train-only", action="store_true", help="stop after the training stages (no `dvc repro`)")
     ap.add_argument("--status-every", type=float, default=60, metavar="SECONDS",
                     help="a line on the runs' epochs and the time left this often (default 60; 0: never)")
+    ap.add_argument("--stall-after", type=float, default=0, metavar="SECONDS",
+                    help="stop a run that writes nothing to its log this long (a training writes a line an "
+                         "epoch); it counts as failed and resumes when run again (default 0: never)")
     args = ap.parse_args(argv)
+    if not (args.stall_after == 0 or 0 < args.stall_after < float("inf")):
+        raise UserError(f"--stall-after = {args.stall_after:g} is not allowed: seconds > 0, or 0 for never")
     if not (args.status_every == 0 or 0 < args.status_every < float("inf")):
         raise UserError(f"--status-every = {args.status_every:g} is not allowed: seconds > 0, or 0 for never")
     if not Path("dvc.yaml").exists():
@@ -365,7 +400,8 @@ def main(argv: list[str]) -> None:
                 for j in jobs:
                     console.print(f"  {j.stage}: {j.cmd}", soft_wrap=True, markup=False)
                 return
-            failed = run_jobs(jobs, args.jobs, lambda job, rc: record_run(repo, job, rc), args.status_every)
+            failed = run_jobs(jobs, args.jobs, lambda job, rc: record_run(repo, job, rc), args.status_every,
+                              args.stall_after)
     except LockError as e:
         raise UserError(f"the DVC repository is locked ({e}); is another `dvc repro` running?") from None
     finally:
