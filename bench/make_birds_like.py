@@ -26,13 +26,27 @@ def class_names(n: int) -> list[str]:
     return names[:n]
 
 
+PATCHES = 12      # soft grey patches of a scene: enough that dHash's 9x8 thumbnail differs image to image
+
+
 def image(rng: np.random.Generator, label: int, classes: int) -> Image.Image:
+    """A blob of the class's colour near the class's place, on a random scene: a tilted brightness
+    gradient and PATCHES soft grey patches, plus noise. The scene varies as photos' backgrounds do,
+    so distinct images get distinct dHashes; on plain noise, as this stand-in once was, a class's
+    hashes chained into near-duplicate groups of up to 1,467 of its 1,500 images."""
     w, h = (int(v) for v in rng.integers(180, 641, 2))
     hue = np.array([(label * 97) % 256, (label * 57 + 80) % 256, (label * 151 + 30) % 256], np.float32)
-    a = rng.normal(110, 40, (h, w, 3)).astype(np.float32)
-    cy, cx = (0.25 + 0.5 * ((label * 7) % classes) / classes) * h, (0.25 + 0.5 * ((label * 11) % classes) / classes) * w
     yy, xx = np.mgrid[0:h, 0:w]
-    blob = np.exp(-(((yy - cy) / (0.18 * h)) ** 2 + ((xx - cx) / (0.18 * w)) ** 2))[..., None]
+    y, x = yy / h, xx / w
+    angle = rng.uniform(0, 2 * np.pi)
+    scene = 110 + 60 * ((x - 0.5) * np.cos(angle) + (y - 0.5) * np.sin(angle))
+    for _ in range(PATCHES):
+        (py, px), r = rng.uniform(0, 1, 2), rng.uniform(0.05, 0.25)
+        scene = scene + rng.uniform(-70, 70) * np.exp(-(((y - py) / r) ** 2 + ((x - px) / r) ** 2))
+    a = scene[..., None] + rng.normal(0, 30, (h, w, 3))
+    cy = 0.25 + 0.5 * ((label * 7) % classes) / classes + rng.uniform(-0.06, 0.06)
+    cx = 0.25 + 0.5 * ((label * 11) % classes) / classes + rng.uniform(-0.06, 0.06)
+    blob = np.exp(-(((y - cy) / 0.18) ** 2 + ((x - cx) / 0.18) ** 2))[..., None]
     a = a * (1 - blob) + hue * blob
     return Image.fromarray(np.clip(a, 0, 255).astype(np.uint8), "RGB")
 
