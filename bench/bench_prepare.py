@@ -30,32 +30,31 @@ def timed(f, *a):
     return out, time.perf_counter() - t0
 
 
+def grouping(what: str, items: list[Item]) -> None:
+    """Print how long near_duplicate_groups takes on `items` at 4 bits, and all pairs where quick enough."""
+    groups, fast = timed(near_duplicate_groups, items, 4)
+    line = f"{what}: grouped in {fast:.3f} s ({len(set(groups))} group(s))"
+    if len(items) <= 2000:
+        _, plain = timed(near_duplicate_groups_plain, items, 4)
+        line += f"; all pairs {plain:.1f} s"
+    print(line, flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--sizes", default="2000,4000,20000")
     ap.add_argument("--files", type=int, default=2000, help="also a whole prepare over this many files (0: skip)")
     args = ap.parse_args()
     for n in (int(x) for x in args.sizes.split(",")):
-        items = [Item(str(i), "same colour", None, dhash=0) for i in range(n)]
-        groups, fast = timed(near_duplicate_groups, items, 4)
-        line = f"{n:>6} same-colour images: grouped in {fast:.3f} s ({len(set(groups))} group)"
-        if n <= 2000:
-            _, plain = timed(near_duplicate_groups_plain, items, 4)
-            line += f"; all pairs {plain:.1f} s"
-        print(line, flush=True)
+        grouping(f"{n:>6} same-colour images", [Item(str(i), "same colour", None, dhash=0) for i in range(n)])
         # look-alike photos: distinct hashes that share a band (the low 12 bits at 4 bits), so one bucket
-        # holds them all and every pair in it is compared (numpy); all pairs too where quick enough
+        # holds them all and every pair in it is compared (numpy)
         rng = random.Random(0)
         hashes = set()
         while len(hashes) < n:
             hashes.add(rng.getrandbits(52) << 12)
-        items = [Item(str(i), "look-alike", None, dhash=h) for i, h in enumerate(sorted(hashes))]
-        groups, fast = timed(near_duplicate_groups, items, 4)
-        line = f"{n:>6} distinct hashes in one bucket: grouped in {fast:.2f} s ({len(set(groups))} groups)"
-        if n <= 2000:
-            _, plain = timed(near_duplicate_groups_plain, items, 4)
-            line += f"; all pairs {plain:.1f} s"
-        print(line, flush=True)
+        grouping(f"{n:>6} distinct hashes in one bucket",
+                 [Item(str(i), "look-alike", None, dhash=h) for i, h in enumerate(sorted(hashes))])
     if args.files:
         from PIL import Image
         with tempfile.TemporaryDirectory() as tmp:
