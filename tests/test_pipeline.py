@@ -301,6 +301,14 @@ def test_a_run_that_writes_nothing_for_too_long_is_stopped_and_the_others_go_on(
     assert "stalled study-train@hung-0: nothing in its log for 1.5 s; stopping it" in out.get()
     fine = job("fine", "print('epoch 1', flush=True)\ntime.sleep(2)\n")
     assert run_jobs([fine], 1, lambda j, rc: None) == [] and not fine.stalled
+    from resnorm.parallel import stop_stalled            # a run gone between the poll and the signal: no crash
+    gone = job("gone", "pass\n")
+    gone.process = subprocess.Popen([sys.executable, "-c", "pass"], start_new_session=True)
+    gone.process.wait()
+    gone.started = time.time() - 100
+    with console.capture():
+        stop_stalled(gone, 1.0, time.time())
+    assert gone.stalled
 
 
 def test_a_failed_run_is_named_with_the_line_that_says_why(tmp_path):

@@ -204,13 +204,15 @@ def stop_stalled(job: Job, stall_after: float, now: float) -> None:
     """Stop a run that has written nothing to its log for `stall_after` seconds (a hung process would
     hold its slot, and the final `dvc repro`, forever): SIGTERM to its process group, SIGKILL if it
     is still there 30 s later. It then counts as failed and resumes from its last epoch when run again."""
-    if not job.stalled and quiet_for(job, now) > stall_after:
-        job.stalled = now
-        console.print(f"[red]stalled[/red] {job.stage}: nothing in its log for {stall_after:g} s; stopping it "
-                      f"(it resumes from its last epoch when run again)  (log: {escape(str(job.log))})", soft_wrap=True)
-        os.killpg(job.process.pid, signal.SIGTERM)
-    elif job.stalled and now - job.stalled > 30:
-        os.killpg(job.process.pid, signal.SIGKILL)
+    with contextlib.suppress(ProcessLookupError):          # it may end between the poll and the signal
+        if not job.stalled and quiet_for(job, now) > stall_after:
+            job.stalled = now
+            console.print(f"[red]stalled[/red] {job.stage}: nothing in its log for {stall_after:g} s; stopping it "
+                          f"(it resumes from its last epoch when run again)  (log: {escape(str(job.log))})",
+                          soft_wrap=True)
+            os.killpg(job.process.pid, signal.SIGTERM)
+        elif job.stalled and now - job.stalled > 30:
+            os.killpg(job.process.pid, signal.SIGKILL)
 
 
 def run_jobs(jobs: list[Job], slots: int, on_done, status_every: float = 0, stall_after: float = 0) -> list[Job]:
