@@ -279,8 +279,8 @@ def test_a_run_out_of_gpu_memory_beside_others_starts_again_with_fewer_at_once(t
 
 def test_a_run_that_writes_nothing_for_too_long_is_stopped_and_the_others_go_on(tmp_path):
     """--stall-after: `hung` writes a line and then nothing (a deadlocked loader, a hung GPU); it is
-    stopped after 1.5 s of silence and counted as failed, unrecorded. `steady` writes a line every
-    0.3 s for 3 s and `quick` ends at once: both are recorded. Without the limit nothing is stopped.
+    stopped after 3 s of silence and counted as failed, unrecorded. `steady` writes a line every
+    0.3 s for 4.5 s and `quick` ends at once: both are recorded. Without the limit nothing is stopped.
     A hung run used to hold its slot, and the `dvc repro` after the runs, forever."""
     import time
     from resnorm.io import console
@@ -290,15 +290,15 @@ def test_a_run_that_writes_nothing_for_too_long_is_stopped_and_the_others_go_on(
         (tmp_path / f"{name}.py").write_text("import sys, time\n" + code)
         return Job(f"study-train@{name}-0", f"{sys.executable} {tmp_path / name}.py", str(tmp_path), tmp_path / f"{name}.log")
     jobs = [job("hung", "print('epoch 1', flush=True)\ntime.sleep(120)\n"),
-            job("steady", "for i in range(10):\n    print('epoch', i, flush=True)\n    time.sleep(0.3)\n"),
+            job("steady", "for i in range(15):\n    print('epoch', i, flush=True)\n    time.sleep(0.3)\n"),
             job("quick", "print('done')\n")]
     done = []
     t0 = time.time()
     with console.capture() as out:
-        failed = run_jobs(jobs, 3, lambda j, rc: done.append((j.stage, rc)), stall_after=1.5)
+        failed = run_jobs(jobs, 3, lambda j, rc: done.append((j.stage, rc)), stall_after=3.0)
     assert failed == [jobs[0]] and sorted(done) == [("study-train@quick-0", 0), ("study-train@steady-0", 0)]
     assert time.time() - t0 < 60 and jobs[0].process.returncode != 0
-    assert "stalled study-train@hung-0: nothing in its log for 1.5 s; stopping it" in out.get()
+    assert "stalled study-train@hung-0: nothing in its log for 3 s; stopping it" in out.get()
     fine = job("fine", "print('epoch 1', flush=True)\ntime.sleep(2)\n")
     assert run_jobs([fine], 1, lambda j, rc: None) == [] and not fine.stalled
     from resnorm.parallel import stop_stalled            # a run gone between the poll and the signal: no crash
