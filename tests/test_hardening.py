@@ -1,5 +1,5 @@
-"""Hostile and careless input: prepare never stops or hangs on a file, groups near-duplicates in
-near-linear time, keeps odd names, reads nothing outside data.root by default; fetch and the
+"""Hostile and careless input: prepare never stops or hangs on a file, groups near-duplicates exactly
+and fast (equal hashes merged first, a bucket's pairs compared with numpy), keeps odd names, reads nothing outside data.root by default; fetch and the
 CLI errors hold too. Each case is a row of a table."""
 import csv
 import io
