@@ -563,11 +563,11 @@ def summary(report: dict, out: Path = OUT) -> str:
                      ", ".join(f"{n} {why}" for why, n in sorted(reasons.items(), key=lambda kv: -kv[1])))
     uneven = report.get("uneven_splits", [])
     if uneven:
-        shown_ = [f"{u['class']} ({' / '.join(f'{s} {n}' for s, n in u['images'].items())} against shares of "
+        examples = [f"{u['class']} ({' / '.join(f'{s} {n}' for s, n in u['images'].items())} against shares of "
                   f"{' / '.join(str(n) for n in u['share'].values())}; largest group {u['largest_group']})"
                   for u in uneven[:3]]
         lines.append(f"  warning: {len(uneven)} class(es) split off their shares, a near-duplicate group too large "
-                     f"to place (a lower data.near_duplicate_bits splits them finer): {', '.join(shown_)}"
+                     f"to place (a lower data.near_duplicate_bits splits them finer): {', '.join(examples)}"
                      + (f" and {len(uneven) - 3} more" if len(uneven) > 3 else ""))
     near = report.get("near_duplicates_of_train", [])
     if near:
