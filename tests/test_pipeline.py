@@ -311,6 +311,27 @@ def test_a_run_that_writes_nothing_for_too_long_is_stopped_and_the_others_go_on(
     assert gone.stalled
 
 
+def test_oversubscribed_runs_wait_passively_and_keep_their_threads(tmp_path, monkeypatch):
+    """More threads at once than cores: the runs get OMP_WAIT_POLICY=PASSIVE (spinning OpenMP threads made
+    -j 2 seven times slower than -j 1 on 2 cores, with bit-identical histories); not when they fit, nor
+    over a policy the user set. The runs' thread counts are left as they are."""
+    from resnorm import parallel
+    from resnorm.parallel import Job, run_jobs, wait_policy
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    jobs = [Job(f"study-train@r{i}-0", "", str(tmp_path), tmp_path / f"r{i}.log", threads=2) for i in range(3)]
+    assert wait_policy(jobs, 2, 2) == {"OMP_WAIT_POLICY": "PASSIVE"}
+    assert wait_policy(jobs, 1, 2) == {} and wait_policy(jobs, 2, 4) == {} and wait_policy(jobs[:1], 4, 2) == {}
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
+    assert wait_policy(jobs, 2, 2) == {}
+    monkeypatch.delenv("OMP_WAIT_POLICY")
+    monkeypatch.setattr(parallel, "cpu_cores", lambda: 2)
+    show = f"{sys.executable} -c \"import os; print(os.environ.get('OMP_WAIT_POLICY'))\""
+    for slots, seen in ((2, "PASSIVE"), (1, "None")):
+        runs = [Job(f"study-train@s{i}-0", show, str(tmp_path), tmp_path / f"s{slots}{i}.log", threads=2) for i in range(2)]
+        assert run_jobs(runs, slots, lambda j, rc: None) == []
+        assert {r.log.read_text().strip() for r in runs} == {seen}, slots
+
+
 def test_a_failed_run_is_named_with_the_line_that_says_why(tmp_path):
     """A failed run's line quotes the error its log names, not whatever came last (inductor's compile
     errors print pages of compiler output after the exception), and quotes it verbatim: a log line
