@@ -102,8 +102,12 @@ def wait_policy(jobs: list[Job], slots: int, cores: int) -> dict[str, str]:
     unchanged."""
     if "OMP_WAIT_POLICY" in os.environ:
         return {}
-    at_once = sorted((j.threads for j in jobs), reverse=True)[:slots]
-    return {"OMP_WAIT_POLICY": "PASSIVE"} if sum(at_once) > cores else {}
+    return {"OMP_WAIT_POLICY": "PASSIVE"} if threads_at_once(jobs, slots) > cores else {}
+
+
+def threads_at_once(jobs: list[Job], slots: int) -> int:
+    """The most CPU threads `slots` of the runs may have at once (the runs with the most)."""
+    return sum(sorted((j.threads for j in jobs), reverse=True)[:slots])
 
 
 def epochs_done(job: Job) -> tuple[int, float] | None:
@@ -253,10 +257,11 @@ def run_jobs(jobs: list[Job], slots: int, on_done, status_every: float = 0, stal
     pending, running, failed = list(jobs), {}, []
     finished, next_status, limit = 0, time.time() + status_every, slots
     gpus = visible_gpus()
-    policy = wait_policy(jobs, slots, cpu_cores())
+    cores = cpu_cores()
+    policy = wait_policy(jobs, slots, cores)
     if policy:
-        console.print(f"{sum(sorted((j.threads for j in jobs), reverse=True)[:slots])} threads at once for "
-                      f"{cpu_cores()} cores: the runs' OpenMP threads wait passively (OMP_WAIT_POLICY=PASSIVE); "
+        console.print(f"{threads_at_once(jobs, slots)} threads at once for {cores} cores: the runs' OpenMP "
+                      f"threads wait passively (OMP_WAIT_POLICY=PASSIVE); "
                       "spinning, they made -j 2 seven times slower than -j 1 on 2 cores", soft_wrap=True)
     free = list(range(slots))
     previous = {s: signal.signal(s, stop_on_signals) for s in (signal.SIGTERM, signal.SIGHUP)

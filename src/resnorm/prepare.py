@@ -543,6 +543,18 @@ def skip_kind(reason: str) -> str:
     return reason.split(" of ")[0].split(" (")[0].split(":")[0]
 
 
+def split_against_shares(u: dict) -> str:
+    """An `uneven_splits` entry's counts against its shares, e.g. "train 30 / test 3 against shares of 22 /
+    7" (prepare's summary and the study report)."""
+    return (f"{' / '.join(f'{s} {n}' for s, n in u['images'].items())} against shares of "
+            f"{' / '.join(str(n) for n in u['share'].values())}")
+
+
+def near_counts(near: list[dict]) -> str:
+    """`near_duplicates_of_train` counted per split, e.g. "143 val and 2 test"."""
+    return " and ".join(f"{n} {s}" for s in SPLITS if (n := sum(r["split"] == s for r in near)))
+
+
 def summary(report: dict, out: Path = OUT) -> str:
     """What prepare made, in a few lines: the per-class table and every skipped file are in report.json."""
     images = report["images"]
@@ -563,18 +575,16 @@ def summary(report: dict, out: Path = OUT) -> str:
                      ", ".join(f"{n} {why}" for why, n in sorted(reasons.items(), key=lambda kv: -kv[1])))
     uneven = report.get("uneven_splits", [])
     if uneven:
-        examples = [f"{u['class']} ({' / '.join(f'{s} {n}' for s, n in u['images'].items())} against shares of "
-                  f"{' / '.join(str(n) for n in u['share'].values())}; largest group {u['largest_group']})"
-                  for u in uneven[:3]]
         lines.append(f"  warning: {len(uneven)} class(es) split off their shares, a near-duplicate group too large "
-                     f"to place (a lower data.near_duplicate_bits splits them finer): {', '.join(examples)}"
+                     f"to place (a lower data.near_duplicate_bits splits them finer): "
+                     + ", ".join(f"{u['class']} ({split_against_shares(u)}; largest group {u['largest_group']})"
+                                 for u in uneven[:3])
                      + (f" and {len(uneven) - 3} more" if len(uneven) > 3 else ""))
     near = report.get("near_duplicates_of_train", [])
     if near:
-        per = {s: sum(r["split"] == s for r in near) for s in SPLITS}
-        lines.append(f"  warning: {' and '.join(f'{n} {s}' for s, n in per.items() if n)} image(s) have a "
-                     f"near-duplicate in train (the given split folders; dHash within "
-                     f"data.near_duplicate_bits), so their scores may be too good: each is listed with it")
+        lines.append(f"  warning: {near_counts(near)} image(s) have a near-duplicate in train (the given split "
+                     f"folders; dHash within data.near_duplicate_bits), so their scores may be too good: each is "
+                     f"listed with it")
     lines.append(f"  per class and every skipped file: {out}/report.json")
     return "\n".join(lines)
 

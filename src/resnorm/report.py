@@ -22,7 +22,7 @@ from .data import PREPARED, batch_count
 from .gradcam import MAP_MEASURES, map_tests, analysis as gradcam_analysis
 from .io import console, no_options, read_csv, read_json, run_cli, save_figure, write_csv, write_json, write_text
 from .params import Params, load_params
-from .prepare import skip_kind
+from .prepare import near_counts, skip_kind, split_against_shares
 from .stats import Comparison, Family, binomial_se, compare, mean_interval
 from .summary import arch_summary, model_summary
 from .transfer import describe as describe_transfer
@@ -532,15 +532,13 @@ def split_notes(data: dict) -> str:
     uneven = data.get("uneven_splits", [])
     if uneven:
         text += (f" {len(uneven)} class(es) are split off their shares: a group of near-duplicates (dHash within "
-                 "data.near_duplicate_bits) goes to one split whole, and one was too large to place: " +
-                 "; ".join(f"{u['class']}, " + " / ".join(f"{s} {n}" for s, n in u["images"].items()) + " against "
-                           "shares of " + " / ".join(str(n) for n in u["share"].values()) +
-                           f" (largest group {u['largest_group']})" for u in uneven) +
+                 "data.near_duplicate_bits) goes to one split whole, and one was too large to place: "
+                 + "; ".join(f"{u['class']}, {split_against_shares(u)} (largest group {u['largest_group']})"
+                             for u in uneven) +
                  ". Their scores on the small split rest on fewer images than its fraction suggests.")
     near = data.get("near_duplicates_of_train", [])
     if near:
-        per = [f"{sum(r['split'] == s for r in near)} {s}" for s in SPLITS if any(r["split"] == s for r in near)]
-        text += (f" {' and '.join(per)} image(s) have a near-duplicate in train (the given split folders; "
+        text += (f" {near_counts(near)} image(s) have a near-duplicate in train (the given split folders; "
                  "dHash within data.near_duplicate_bits; each is listed with it in data/prepared/report.json), so "
                  "their scores may be better than new photos would get.")
     return text
