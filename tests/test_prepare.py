@@ -251,3 +251,35 @@ def test_interrupted_prepare_leaves_no_half_written_output(workdir, tmp_path, mo
         run(workdir, root, image_size=24)
     assert {p.name: p.read_bytes() for p in OUT.iterdir()} == before
     assert [p.name for p in OUT.parent.iterdir()] == [OUT.name]
+
+
+def test_moving_the_rows_gives_the_scans_disk_back_as_it_goes(tmp_path, monkeypatch):
+    """move_rows puts every kept row of the scan array in its place, and the scan shrinks as the split
+    arrays fill: when a row is written, the scan no longer holds the rows above its chunk."""
+    import resnorm.prepare as prep
+
+    shape, rows, chunk = (4, 4, 3), 23, 5
+    scan = tmp_path / "scan.npy"
+    data = np.random.default_rng(0).integers(0, 256, (rows, *shape), dtype=np.uint8)
+    np.save(scan, data)
+    offset = np.load(scan, mmap_mode="r").offset
+    row_bytes = int(np.prod(shape))
+    monkeypatch.setattr(prep, "MOVE_CHUNK_BYTES", chunk * row_bytes)
+
+    class Spy:
+        """A split array that records the scan's size at each write."""
+        def __init__(self, n):
+            self.a, self.sizes = np.zeros((n, *shape), np.uint8), {}
+
+        def __setitem__(self, i, v):
+            self.sizes[i] = scan.stat().st_size
+            self.a[i] = v
+
+    kept = [r for r in range(rows) if r % 7 != 3][:-2]     # some rows dropped, the last two among them
+    train, test = Spy(len(kept) - 4), Spy(4)
+    dest = {r: (train, i) if i < len(kept) - 4 else (test, i - len(kept) + 4) for i, r in enumerate(kept)}
+    prep.move_rows(scan, offset, shape, dest)
+    assert np.array_equal(np.concatenate([train.a, test.a]), data[kept])
+    for r, (arr, i) in dest.items():
+        assert arr.sizes[i] <= offset + (r // chunk + 1) * chunk * row_bytes, r
+    assert scan.stat().st_size == offset

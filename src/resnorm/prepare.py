@@ -488,6 +488,32 @@ def remove_stale_temps(out: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+MOVE_CHUNK_BYTES = 64 << 20     # move_rows reads the scan array this much at a time
+
+
+def move_rows(scan: Path, offset: int, shape: tuple[int, ...], dest: dict[int, tuple[np.ndarray, int]]) -> None:
+    """Copy each row of the scan array (the .npy file `scan`, data from byte `offset`, rows of `shape`)
+    to its place in the split arrays, `dest[row] = (array, index)`; rows not in `dest` (duplicates,
+    dropped classes) are left. The scan is read from its end, a chunk at a time, and cut short after
+    each chunk, so the disk holds the images about once, not twice: the split arrays are sparse
+    files that fill as the scan shrinks. Copied whole before it was deleted, the scan held 13.7 GiB
+    of disk at the peak for the birds set's 37,500 images at 256 px, against 6.9 GiB after."""
+    row_bytes = int(np.prod(shape))
+    chunk = max(1, MOVE_CHUNK_BYTES // row_bytes)
+    top = max(dest, default=-1) + 1
+    with open(scan, "r+b") as f:
+        f.truncate(offset + top * row_bytes)      # rows past the last one kept are not read at all
+        for lo in range((top - 1) // chunk * chunk, -1, -chunk):
+            hi = min(lo + chunk, top)
+            f.seek(offset + lo * row_bytes)
+            block = np.frombuffer(f.read((hi - lo) * row_bytes), np.uint8).reshape(hi - lo, *shape)
+            for r in range(lo, hi):
+                if r in dest:
+                    x, i = dest[r]
+                    x[i] = block[r - lo]
+            f.truncate(offset + lo * row_bytes)
+
+
 def prepare(d: DataParams, out: Path = OUT) -> dict:
     root = Path(d.root)
     remove_stale_temps(out)
@@ -505,16 +531,22 @@ def prepare(d: DataParams, out: Path = OUT) -> dict:
             raise UserError(f"data.root: {shown(root)}: {len(classes)} usable class(es) left after skipping bad files "
                             f"and classes under data.min_images_per_class={d.min_images_per_class}; need at least 2")
         index = {c: i for i, c in enumerate(classes)}
+        offset, shape = buffer.offset, buffer.shape[1:]
+        buffer.flush()
+        del buffer                                # move_rows reads the file, and cuts it short
+        dest: dict[int, tuple[np.ndarray, int]] = {}
+        outs = []
         for split in SPLITS:
             rows = sorted((it for it in items if it.split == split), key=lambda it: (it.label, it.path))
             x = np.lib.format.open_memmap(tmp / f"{split}_x.npy", mode="w+", dtype=np.uint8,
-                                          shape=(len(rows), d.image_size, d.image_size, 3))
-            for i, it in enumerate(rows):
-                x[i] = buffer[it.row]
-            x.flush()
-            del x
+                                          shape=(len(rows), *shape))
+            dest.update((it.row, (x, i)) for i, it in enumerate(rows))
+            outs.append(x)
             np.save(tmp / f"{split}_y.npy", np.array([index[it.label] for it in rows], dtype=np.int64))
-        del buffer
+        move_rows(tmp / "scan.npy", offset, shape, dest)
+        for x in outs:
+            x.flush()
+        del outs, dest, x
         (tmp / "scan.npy").unlink()
         manifest = [{"path": shown(it.path), "sha1": it.sha1, "class": it.label, "split": it.split,
                      "width": it.size[0], "height": it.size[1], "mode": it.mode}
