@@ -142,7 +142,7 @@ def test_a_class_split_off_its_shares_is_reported(workdir, tmp_path):
     val and test 3 each against shares of 7.2 (TINY's 60/20/20); report.json, the summary and the study
     report say so."""
     from resnorm.prepare import summary
-    from resnorm.report import split_notes
+    from resnorm.report import class_table, split_notes
     root = make_dataset(tmp_path / "src", classes=2, per_class=12)
     for i in range(30):                                   # one colour, tiny shifts: one near-duplicate group
         Image.new("RGB", (24, 24), (200, 30, 10 + i)).save(root / "class_0" / f"flat_{i:02d}.png")
@@ -155,6 +155,9 @@ def test_a_class_split_off_its_shares_is_reported(workdir, tmp_path):
     assert "warning: 1 class(es) split off their shares" in summary(report) and "class_0 (train 30 / val 3 / test 3" in summary(report)
     assert "class_0, train 30 / val 3 / test 3 against shares of 22 / 7 / 7 (largest group 30)" in split_notes(report)
     assert "near-duplicate in train" not in split_notes(report) and split_notes({}) == ""
+    header, rows = class_table(report)
+    assert header == ["class", "train", "val", "test", "note"]
+    assert rows == [["class_0", "30", "3", "3", "split off its shares (largest group 30)"], ["class_1", "7", "3", "2", ""]]
 
 
 def test_same_content_in_two_classes_is_dropped(workdir, tmp_path):
@@ -199,7 +202,7 @@ def test_a_val_photo_nearly_one_in_train_is_listed(workdir, tmp_path):
     test folders): prepare keeps the given splits and lists the val image with its train twin; the
     summary and the report say so. An exact copy is no such case: it is skipped as a duplicate."""
     from resnorm.prepare import summary
-    from resnorm.report import split_notes
+    from resnorm.report import class_table, split_notes
     root = tmp_path / "birds"
     make_dataset(root / "train", classes=3, per_class=15)
     for c in range(3):
@@ -213,10 +216,14 @@ def test_a_val_photo_nearly_one_in_train_is_listed(workdir, tmp_path):
     assert entry["near"] == str(root / "train" / "class_1" / "img_003.jpg") and entry["bits"] <= 4
     assert "warning: 1 val image(s) have a near-duplicate in train" in summary(report)
     assert "1 val image(s) have a near-duplicate in train" in split_notes(report)
+    assert entry["class"] == "class_1"
+    header, rows = class_table(report)
+    assert header[-1] == "note" and [r[-1] for r in rows] == ["", "1 val near a train image", ""]
     (root / "valid" / "class_1" / "twin.jpg").unlink()
     (root / "valid" / "class_2" / "copy.jpg").write_bytes((root / "train" / "class_2" / "img_001.jpg").read_bytes())
     report = run(workdir, root)
     assert "near_duplicates_of_train" not in report and reasons(report)["copy.jpg"].startswith("exact duplicate of")
+    assert class_table(report)[0] == ["class", "train", "val", "test"]        # no note column where there is none
 
 
 def test_hamming_counts_the_bits_python_counts():

@@ -426,7 +426,8 @@ def near_duplicates_of_train(items: list[Item], max_bits: int) -> list[dict]:
         bits = hamming(hashes[it.label], it.dhash)
         j = int(np.argmin(bits))                       # the first of the nearest, in path order
         if bits[j] <= max_bits:
-            found.append({"path": shown(it.path), "split": it.split, "near": shown(train[it.label][j].path),
+            found.append({"path": shown(it.path), "class": it.label, "split": it.split,
+                          "near": shown(train[it.label][j].path),
                           "bits": int(bits[j])})
     return sorted(found, key=lambda r: (SPLITS.index(r["split"]), r["path"]))
 

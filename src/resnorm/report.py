@@ -544,6 +544,22 @@ def split_notes(data: dict) -> str:
     return text
 
 
+def class_table(data: dict) -> tuple[list[str], list[list[str]]]:
+    """The data section's table: images per class and split, and, where prepare's report.json has
+    `uneven_splits` or `near_duplicates_of_train`, a column that marks the classes they name, so a
+    reader of a class's scores sees it where the counts are."""
+    notes: dict[str, list[str]] = defaultdict(list)
+    for u in data.get("uneven_splits", []):
+        notes[u["class"]].append(f"split off its shares (largest group {u['largest_group']})")
+    near = data.get("near_duplicates_of_train", [])
+    for c in dict.fromkeys(r["class"] for r in near):
+        mine = [r for r in near if r["class"] == c]
+        notes[c].append(f"{near_counts(mine)} near a train image")
+    header = ["class", *SPLITS] + (["note"] if notes else [])
+    return header, [[c, *(str(v[s]) for s in SPLITS)] + (["; ".join(notes.get(c, []))] if notes else [])
+                    for c, v in data["per_class"].items()]
+
+
 def report(p: Params) -> Doc:
     runs = load_runs(p)
     names = list(p.study.variants)
@@ -584,7 +600,7 @@ def report(p: Params) -> Doc:
            + "." if data["skipped"] else "No file was skipped.") +
           (f" Dropped classes: {', '.join(data['dropped_classes'])}." if data["dropped_classes"] else "") +
           split_notes(data))
-    doc.table(["class", *SPLITS], [[c, *(str(v[s]) for s in SPLITS)] for c, v in data["per_class"].items()])
+    doc.table(*class_table(data))
 
     doc.h(2, "Model")
     doc.p(model_text(p.model, len(classes), p.data.image_size))
