@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import copy_repo, make_dataset, write_params
+from conftest import REPO, copy_repo, make_dataset, write_params
 
 VARIANTS = {"bn-bs8": {"norm": "bn", "batch_size": 8}, "bin-bs8": {"norm": "bin", "batch_size": 8},
             "bn-bs4": {"norm": "bn", "batch_size": 4, "group": "batch"},
@@ -191,6 +191,25 @@ def test_parallel_refuses_a_bad_job_count_in_one_line(args, words, capsys):
     assert e.value.code == 2 and words in err[-1]
 
 
+@pytest.mark.parametrize("override, words", [
+    ("train.lr=abc", "params: train.lr = 'abc' is not allowed: expected a finite number"),
+    ("nosuch.key=1", "Invalid `--set-param` value: Could not override 'nosuch.key'."),   # DVC's reason, not only its label
+    ("train.lr", "Invalid `--set-param` value"),
+])
+def test_parallel_refuses_a_bad_override_and_leaves_params_as_they_were(tmp_path, override, words):
+    import shutil
+    from resnorm.io import UserError
+    from resnorm.parallel import set_params
+
+    params = tmp_path / "params.yaml"
+    shutil.copy(REPO / "params.yaml", params)
+    before = params.read_bytes()
+    with pytest.raises(UserError) as e:
+        set_params(["train.epochs=3", override], params)
+    assert str(e.value).startswith(f"-S train.epochs=3 -S {override}: {words}"), str(e.value)
+    assert "\n" not in str(e.value) and params.read_bytes() == before
+
+
 @pytest.mark.parametrize("value", ["-1", "nan", "inf"])
 def test_parallel_refuses_a_bad_stall_limit(value):
     from resnorm.io import UserError
@@ -205,7 +224,6 @@ def test_parallel_status_line_reads_each_runs_epoch_and_the_time_left(tmp_path):
     from resnorm.parallel import Job, epoch_budget, run_of, status_line
     from resnorm.params import load_params
     from resnorm.train import TIMING_COLUMNS
-    from conftest import REPO
     assert run_of("python -m resnorm.train --variant gn-bs8-es --seed 2") == ("gn-bs8-es", 2)
     assert run_of("python -m resnorm.train") == (None, None)
     params = load_params(REPO / "params.yaml")

@@ -383,7 +383,8 @@ def set_params(overrides: list[str], path: Path = Path("params.yaml")) -> None:
         load_params(path)
     except Exception as e:
         path.write_bytes(before)
-        raise UserError(f"-S {' -S '.join(overrides)}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+        why = [str(x).splitlines()[0] for x in (e, e.__cause__) if x is not None and str(x)]     # DVC's own
+        raise UserError(f"-S {' -S '.join(overrides)}: {': '.join(why) or type(e).__name__}") from None  # in the cause
 
 
 def main(argv: list[str]) -> None:
