@@ -217,6 +217,14 @@ def test_a_val_photo_nearly_one_in_train_is_listed(workdir, tmp_path):
     assert "warning: 1 val image(s) have a near-duplicate in train" in summary(report)
     assert "1 val image(s) have a near-duplicate in train" in split_notes(report)
     assert entry["class"] == "class_1"
+    from resnorm.evaluate import near_train_rows, without_rows
+    from resnorm.prepare import load_image
+    [row] = near_train_rows()["val"]              # the row of the prepared val arrays that holds the twin
+    twin = load_image(str(root / "valid" / "class_1" / "twin.jpg"), 16, 10 ** 8)[0]
+    assert np.array_equal(np.load(OUT / "val_x.npy")[row], twin) and list(near_train_rows()) == ["val"]
+    y = np.load(OUT / "val_y.npy")
+    wrong = np.where(np.arange(len(y)) == row, (y + 1) % 3, y)   # only the twin predicted wrong
+    assert without_rows(y, wrong, [row], 3) == {"images": len(y) - 1, "excluded": 1, "accuracy": 1.0, "macro_f1": 1.0}
     header, rows = class_table(report)
     assert header[-1] == "note" and [r[-1] for r in rows] == ["", "1 val near a train image", ""]
     (root / "valid" / "class_1" / "twin.jpg").unlink()

@@ -161,3 +161,26 @@ def test_every_test_is_counted_once_and_holm_corrected():
     assert raw > len(survivors)                                              # some do not survive the correction
     assert f"Uncorrected, {raw} of 5 tests" in text[1] and "After Holm's correction 1 remains: nn minus bn" in text[1]
     assert "|t| > 4.3" in text[2]                                            # t(2) at 5%, two-sided
+
+
+def test_val_without_its_near_duplicates_of_train_is_one_paired_test_over_the_runs():
+    """evaluate's `without_near_train` gives a row per variant and one paired t over every scored run
+    a split (in the family, so corrected with the rest); a study without it gets no section."""
+    from resnorm.report import near_duplicate_section
+    from resnorm.stats import Family
+    val = {"bn": [0.60, 0.62, 0.58], "gn": [0.50, 0.55, 0.53]}
+    without = {"bn": [0.59, 0.60, 0.58], "gn": [0.49, 0.55, 0.51]}
+    runs = {v: [{"run": f"{v}-{s}", "seed": s, "val": {"accuracy": val[v][s]},
+                 "without_near_train": {"val": {"images": 95, "excluded": 5, "accuracy": without[v][s]}}}
+                for s in range(3)] for v in val}
+    family = Family()
+    rows, text = near_duplicate_section(runs, ["bn", "gn"], family)
+    assert rows[0][:2] == ["bn", "val"] and rows[0][4] == "+0.010" and len(rows) == 2
+    ref = sps.ttest_rel(val["bn"] + val["gn"], without["bn"] + without["gn"])
+    [sentence] = text
+    assert sentence.startswith("Val scored without its 5 image(s) that have a near-duplicate in train (see the data "
+                               "section), on the other 95: val accuracy with them minus without")
+    assert "over all 6 scored runs" in sentence and f"t(5) = {ref.statistic:.2f}, p = {ref.pvalue:.3g}" in sentence
+    assert len(family) == 1
+    plain = {v: [{k: r[k] for k in ("run", "seed", "val")} for r in rs] for v, rs in runs.items()}
+    assert near_duplicate_section(plain, ["bn", "gn"], Family()) == ([], [])

@@ -5,19 +5,23 @@ on a GPU), memory layout and batch size, so the val figures are those that chose
 
 Writes, for one run (its wall time goes to logs/stage_times.tsv, like every stage's):
   metrics/<run>.json          accuracy, micro-F1, macro-F1, loss per split, the epoch chosen
-                              (bit-identical for the same params and seed on the same CPU)
+                              (bit-identical for the same params and seed on the same CPU);
+                              where prepare lists val or test images with a near-duplicate in
+                              train, also each such split scored without them
   metrics/summary/experiment.json   (the experiment only) its declared DVC metrics, short keys
   plots/<run>/confusion.csv   test (actual, predicted) pairs, a DVC confusion plot
   plots/<run>/per_class.csv   per-class precision / recall / F1 / support on test
 """
 from __future__ import annotations
 
+from collections import defaultdict
 from pathlib import Path
 
+import numpy as np
 import torch
 
-from .data import Split, load_classes, load_split
-from .io import UserError, console, run_cli, write_csv, write_json
+from .data import PREPARED, Split, load_classes, load_split
+from .io import UserError, console, read_csv, read_json, run_cli, write_csv, write_json
 from .metrics import per_class, predict, scores
 from .params import Params, TrainParams, Variant, load_params
 from .model import model_from_config
@@ -46,6 +50,33 @@ def summary(metrics: dict) -> dict:
         out["train"] = {"acc": metrics["train"]["accuracy"]}
     out["best_epoch"] = metrics["best_epoch"]
     return out
+
+
+def near_train_rows(prepared: Path = PREPARED) -> dict[str, list[int]]:
+    """Per split, the rows of its arrays whose image has a near-duplicate in train (prepare's
+    `near_duplicates_of_train`: given split folders can hold such photos); {} where there are none.
+    A split's arrays hold its images in the manifest's order (class, then path)."""
+    near = read_json(prepared / "report.json").get("near_duplicates_of_train", [])
+    if not near:
+        return {}
+    listed = {(r["split"], r["path"]) for r in near}
+    rows: dict[str, list[int]] = defaultdict(list)
+    position: dict[str, int] = defaultdict(int)
+    for m in read_csv(prepared / "manifest.csv"):
+        if (m["split"], m["path"]) in listed:
+            rows[m["split"]].append(position[m["split"]])
+        position[m["split"]] += 1
+    return dict(rows)
+
+
+def without_rows(y: np.ndarray, pred: np.ndarray, rows: list[int], num_classes: int) -> dict:
+    """Accuracy and macro-F1 of a split scored without `rows` (its near-duplicates of train), so the
+    report can say how much those images move its score."""
+    keep = np.ones(len(y), dtype=bool)
+    keep[rows] = False
+    s = scores(y[keep], pred[keep], num_classes)
+    return {"images": int(keep.sum()), "excluded": len(rows), "accuracy": round(s["accuracy"], 6),
+            "macro_f1": round(s["macro_f1"], 6)}
 
 
 def scoring_model(checkpoint: dict, t: TrainParams) -> tuple[torch.nn.Module, torch.device]:
@@ -91,6 +122,7 @@ def evaluate(p: Params, variant: str | None = None, seed: int | None = None) -> 
     else:
         best = load_checkpoint(paths.best)
         model, device = scoring_model(best, v.train)
+        near, without = near_train_rows(), {}
         for split in SPLITS:
             data = load_split(split)
             if len(data) == 0:
@@ -99,9 +131,13 @@ def evaluate(p: Params, variant: str | None = None, seed: int | None = None) -> 
             loss, pred, _ = predict_as_validated(model, device, data, best, v)
             s = scores(data.y, pred, len(classes))
             metrics[split] = {k: round(x, 6) for k, x in {**s, "loss": loss}.items()}
+            if near.get(split):
+                without[split] = without_rows(data.y, pred, near[split], len(classes))
             if split == "test":
                 confusion = confusion_rows(data.y, pred, classes)
                 table = per_class(data.y, pred, classes)
+        if without:                   # only where prepare listed any: a data set without them scores as before
+            metrics["without_near_train"] = without
     write_json(paths.metrics, metrics)
     if variant is None:
         write_json(EXPERIMENT_SUMMARY, summary(metrics))

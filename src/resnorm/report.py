@@ -23,7 +23,7 @@ from .gradcam import MAP_MEASURES, map_tests, analysis as gradcam_analysis
 from .io import console, no_options, read_csv, read_json, run_cli, save_figure, write_csv, write_json, write_text
 from .params import Params, load_params
 from .prepare import near_counts, skip_kind, split_against_shares
-from .stats import Comparison, Family, binomial_se, compare, mean_interval
+from .stats import Comparison, Family, binomial_se, compare, mean_interval, paired
 from .summary import arch_summary, model_summary
 from .transfer import describe as describe_transfer
 
@@ -560,6 +560,37 @@ def class_table(data: dict) -> tuple[list[str], list[list[str]]]:
                     for c, v in data["per_class"].items()]
 
 
+def near_duplicate_section(runs: dict[str, list[dict]], variants: list[str],
+                           family: Family | None = None) -> tuple[list[list[str]], list[str]]:
+    """Val (and test) accuracy with and without the images that have a near-duplicate in train
+    (evaluate's `without_near_train`): a row per variant and split, and per split a sentence with
+    one paired t-test over every scored run (recorded in `family`: one test a split, not one a
+    variant, so the norms' comparisons are not corrected for 13 more). ([], []) where no run has them."""
+    rows, text = [], []
+    for split in ("val", "test"):
+        scored = [r for v in variants for r in runs[v] if r.get(split) and r.get("without_near_train", {}).get(split)]
+        if not scored:
+            continue
+        for v in variants:
+            mine = [r for r in runs[v] if any(r is q for q in scored)]
+            if mine:
+                a = [r[split]["accuracy"] for r in mine]
+                b = [r["without_near_train"][split]["accuracy"] for r in mine]
+                diff = round(statistics.fmean(a) - statistics.fmean(b), 3) + 0.0      # no "-0.000"
+                rows.append([v, split, fmt(a), fmt(b), f"{diff:+.3f}"])
+        w = scored[0]["without_near_train"][split]
+        lead = (f"{split.capitalize()} scored without its {w['excluded']} image(s) that have a near-duplicate in train "
+                f"(see the data section), on the other {w['images']}: {split} accuracy with them minus without")
+        if len(scored) < 2:
+            text.append(lead + f": {NO_TEST}.")
+            continue
+        c = paired([r[split]["accuracy"] for r in scored], [r["without_near_train"][split]["accuracy"] for r in scored])
+        if family is not None:
+            family.add(f"{split} accuracy: with vs without its near-duplicates of train", "near-duplicates", c)
+        text.append(lead + f", over all {len(scored)} scored runs (paired t, the run the unit): {c.describe()}.")
+    return rows, text
+
+
 def report(p: Params) -> Doc:
     runs = load_runs(p)
     names = list(p.study.variants)
@@ -624,6 +655,12 @@ def report(p: Params) -> Doc:
     colors = variant_colors(names)
     plot_bars(figs / "accuracy_bars.png", runs, names)
     doc.img("figures/accuracy_bars.png", "accuracy per variant and split")
+    near_rows, near_text = near_duplicate_section(runs, names, family)
+    if near_rows:
+        doc.h(3, "Without the near-duplicates of train")
+        for t in near_text:
+            doc.p(t)
+        doc.table(["variant", "split", "accuracy", "without near-duplicates", "difference of means"], near_rows)
 
     doc.h(2, "The norms compared")
     doc.p(f"Ranked on test accuracy, the split that selected nothing; val beside it. 'test s.e.' is the binomial "
