@@ -298,3 +298,23 @@ def test_moving_the_rows_gives_the_scans_disk_back_as_it_goes(tmp_path, monkeypa
     for r, (arr, i) in dest.items():
         assert arr.sizes[i] <= offset + (r // chunk + 1) * chunk * row_bytes, r
     assert scan.stat().st_size == offset
+
+
+def test_a_disk_too_small_is_one_line_before_any_work(workdir, tmp_path, monkeypatch):
+    """Past a full disk a memory-mapped write kills prepare with SIGBUS, so the space is checked first:
+    one line naming what is needed and what is free; the last good output stays."""
+    from collections import namedtuple
+    import resnorm.prepare as prep
+
+    root = make_dataset(tmp_path / "src", classes=2, per_class=8)
+    run(workdir, root)
+    before = {p.name: p.read_bytes() for p in OUT.iterdir()}
+    need = 16 * 64 * 64 * 3
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(prep.shutil, "disk_usage", lambda path: usage(10 ** 9, 0, 100 << 10))
+    with pytest.raises(UserError, match=r"16 images at 64x64 need 0\.2 MiB of disk while prepare runs, and .* "
+                                        r"has 0\.1 MiB free; free some, or lower data\.image_size"):
+        run(workdir, root, image_size=64)
+    assert {p.name: p.read_bytes() for p in OUT.iterdir()} == before
+    monkeypatch.setattr(prep.shutil, "disk_usage", lambda path: usage(10 ** 9, 0, need))
+    assert run(workdir, root, image_size=64)["image_size"] == 64          # just enough

@@ -516,12 +516,31 @@ def move_rows(scan: Path, offset: int, shape: tuple[int, ...], dest: dict[int, t
             f.truncate(offset + lo * row_bytes)
 
 
+def check_disk(out: Path, images: int, size: int) -> None:
+    """Refuse, in one line, a prepare that cannot fit on the disk. The decoded images need `images` x
+    size x size x 3 bytes beside `out` (move_rows keeps the peak there). Past a full disk, a write into
+    a memory-mapped array does not raise: the process dies of SIGBUS ("Bus error", exit 135), as it did
+    here on a 1 MiB tmpfs."""
+    need = images * size * size * 3
+    where = next(p for p in (out.parent, *out.parent.parents) if p.exists())   # the folder may not exist yet
+    free = shutil.disk_usage(where).free
+    if need > free:
+        raise UserError(f"{out}: {images} images at {size}x{size} need {size_text(need)} of disk while prepare "
+                        f"runs, and {where.resolve()} has {size_text(free)} free; free some, or lower data.image_size")
+
+
+def size_text(n: int) -> str:
+    """Bytes as GiB, or MiB under one GiB."""
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
 def prepare(d: DataParams, out: Path = OUT) -> dict:
     root = Path(d.root)
     remove_stale_temps(out)
     items, skipped, has_splits = discover(root, d)
     if not items:
         raise UserError(f"data.root: {shown(root)} holds no image files in class folders")
+    check_disk(out, len(items), d.image_size)
     with atomic_dir(out) as tmp:
         buffer = np.lib.format.open_memmap(tmp / "scan.npy", mode="w+", dtype=np.uint8,
                                            shape=(len(items), d.image_size, d.image_size, 3))
