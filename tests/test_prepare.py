@@ -224,7 +224,8 @@ def test_a_val_photo_nearly_one_in_train_is_listed(workdir, tmp_path):
     assert np.array_equal(np.load(OUT / "val_x.npy")[row], twin) and list(near_train_rows()) == ["val"]
     y = np.load(OUT / "val_y.npy")
     wrong = np.where(np.arange(len(y)) == row, (y + 1) % 3, y)   # only the twin predicted wrong
-    assert without_rows(y, wrong, [row], 3) == {"images": len(y) - 1, "excluded": 1, "accuracy": 1.0, "macro_f1": 1.0}
+    assert without_rows(y, wrong, [row], 3) == {"images": len(y) - 1, "excluded": 1, "accuracy": 1.0, "macro_f1": 1.0,
+                                                "excluded_accuracy": 0.0}
     header, rows = class_table(report)
     assert header[-1] == "note" and [r[-1] for r in rows] == ["", "1 val near a train image", ""]
     (root / "valid" / "class_1" / "twin.jpg").unlink()

@@ -171,15 +171,19 @@ def test_val_without_its_near_duplicates_of_train_is_one_paired_test_over_the_ru
     val = {"bn": [0.60, 0.62, 0.58], "gn": [0.50, 0.55, 0.53]}
     without = {"bn": [0.59, 0.60, 0.58], "gn": [0.49, 0.55, 0.51]}
     runs = {v: [{"run": f"{v}-{s}", "seed": s, "val": {"accuracy": val[v][s]},
-                 "without_near_train": {"val": {"images": 95, "excluded": 5, "accuracy": without[v][s]}}}
+                 "without_near_train": {"val": {"images": 95, "excluded": 5, "accuracy": without[v][s],
+                                                "excluded_accuracy": (100 * val[v][s] - 95 * without[v][s]) / 5}}}
                 for s in range(3)] for v in val}
     family = Family()
     rows, text = near_duplicate_section(runs, ["bn", "gn"], family)
     assert rows[0][:2] == ["bn", "val"] and rows[0][4] == "+0.010" and len(rows) == 2
     ref = sps.ttest_rel(val["bn"] + val["gn"], without["bn"] + without["gn"])
     [sentence] = text
-    assert sentence.startswith("Val scored without its 5 image(s) that have a near-duplicate in train (see the data "
-                               "section), on the other 95: val accuracy with them minus without")
+    own = sum((100 * a - 95 * b) / 5 for v in val for a, b in zip(val[v], without[v])) / 6
+    rest = sum(without["bn"] + without["gn"]) / 6
+    assert sentence.startswith(f"Val scored without its 5 image(s) that have a near-duplicate in train (see the data "
+                               f"section), on the other 95. The runs' mean accuracy is {own:.3f} on those images "
+                               f"and {rest:.3f} on the rest; val accuracy with them minus without"), sentence
     assert "over all 6 scored runs" in sentence and f"t(5) = {ref.statistic:.2f}, p = {ref.pvalue:.3g}" in sentence
     assert len(family) == 1
     plain = {v: [{k: r[k] for k in ("run", "seed", "val")} for r in rs] for v, rs in runs.items()}

@@ -579,8 +579,12 @@ def near_duplicate_section(runs: dict[str, list[dict]], variants: list[str],
                 diff = round(statistics.fmean(a) - statistics.fmean(b), 3) + 0.0      # no "-0.000"
                 rows.append([v, split, fmt(a), fmt(b), f"{diff:+.3f}"])
         w = scored[0]["without_near_train"][split]
-        lead = (f"{split.capitalize()} scored without its {w['excluded']} image(s) that have a near-duplicate in train "
-                f"(see the data section), on the other {w['images']}: {split} accuracy with them minus without")
+        k, m = w["excluded"], w["images"]
+        own = statistics.fmean(r["without_near_train"][split]["excluded_accuracy"] for r in scored)
+        rest = statistics.fmean(r["without_near_train"][split]["accuracy"] for r in scored)
+        lead = (f"{split.capitalize()} scored without its {k} image(s) that have a near-duplicate in train (see the "
+                f"data section), on the other {m}. The runs' mean accuracy is {own:.3f} on those images and "
+                f"{rest:.3f} on the rest; {split} accuracy with them minus without")
         if len(scored) < 2:
             text.append(lead + f": {NO_TEST}.")
             continue
