@@ -383,8 +383,9 @@ def set_params(overrides: list[str], path: Path = Path("params.yaml")) -> None:
         load_params(path)
     except Exception as e:
         path.write_bytes(before)
-        why = [str(x).splitlines()[0] for x in (e, e.__cause__) if x is not None and str(x)]     # DVC's own
-        raise UserError(f"-S {' -S '.join(overrides)}: {': '.join(why) or type(e).__name__}") from None  # in the cause
+        # DVC's InvalidArgumentError is a bare label ("Invalid `--set-param` value"); its cause says why
+        why = [str(x).splitlines()[0] for x in (e, e.__cause__) if x is not None and str(x)]
+        raise UserError(f"-S {' -S '.join(overrides)}: {': '.join(why) or type(e).__name__}") from None
 
 
 def main(argv: list[str]) -> None:

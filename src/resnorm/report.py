@@ -551,9 +551,10 @@ def class_table(data: dict) -> tuple[list[str], list[list[str]]]:
     notes: dict[str, list[str]] = defaultdict(list)
     for u in data.get("uneven_splits", []):
         notes[u["class"]].append(f"split off its shares (largest group {u['largest_group']})")
-    near = data.get("near_duplicates_of_train", [])
-    for c in dict.fromkeys(r["class"] for r in near):
-        mine = [r for r in near if r["class"] == c]
+    near: dict[str, list[dict]] = defaultdict(list)
+    for r in data.get("near_duplicates_of_train", []):
+        near[r["class"]].append(r)
+    for c, mine in near.items():
         notes[c].append(f"{near_counts(mine)} near a train image")
     header = ["class", *SPLITS] + (["note"] if notes else [])
     return header, [[c, *(str(v[s]) for s in SPLITS)] + (["; ".join(notes.get(c, []))] if notes else [])
@@ -568,11 +569,12 @@ def near_duplicate_section(runs: dict[str, list[dict]], variants: list[str],
     variant, so the norms' comparisons are not corrected for 13 more). ([], []) where no run has them."""
     rows, text = [], []
     for split in ("val", "test"):
-        scored = [r for v in variants for r in runs[v] if r.get(split) and r.get("without_near_train", {}).get(split)]
+        per_variant = {v: [r for r in runs[v] if r.get(split) and r.get("without_near_train", {}).get(split)]
+                       for v in variants}
+        scored = [r for mine in per_variant.values() for r in mine]
         if not scored:
             continue
-        for v in variants:
-            mine = [r for r in runs[v] if any(r is q for q in scored)]
+        for v, mine in per_variant.items():
             if mine:
                 a = [r[split]["accuracy"] for r in mine]
                 b = [r["without_near_train"][split]["accuracy"] for r in mine]
@@ -591,7 +593,7 @@ def near_duplicate_section(runs: dict[str, list[dict]], variants: list[str],
         c = paired([r[split]["accuracy"] for r in scored], [r["without_near_train"][split]["accuracy"] for r in scored])
         if family is not None:
             family.add(f"{split} accuracy: with vs without its near-duplicates of train", "near-duplicates", c)
-        text.append(lead + f", over all {len(scored)} scored runs (paired t, the run the unit): {c.describe()}.")
+        text.append(lead + f", over all {len(scored)} scored runs (the run the unit): {c.describe()}.")
     return rows, text
 
 
