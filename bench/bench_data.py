@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from resnorm.data import EpochBatches, batches, channel_stats, load_split
+from resnorm.data import EpochBatches, batches, load_split, load_train_stats
 from resnorm.params import load_params
 from resnorm.train import make_model, make_optimizer
 
@@ -29,7 +29,7 @@ def main() -> None:
     t = v.train
     torch.set_num_threads(t.threads)
     split = load_split("train")
-    mean, std = channel_stats(split.x)
+    mean, std = load_train_stats()
     rss0 = rss_mb()
     for workers in (0, 2):
         n, t0 = 0, time.perf_counter()

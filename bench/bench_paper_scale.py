@@ -3,7 +3,7 @@
   python bench/bench_paper_scale.py                   # both, 4,096 images for the statistics
   python bench/bench_paper_scale.py --images 1024 --only stats
 
-stats:     `resnorm.data.channel_stats` (exact integer sums, what every training run calls once)
+stats:     `resnorm.prepare.channel_stats` (exact integer sums, which prepare runs once on the train split)
            against the plain float64 formula it replaced, on a memory-mapped array like a
            prepared split, scaled to the birds train split (24,706 images).
 visualize: `resnorm.visualize.activation_stats` over 256 images (`visualize.stat_images`) of an
@@ -39,7 +39,7 @@ def float64_stats(x: np.ndarray, chunk: int = 1024) -> tuple[list[float], list[f
 
 
 def bench_stats(images: int) -> None:
-    from resnorm.data import channel_stats
+    from resnorm.prepare import channel_stats
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "train_x.npy"
         x = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=(images, SIZE, SIZE, 3))

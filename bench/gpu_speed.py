@@ -41,6 +41,9 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+from resnorm.prepare import describe_arrays  # noqa: E402  (this checkout's, as the copy's)
+
 HERE = Path(__file__).resolve().parents[1]
 CLASSES = 25
 CLASS_NAMES = [f"class_{i:02d}" for i in range(CLASSES)]
@@ -84,6 +87,7 @@ def setup(work: Path, args) -> Path:
     if (repo / "dvc.lock").exists():          # the generated arrays are kept; the code is this checkout's
         copy_pipeline(repo, keep_params=True)
         edit_params(repo, gradcam__classes=GRADCAM_CLASSES)      # a copy made before this line existed
+        describe_stand_in(repo / "data" / "prepared")            # and before prepare wrote this file
         record_stand_in_data(repo, work)      # new fetch or prepare code must not replace the generated arrays
         return repo
     shutil.rmtree(repo, ignore_errors=True)
@@ -103,6 +107,7 @@ def setup(work: Path, args) -> Path:
         x.flush()
         np.save(prepared / f"{split}_y.npy", rng.integers(0, CLASSES, n).astype(np.int64))
     (prepared / "classes.json").write_text(json.dumps(CLASS_NAMES))
+    describe_stand_in(prepared)
     (prepared / "manifest.csv").write_text("path,sha1,class,split\n")
     raw = repo / "data" / "raw" / "ifct"
     raw.mkdir(parents=True)
@@ -120,6 +125,11 @@ def setup(work: Path, args) -> Path:
     (repo / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
     record_stand_in_data(repo, work)
     return repo
+
+
+def describe_stand_in(prepared: Path) -> None:
+    """arrays.json, as `prepare` writes it beside the arrays (digests, the train split's mean and std)."""
+    (prepared / "arrays.json").write_text(json.dumps(describe_arrays(prepared)))
 
 
 def record_stand_in_data(repo: Path, work: Path) -> None:

@@ -221,14 +221,18 @@ def test_parallel_refuses_a_bad_stall_limit(value):
 
 def test_parallel_status_line_reads_each_runs_epoch_and_the_time_left(tmp_path):
     import time
-    from resnorm.parallel import Job, epoch_budget, run_of, status_line
+    from types import SimpleNamespace
+    from resnorm.parallel import LOGS, Job, job_for, run_of, status_line
     from resnorm.params import load_params
     from resnorm.train import TIMING_COLUMNS
     assert run_of("python -m resnorm.train --variant gn-bs8-es --seed 2") == ("gn-bs8-es", 2)
     assert run_of("python -m resnorm.train") == (None, None)
     params = load_params(REPO / "params.yaml")
-    assert epoch_budget(params, "python -m resnorm.train --variant bn-bs32 --seed 1") == params.train.epochs
-    assert epoch_budget(params, "python -m resnorm.train --variant nope --seed 0") == 0          # not known: no bound
+    stage = lambda name, args: SimpleNamespace(addressing=name, cmd=f"python -m resnorm.train {args}", wdir=".")
+    bn = job_for(stage("study-train@bn-bs32-1", "--variant bn-bs32 --seed 1"), params)
+    assert (bn.epochs, bn.threads, bn.log) == (params.train.epochs, params.train.threads,
+                                               LOGS / "study-train_bn-bs32-1.log")
+    assert job_for(stage("x", "--variant nope --seed 0"), params).epochs == 0          # not known: no bound
     timing = tmp_path / "logs" / "timing"
     timing.mkdir(parents=True)
     head = ",".join(TIMING_COLUMNS)

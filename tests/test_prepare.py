@@ -1,5 +1,6 @@
 """prepare: every bad input is skipped with a reason, splits are stratified, deterministic and leak-free."""
 import csv
+import math
 import os
 from pathlib import Path
 
@@ -228,6 +229,12 @@ def test_a_val_photo_nearly_one_in_train_is_listed(workdir, tmp_path):
                                                 "excluded_accuracy": 0.0}
     header, rows = class_table(report)
     assert header[-1] == "note" and [r[-1] for r in rows] == ["", "1 val near a train image", ""]
+    assert entry["row"] == row
+    from resnorm.io import write_json
+    del entry["row"]                              # a report.json of older prepare code
+    write_json(OUT / "report.json", report)
+    with pytest.raises(UserError, match="report.json: near-duplicates without their rows.*dvc repro prepare"):
+        near_train_rows()
     (root / "valid" / "class_1" / "twin.jpg").unlink()
     (root / "valid" / "class_2" / "copy.jpg").write_bytes((root / "train" / "class_2" / "img_001.jpg").read_bytes())
     report = run(workdir, root)
@@ -319,3 +326,57 @@ def test_a_disk_too_small_is_one_line_before_any_work(workdir, tmp_path, monkeyp
     assert {p.name: p.read_bytes() for p in OUT.iterdir()} == before
     monkeypatch.setattr(prep.shutil, "disk_usage", lambda path: usage(10 ** 9, 0, need))
     assert run(workdir, root, image_size=64)["image_size"] == 64          # just enough
+
+
+def test_channel_stats_are_the_plain_formula_exactly_and_any_chunking_gives_the_same_bits(tmp_path):
+    """channel_stats sums integers along image rows; it must be `x.reshape(-1, 3) / 255` and each
+    column's mean and population std, to the last bit a correctly rounded exact value allows."""
+    from fractions import Fraction
+    from resnorm.prepare import channel_stats
+    rng = np.random.default_rng(1)
+    x = rng.integers(0, 256, size=(7, 5, 6, 3), dtype=np.uint8)
+    x[..., 2] //= 3                                       # channels with other means
+    np.save(tmp_path / "x.npy", x)
+    mapped = np.load(tmp_path / "x.npy", mmap_mode="r")  # as training reads the split
+    mean, std = channel_stats(mapped)
+    for chunk in (1, 100, 181, 1 << 24):                # one image per chunk, a few, all at once
+        assert channel_stats(mapped, chunk_bytes=chunk) == (mean, std)
+    pixels = x.reshape(-1, 3).astype(int)
+    for k in range(3):                                  # exact rational arithmetic as the truth
+        values = [Fraction(int(v), 255) for v in pixels[:, k]]
+        m = sum(values) / len(values)
+        var = sum((v - m) ** 2 for v in values) / len(values)
+        assert mean[k] == float(m)
+        assert std[k] == pytest.approx(math.sqrt(float(var)), rel=2e-16)
+    plain = pixels / 255.0
+    np.testing.assert_allclose(mean, plain.mean(0), rtol=1e-13)
+    np.testing.assert_allclose(std, plain.std(0), rtol=1e-13)
+    flat = np.full((2, 4, 4, 3), 51, dtype=np.uint8)   # one colour: std floored, not 0 (it divides)
+    assert channel_stats(flat) == ([0.2] * 3, [1e-6] * 3)
+
+
+def test_arrays_json_holds_every_array_digest_and_the_train_stats_that_training_reads(workdir, tmp_path):
+    """prepare computes the train split's mean and std once (`channel_stats` of train_x) and each
+    array's sha1; `load_train_stats` gives those numbers, and refuses, in one line naming the file, a
+    prepared folder without them (older code) or with something else in their place."""
+    import hashlib
+    from resnorm.data import load_train_stats
+    from resnorm.io import read_json, write_json
+    from resnorm.prepare import channel_stats
+    run(workdir, make_dataset(tmp_path / "src", classes=3, per_class=10))
+    arrays = read_json(OUT / "arrays.json")
+    x = np.load(OUT / "train_x.npy", mmap_mode="r")
+    assert arrays["train"] == {"images": len(x), "mean": channel_stats(x)[0], "std": channel_stats(x)[1]}
+    assert load_train_stats() == channel_stats(x)
+    assert sorted(arrays["files"]) == sorted(f"{s}_{k}.npy" for s in ("train", "val", "test") for k in "xy")
+    for name, digest in arrays["files"].items():
+        assert hashlib.sha1((OUT / name).read_bytes()).hexdigest() == digest
+    for broken, says in (({**arrays, "train": {"mean": [0.5] * 3}}, "no per-channel mean and std"),
+                         ({**arrays, "train": {**arrays["train"], "std": [0.5, 0.0, 0.5]}}, "no per-channel"),
+                         ([1, 2], "not valid")):
+        write_json(OUT / "arrays.json", broken)
+        with pytest.raises(UserError, match=f"arrays.json: {says}.*dvc repro -f prepare"):
+            load_train_stats()
+    (OUT / "arrays.json").unlink()
+    with pytest.raises(UserError, match="arrays.json: not found; run `dvc repro prepare`"):
+        load_train_stats()

@@ -131,32 +131,33 @@ def test_schedules_and_early_stopping(prepared, schedule):
         assert lrs[2] == pytest.approx(lrs[1] * 0.1)
 
 
-def test_channel_stats_are_the_plain_formula_exactly_and_any_chunking_gives_the_same_bits(tmp_path):
-    """channel_stats sums integers along image rows; it must be `x.reshape(-1, 3) / 255` and each
-    column's mean and population std, to the last bit a correctly rounded exact value allows."""
-    import numpy as np
-    from fractions import Fraction
-    from resnorm.data import channel_stats
-    rng = np.random.default_rng(1)
-    x = rng.integers(0, 256, size=(7, 5, 6, 3), dtype=np.uint8)
-    x[..., 2] //= 3                                       # channels with other means
-    np.save(tmp_path / "x.npy", x)
-    mapped = np.load(tmp_path / "x.npy", mmap_mode="r")  # as training reads the split
-    mean, std = channel_stats(mapped)
-    for chunk in (1, 100, 181, 1 << 24):                # one image per chunk, a few, all at once
-        assert channel_stats(mapped, chunk_bytes=chunk) == (mean, std)
-    pixels = x.reshape(-1, 3).astype(int)
-    for k in range(3):                                  # exact rational arithmetic as the truth
-        values = [Fraction(int(v), 255) for v in pixels[:, k]]
-        m = sum(values) / len(values)
-        var = sum((v - m) ** 2 for v in values) / len(values)
-        assert mean[k] == float(m)
-        assert std[k] == pytest.approx(math.sqrt(float(var)), rel=2e-16)
-    plain = pixels / 255.0
-    np.testing.assert_allclose(mean, plain.mean(0), rtol=1e-13)
-    np.testing.assert_allclose(std, plain.std(0), rtol=1e-13)
-    flat = np.full((2, 4, 4, 3), 51, dtype=np.uint8)   # one colour: std floored, not 0 (it divides)
-    assert channel_stats(flat) == ([0.2] * 3, [1e-6] * 3)
+def test_runs_read_prepares_stats_and_new_pixels_under_the_same_manifest_train_again(prepared, monkeypatch):
+    """Every run normalizes with the mean and std that prepare wrote (arrays.json), not a pass of its
+    own, and the arrays' digests are part of its fingerprint: when prepare's output changes while its
+    manifest does not (other resizing code, another Pillow), a finished run trains again on the new
+    pixels instead of calling itself "already finished" with a model of the old ones."""
+    import resnorm.prepare as prep
+    from resnorm.data import PREPARED, load_train_stats
+    from resnorm.io import write_json
+    p = load_params()
+    first = train(p)
+    assert (first["mean"], first["std"]) == load_train_stats()
+    manifest = (PREPARED / "manifest.csv").read_bytes()
+    decode = prep.load_image
+
+    def inverted(*args, **kwargs):                 # the same files, hashes and sizes; other pixels
+        pixels, *rest = decode(*args, **kwargs)
+        return (255 - pixels, *rest)
+    monkeypatch.setattr(prep, "load_image", inverted)
+    prep.prepare(p.data)
+    assert (PREPARED / "manifest.csv").read_bytes() == manifest
+    again = train(load_params())
+    assert again["fingerprint"] != first["fingerprint"] and again["history"] != first["history"]
+    assert again["mean"] == pytest.approx([1 - m for m in first["mean"]], abs=1e-12)
+    arrays = read_json(PREPARED / "arrays.json")
+    arrays["train"]["mean"] = [0.25, 0.5, 0.75]
+    write_json(PREPARED / "arrays.json", arrays)
+    assert train(load_params())["mean"] == [0.25, 0.5, 0.75]
 
 
 def test_workers_give_the_same_batches(prepared):

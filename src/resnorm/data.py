@@ -7,7 +7,6 @@ a resume in the middle of a run.
 from __future__ import annotations
 
 import functools
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import torch
 from .io import UserError, read_json
 
 PREPARED = Path("data/prepared")
+ARRAYS = "arrays.json"              # the arrays' digests and the train split's mean and std (prepare)
 
 
 @dataclass
@@ -57,32 +57,23 @@ def load_classes(root: Path = PREPARED) -> list[str]:
     return classes
 
 
-def channel_stats(x: np.ndarray, chunk_bytes: int = 1 << 24) -> tuple[list[float], list[float]]:
-    """Per-channel mean and std of uint8 NHWC images, on the [0, 1] scale.
-
-    What it computes is plain: `a = x.reshape(-1, 3) / 255`, then each column's mean and population
-    std (tests/test_train.py holds it to exactly that). How: exact integer sums of the values
-    and of their squares, streamed over chunks of about `chunk_bytes` (flat memory), each chunk seen
-    as rows of one image row (W x 3 bytes), so numpy sums along contiguous memory; the squares fit
-    uint16 (255^2 = 65,025). Every training run calls this once: for the birds train split (24,706
-    images at 256 px) float64 arithmetic took about 59 s on 2 cores, this about 5 s (README: the paper setting).
-    The mean and variance are then one correctly rounded division each of exact integers."""
-    n, h, w, c = x.shape
-    total, squares = np.zeros(c, dtype=np.uint64), np.zeros(c, dtype=np.uint64)
-    step = max(1, chunk_bytes // max(h * w * c, 1))
-    for i in range(0, n, step):
-        rows = np.ascontiguousarray(x[i:i + step]).reshape(-1, w * c)
-        total += rows.sum(axis=0, dtype=np.uint64).reshape(w, c).sum(axis=0)
-        sq = rows.astype(np.uint16)
-        sq *= sq
-        squares += sq.sum(axis=0, dtype=np.uint64).reshape(w, c).sum(axis=0)
-    count = n * h * w
-    if count == 0:
-        return [0.0] * c, [1e-6] * c
-    t, q = [int(v) for v in total], [int(v) for v in squares]
-    mean = [t[k] / (count * 255) for k in range(c)]
-    var = [(count * q[k] - t[k] * t[k]) / (count * count * 255 * 255) for k in range(c)]
-    return mean, [math.sqrt(max(v, 1e-12)) for v in var]
+def load_train_stats(root: Path = PREPARED) -> tuple[list[float], list[float]]:
+    """The train split's per-channel mean and std on the [0, 1] scale, which `prepare` computed once
+    (`arrays.json`, `resnorm.prepare.describe_arrays`) so that no training run has to: at the birds
+    set's size that took about 5 s of every run's start on 2 cores, 41 times a study."""
+    path = root / ARRAYS
+    try:
+        stats = read_json(path).get("train")
+    except FileNotFoundError:
+        raise UserError(f"{path}: not found; run `dvc repro prepare` (data prepared by older code lacks it)") from None
+    except (ValueError, AttributeError) as e:
+        raise UserError(f"{path}: not valid ({e}); run `dvc repro -f prepare`") from None
+    ok = isinstance(stats, dict) and all(
+        isinstance(stats.get(k), list) and len(stats[k]) == 3 and all(isinstance(v, float) for v in stats[k])
+        for k in ("mean", "std"))
+    if not ok or not all(v > 0 for v in stats["std"]):
+        raise UserError(f"{path}: no per-channel mean and std of the train split; run `dvc repro -f prepare`")
+    return stats["mean"], stats["std"]
 
 
 def to_tensor(x, mean: list[float], std: list[float], device: torch.device | str = "cpu",

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from .data import PREPARED, Split, load_classes, load_split
-from .io import UserError, console, read_csv, read_json, run_cli, write_csv, write_json
+from .io import UserError, console, read_json, run_cli, write_csv, write_json
 from .metrics import per_class, predict, scores
 from .params import Params, TrainParams, Variant, load_params
 from .model import model_from_config
@@ -54,19 +54,16 @@ def summary(metrics: dict) -> dict:
 
 def near_train_rows(prepared: Path = PREPARED) -> dict[str, list[int]]:
     """Per split, the rows of its arrays whose image has a near-duplicate in train (prepare's
-    `near_duplicates_of_train`: given split folders can hold such photos); {} where there are none.
-    A split's arrays hold its images in the manifest's order (class, then path)."""
-    near = read_json(prepared / "report.json").get("near_duplicates_of_train", [])
-    if not near:
-        return {}
-    listed = {(r["split"], r["path"]) for r in near}
+    `near_duplicates_of_train`, each with its `row`: given split folders can hold such photos); {}
+    where there are none."""
+    path = prepared / "report.json"
+    near = read_json(path).get("near_duplicates_of_train", [])
+    if any(not isinstance(r.get("row"), int) for r in near):
+        raise UserError(f"{path}: near-duplicates without their rows (older prepare code); run `dvc repro prepare`")
     rows: dict[str, list[int]] = defaultdict(list)
-    position: dict[str, int] = defaultdict(int)
-    for m in read_csv(prepared / "manifest.csv"):
-        if (m["split"], m["path"]) in listed:
-            rows[m["split"]].append(position[m["split"]])
-        position[m["split"]] += 1
-    return dict(rows)
+    for r in near:
+        rows[r["split"]].append(r["row"])
+    return {split: sorted(found) for split, found in rows.items()}
 
 
 def without_rows(y: np.ndarray, pred: np.ndarray, rows: list[int], num_classes: int) -> dict:

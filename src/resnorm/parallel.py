@@ -82,10 +82,12 @@ def train_settings(params, cmd: str):
         return None
 
 
-def epoch_budget(params, cmd: str) -> int:
-    """The epochs a `resnorm.train` command may train (0 where its variant is not in params.yaml)."""
-    t = train_settings(params, cmd)
-    return t.epochs if t else 0
+def job_for(stage, params) -> Job:
+    """A training stage's run, its variant resolved once: the epochs it may train (0 where its
+    variant is not in params.yaml: no bound; early stopping may end it sooner) and its CPU threads."""
+    t = train_settings(params, stage.cmd)
+    return Job(stage.addressing, stage.cmd, stage.wdir, LOGS / f"{stage.addressing.replace('@', '_')}.log",
+               epochs=t.epochs if t else 0, threads=(t or params.train).threads)
 
 
 def cpu_cores() -> int:
@@ -428,9 +430,7 @@ def main(argv: list[str]) -> None:
                 upstream, stages = plan(repo, args.patterns)
             stale = [s for s in stages if s.changed()]
             params = load_params()
-            jobs = [Job(s.addressing, s.cmd, s.wdir, LOGS / f"{s.addressing.replace('@', '_')}.log",
-                        epochs=epoch_budget(params, s.cmd),
-                        threads=(train_settings(params, s.cmd) or params.train).threads) for s in stale]
+            jobs = [job_for(s, params) for s in stale]
             gpus = visible_gpus()
             console.print(f"{len(stages)} training stages, {len(stale)} to run, {args.jobs} at a time"
                           + (f" on GPU {', '.join(gpus)}" if gpus else " on the CPU")

@@ -16,7 +16,7 @@ import dataclasses
 import torch
 from torch import nn
 
-from .data import EpochBatches, channel_stats, load_classes, load_split
+from .data import EpochBatches, load_classes, load_split, load_train_stats
 from .io import console, no_options, run_cli, write_json
 from .params import Params, load_params
 from .train import make_model, make_optimizer, pick_device
@@ -30,7 +30,7 @@ def lockstep(p: Params, steps: int) -> dict:
     torch.set_num_threads(t.threads)
     device = pick_device(t.device)          # the training device: float64 on a GPU takes seconds, on a CPU minutes at 256 px
     classes, split = load_classes(), load_split("train")
-    mean, std = channel_stats(split.x)
+    mean, std = load_train_stats()
     torch.manual_seed(p.seed)
     m = dataclasses.replace(p.model, dropout=0.0)     # one init, no random masks: the two nets see the same sums
     ours = make_model(m, "bn", len(classes)).double().to(device)

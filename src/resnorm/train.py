@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .data import EpochBatches, batches, channel_stats, load_classes, load_split, on_device, PREPARED
+from .data import ARRAYS, EpochBatches, batches, load_classes, load_split, load_train_stats, on_device, PREPARED
 from .io import UserError, append_csv, atomic_path, console, run_cli, write_csv
 from .metrics import predict, scores
 from .kernels import engine
@@ -198,13 +198,14 @@ CODE = ("train.py", "model.py", "norms.py", "kernels.py", "kernels.cpp", "data.p
 def fingerprint(p: Params, v: Variant, seed: int, run_engine: dict | None = None) -> str:
     """Identity of a run: a checkpoint is reused or resumed only if this matches.
 
-    It covers the settings, the data (manifest), the starting weights' content, the training code
+    It covers the settings, the data (the manifest, and `arrays.json`: every array's sha1 and the
+    train split's mean and std), the starting weights' content, the training code
     and the engine (device, fused kernels or tensor ops, threads, compile mode, torch version:
     `kernels.engine`), so a change to any of them starts the run over instead of picking up a
     stale checkpoint or finishing a run on other arithmetic than it started with.
     """
-    manifest = PREPARED / "manifest.csv"
-    data_hash = hashlib.sha1(manifest.read_bytes()).hexdigest() if manifest.exists() else ""
+    data = [PREPARED / "manifest.csv", PREPARED / ARRAYS]
+    data_hash = hashlib.sha1(b"".join(f.read_bytes() for f in data if f.exists())).hexdigest()
     here = Path(__file__).parent
     code_hash = hashlib.sha1(b"".join((here / f).read_bytes() for f in CODE)).hexdigest()
     weights = v.model.weights
@@ -464,8 +465,7 @@ def train(p: Params, variant: str | None = None, seed: int | None = None,
             console.print(f"{paths.name}: parameters, data, code or engine changed since the last checkpoint; "
                           "starting over")
     if state["epoch"] == 0:
-        state["mean"], state["std"], source = input_stats(v.model.input_stats, transfer,
-                                                          lambda: channel_stats(train_split.x))
+        state["mean"], state["std"], source = input_stats(v.model.input_stats, transfer, load_train_stats)
         if state.get("transfer"):                        # the record says what was used, not what the file had
             state["transfer"]["input_stats"] = {"mean": state["mean"], "std": state["std"], "from": source}
         if source != FROM_DATA:           # the usual case goes without saying

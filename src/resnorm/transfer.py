@@ -123,7 +123,7 @@ def input_stats(choice: str, transfer: dict | None, data_stats) -> tuple[list[fl
     A pretrained model's filters expect inputs normalized as in its own training: `auto` takes the
     weights file's statistics where it has them (a checkpoint of this project carries its mean and
     std; torchvision's files of ResNet-18/34/50 mean ImageNet's) and the data set's own otherwise,
-    as from scratch. `data` and `imagenet` force one. `data_stats` computes the data set's (mean, std)."""
+    as from scratch. `data` and `imagenet` force one. `data_stats()` gives the train split's (mean, std)."""
     if choice == "imagenet":
         return IMAGENET_STATS["mean"], IMAGENET_STATS["std"], "ImageNet"
     found = (transfer or {}).get("input_stats")
