@@ -1,6 +1,7 @@
 """Training one run: history/metrics fields, determinism, resume after a kill, divergence, bad params."""
 import json
 import math
+import re
 
 import torch
 
@@ -307,6 +308,30 @@ def test_compile_auto_uses_cuda_graphs_at_small_batches_only(setting, device, ba
     H100), inductor's default mode above, nothing on a CPU; any other setting is taken as given."""
     t = load_params(overrides={"train": {"compile": setting}}).train
     assert compile_mode(t, torch.device(device), batch) == mode
+
+
+@pytest.mark.parametrize("card, setting, precision, refused", [
+    (("Tesla T4", (7, 5)), "auto", "bf16", "train.precision = 'bf16': Tesla T4 has compute capability 7.5"),
+    (("Tesla T4", (7, 5)), False, "bf16", "train.precision = 'bf16'"),
+    (("Tesla T4", (7, 5)), "auto", "fp16", None),
+    (("Tesla P100-PCIE-16GB", (6, 0)), True, "fp32", "train.compile = True: torch.compile's GPU code generator"),
+    (("Tesla P100-PCIE-16GB", (6, 0)), "auto", "fp32", None),
+    (("NVIDIA H100 80GB HBM3", (9, 0)), "auto", "bf16", None)])
+def test_a_gpu_too_old_for_bf16_or_compile_is_refused_in_one_line(card, setting, precision, refused, monkeypatch):
+    """The paper-setting command asks for bf16 and compile; free GPUs are often a T4 (7.5: no bf16, so
+    Triton's bf16 kernels do not build) or a P100 (6.0: Triton builds nothing). Such a run stops
+    before any work with the fix in its line; `compile: auto` compiles nothing where Triton cannot."""
+    import resnorm.train as tr
+    monkeypatch.setattr(tr, "gpu", lambda device: card)
+    t = load_params(overrides={"train": {"compile": setting, "precision": precision, "device": "cuda"}}).train
+    mode = tr.compile_mode(t, torch.device("cuda"), 32)
+    assert (mode is False) == (setting is False or (setting == "auto" and card[1] < (7, 0)))
+    if refused is None:
+        tr.check_card(t, torch.device("cuda"), mode)
+        return
+    with pytest.raises(UserError, match=re.escape(refused)) as e:
+        tr.check_card(t, torch.device("cuda"), mode)
+    assert "\n" not in str(e.value) and "-S train." in str(e.value)
 
 
 def test_evaluate_scores_val_as_validation_did_in_training(prepared, monkeypatch):

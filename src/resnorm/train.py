@@ -266,19 +266,50 @@ def configure(t: TrainParams, device: torch.device) -> None:
 
 
 SMALL_BATCH = 16      # train.compile: auto uses CUDA graphs at or below this batch size
+TRITON_MIN = (7, 0)   # torch.compile's GPU code generator (Triton) builds nothing for older cards (P100)
+BF16_MIN = (8, 0)     # bf16 arithmetic: Ampere (A100, RTX 30xx) and later
+
+
+def gpu(device: torch.device) -> tuple[str, tuple[int, int]] | None:
+    """(name, compute capability) of a CUDA device; None for any other device."""
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return None
+    return torch.cuda.get_device_name(device), torch.cuda.get_device_capability(device)
+
+
+def check_card(t: TrainParams, device: torch.device, mode: bool | str) -> None:
+    """Refuse in one line, before any work, what this GPU cannot run. The paper-setting command asks
+    for bf16 and compile, and free GPUs are often older: on a T4 (7.5) Triton's bf16 kernels do not
+    build ("Feature '.bf16' requires .target sm_80 or higher", pages of it, after each run's start:
+    pytorch-lightning#18070, nanoGPT#525), and eager bf16 would run emulated, without the speed
+    it is chosen for; on a P100 (6.0) Triton builds nothing at all."""
+    card = gpu(device)
+    if card is None:
+        return
+    name, capability = card
+    has = f"{name} has compute capability {capability[0]}.{capability[1]}"
+    if mode and capability < TRITON_MIN:
+        raise UserError(f"train.compile = {t.compile!r}: torch.compile's GPU code generator (Triton) needs "
+                        f"compute capability 7.0 or newer, and {has}; use -S train.compile=auto (no compile "
+                        f"on this card) or false")
+    if t.precision == "bf16" and capability < BF16_MIN:
+        raise UserError(f"train.precision = 'bf16': {has}, and bf16 arithmetic needs 8.0 or newer (A100, RTX 30xx, "
+                        f"H100); use -S train.precision=fp16 (loss-scaled) or fp32")
 
 
 def compile_mode(t: TrainParams, device: torch.device, batch_size: int) -> bool | str:
     """What `train.compile` means for this run: False, True (inductor's default mode) or a mode name.
 
-    `auto`: nothing on a CPU; on CUDA, CUDA graphs (`reduce-overhead`) at batch <= 16, where
+    `auto`: nothing on a CPU, or on a GPU that Triton cannot compile for (compute capability under
+    7.0); on CUDA, CUDA graphs (`reduce-overhead`) at batch <= 16, where
     launching kernels costs more than running them, and the default mode above. Measured on one
     H100 with `resnorm.train` (bn, 256 px, bf16): at batch 8, 2,749 images/s with CUDA graphs
     against 1,081 without; at batch 32 and 128 the default mode already matches the bench loop.
     """
     if t.compile != "auto":
         return t.compile
-    if device.type != "cuda":
+    card = gpu(device)
+    if device.type != "cuda" or (card and card[1] < TRITON_MIN):
         return False
     return "reduce-overhead" if batch_size <= SMALL_BATCH else "default"
 
@@ -416,6 +447,7 @@ def train(p: Params, variant: str | None = None, seed: int | None = None,
     if device.type == "cpu" and t.precision != "fp32":
         raise UserError(f"train.precision = {t.precision!r} on a CPU: use fp32 (bf16 and fp16 are for CUDA)")
     mode = compile_mode(t, device, v.batch_size)
+    check_card(t, device, mode)
     run_engine = engine(device, t.threads, mode)
     fp = fingerprint(p, v, seed, run_engine)
 
