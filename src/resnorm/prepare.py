@@ -522,7 +522,7 @@ def channel_stats(x: np.ndarray, chunk_bytes: int = 1 << 24) -> tuple[list[float
     """Per-channel mean and std of uint8 NHWC images, on the [0, 1] scale.
 
     What it computes is plain: `a = x.reshape(-1, 3) / 255`, then each column's mean and population
-    std (tests/test_train.py holds it to exactly that). How: exact integer sums of the values
+    std (tests/test_prepare.py holds it to exactly that). How: exact integer sums of the values
     and of their squares, streamed over chunks of about `chunk_bytes` (flat memory), each chunk seen
     as rows of one image row (W x 3 bytes), so numpy sums along contiguous memory; the squares fit
     uint16 (255^2 = 65,025). For the birds train split (24,706 images at 256 px) float64 arithmetic
@@ -552,7 +552,7 @@ def describe_arrays(folder: Path) -> dict:
     and std (`channel_stats`). Training reads both. The statistics normalize its inputs, computed once
     here instead of in each of a study's 41 runs (about 5 s each at the birds set's size on 2 cores).
     The digests join a run's fingerprint: arrays that change while the manifest does not (other
-    resizing code, another Pillow) then start the runs over, where they used to find their old
+    resizing code, another Pillow) then start the runs over, instead of letting them find their old
     checkpoints "already finished". sha1 reads about 1.8 GiB/s here (SHA extensions)."""
     files = {}
     for split in SPLITS:
