@@ -351,7 +351,7 @@ def batch_study(runs: dict[str, list[dict]], p: Params, family: Family | None = 
                 obs.append(f"{norm.upper()}: test accuracy at batch {small} minus batch {large} = "
                            + (c.describe() if c else NO_TEST) + ".")
     if "bn" in change and "gn" in change:
-        (d_bn, c_bn), (d_gn, c_gn) = change["bn"], change["gn"]
+        (d_bn, _), (d_gn, c_gn) = change["bn"], change["gn"]
         small, large = min(by_norm["bn"]), max(by_norm["bn"])
         name = f"sensitivity: BN's change minus GN's ({small} vs {large})"
         c = family.add(name + ", test accuracy", "batch size", compare(d_bn, d_gn))
