@@ -85,6 +85,32 @@ def test_same_seed_gives_identical_metrics_and_resume_equals_uninterrupted(prepa
         assert f.read_bytes() == data, f"{f} differs after a resume"
 
 
+def test_an_fp16_run_resumes_with_its_loss_scale(prepared, monkeypatch):
+    """fp16 trains with loss scaling, and the scale is part of `last.pt`: a run killed after epoch 1 and
+    run again ends in the very files of an uninterrupted one. A CPU fp16 autocast and a CPU
+    GradScaler that changes its scale every 2 steps stand in for the GPU's; without the scale in the
+    checkpoint the resumed run starts again at the initial scale, skips other steps, and ends elsewhere."""
+    import resnorm.train as tr
+    assert tr.grad_scaler(load_params(overrides={"train": {"precision": "bf16"}}).train, torch.device("cuda")) is None
+    monkeypatch.setattr(tr, "autocast_for", lambda t, device: (lambda: torch.autocast("cpu", dtype=torch.float16)))
+    monkeypatch.setattr(tr, "grad_scaler", lambda t, device: torch.amp.GradScaler("cpu", init_scale=2.0 ** 16,
+                                                                                  growth_interval=2))
+    write_params(prepared, {**TINY, "data": load_params().data.__dict__ | {"split": TINY["data"]["split"]},
+                            "train": {**TINY["train"], "epochs": 3}})
+    p = load_params()
+    paths = run_paths(None, None)
+    train(p)
+    assert load_checkpoint(paths.last)["scaler"]["scale"] != 2.0 ** 16        # the scale has moved
+    tracked = {f: f.read_bytes() for f in (paths.last, paths.best, paths.history)}
+    for f in paths.models.iterdir():
+        f.unlink()
+    with pytest.raises(SystemExit):
+        train(p, stop_after_epoch=1)
+    assert train(p)["epoch"] == 3
+    for f, data in tracked.items():
+        assert f.read_bytes() == data, f"{f} differs after a resume"
+
+
 def test_changed_params_start_over(prepared):
     p = load_params()
     with pytest.raises(SystemExit):

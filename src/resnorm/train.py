@@ -341,6 +341,13 @@ def autocast_for(t: TrainParams, device: torch.device):
     return lambda: torch.autocast("cuda", dtype=dtype)
 
 
+def grad_scaler(t: TrainParams, device: torch.device) -> torch.amp.GradScaler | None:
+    """Loss scaling for fp16, whose range is too small for small gradients (bf16 has fp32's range and
+    needs none). Its scale goes into `last.pt`: a resumed run goes on with the scale it had, instead
+    of starting again at 65,536 and skipping steps until it has found it again."""
+    return torch.amp.GradScaler(device.type) if autocast_for(t, device) and t.precision == "fp16" else None
+
+
 # --------------------------------------------------------------------------- the loop
 
 SYNC_EVERY = 50      # on a GPU the loop waits for the device only every this many steps (and at epoch end)
@@ -464,6 +471,7 @@ def train(p: Params, variant: str | None = None, seed: int | None = None,
     optimizer = make_optimizer(model, t, v.lr, v.model.bin_gate_lr, v.head_lr)
     steps = len(EpochBatches(train_split, v.batch_size, None, None, shuffle=True))
     schedule = Schedule(t, steps, v.lr)
+    scaler = grad_scaler(t, device)
     state = {"fingerprint": fp, "name": paths.name, "variant": v.name, "norm": v.norm,
              "batch_size": v.batch_size, "model_config": model_config(v.model, v.norm, len(classes), p.data.image_size),
              "seed": seed, "classes": classes, "epoch": 0, "history": [],
@@ -490,6 +498,8 @@ def train(p: Params, variant: str | None = None, seed: int | None = None,
             model.load_state_dict(old["model"])
             optimizer.load_state_dict(old["optimizer"])
             schedule.load_state_dict(old["schedule"])
+            if scaler and "scaler" in old:
+                scaler.load_state_dict(old["scaler"])
             torch.set_rng_state(old["rng"])
             state.update({k: old[k] for k in state if k in old})
             console.print(f"{paths.name}: resuming after epoch {state['epoch']}")
@@ -506,7 +516,6 @@ def train(p: Params, variant: str | None = None, seed: int | None = None,
         paths.timing.unlink(missing_ok=True)
     mean, std = state["mean"], state["std"]
     autocast = autocast_for(t, device)
-    scaler = torch.amp.GradScaler("cuda") if autocast and t.precision == "fp16" else None
     step_model = compiled(model, mode)
     graphs = mode == "reduce-overhead" and device.type == "cuda"
     gates = bin_layers(model)
@@ -587,7 +596,7 @@ def train(p: Params, variant: str | None = None, seed: int | None = None,
             stop_early = t.early_stopping_patience and state["bad_epochs"] >= t.early_stopping_patience
             if state["epoch"] == t.epochs or stop_early:
                 state["status"] = "early_stopped" if stop_early and state["epoch"] < t.epochs else "finished"
-            _save(paths, state, model, optimizer, schedule, improved)
+            _save(paths, state, model, optimizer, schedule, scaler, improved)
             timing = {"epoch": epoch + 1, "epoch_seconds": round(time.perf_counter() - t0, 3),
                       "train_seconds": round(train_time, 3), "images_per_second": round(seen / train_time, 1),
                       "finished_at": round(time.time(), 1),
@@ -610,19 +619,20 @@ def train(p: Params, variant: str | None = None, seed: int | None = None,
                 raise SystemExit(f"{paths.name}: stopped after epoch {state['epoch']} as asked")
     except Diverged as e:
         state["status"], state["message"] = "diverged", str(e)
-        _save(paths, state, model, optimizer, schedule, False)
+        _save(paths, state, model, optimizer, schedule, scaler, False)
         console.print(f"[red]{paths.name} diverged:[/red] {e}")
     console.print(f"{paths.name}: {state['status']} in {time.perf_counter() - start_all:.1f}s, "
                   f"best val accuracy {max(state['best_val_accuracy'], 0):.3f} at epoch {state['best_epoch']}")
     return state
 
 
-def _save(paths: RunPaths, state: dict, model, optimizer, schedule, improved: bool) -> None:
+def _save(paths: RunPaths, state: dict, model, optimizer, schedule, scaler, improved: bool) -> None:
     weights = {k: x.detach().cpu() for k, x in model.state_dict().items()}
     if improved:
         save_checkpoint(paths.best, {**_public(state), "model": weights})
     save_checkpoint(paths.last, {**state, "model": weights, "optimizer": optimizer.state_dict(),
-                                 "schedule": schedule.state_dict(), "rng": torch.get_rng_state()})
+                                 "schedule": schedule.state_dict(), "rng": torch.get_rng_state(),
+                                 **({"scaler": scaler.state_dict()} if scaler else {})})
     write_history(paths.history, state["history"])
 
 
