@@ -354,6 +354,34 @@ def test_oversubscribed_runs_wait_passively_and_keep_their_threads(tmp_path, mon
         assert {r.log.read_text().strip() for r in runs} == {seen}, slots
 
 
+def test_runs_that_fail_alike_leave_the_waiting_ones_unstarted(tmp_path):
+    """When max(2, -j) runs in a row fail with the same line (a card that cannot run the settings, a
+    compiler that fails on every graph), the waiting runs are not started: they would fail alike,
+    each after its start-up and compile. Runs that fail each in its own words, or with a run that
+    ends well between them, do not stop the others."""
+    from resnorm.io import console
+    from resnorm.parallel import Job, run_jobs
+
+    def job(name: str, code: str) -> Job:
+        (tmp_path / f"{name}.py").write_text("import sys\n" + code)
+        return Job(f"study-train@{name}-0", f"{sys.executable} {tmp_path / name}.py", str(tmp_path), tmp_path / f"{name}.log")
+    card = "sys.exit(\"error: train.precision = 'bf16': Tesla T4 has compute capability 7.5\")\n"
+    same = [job(f"same{i}", card) for i in range(6)]
+    with console.capture() as out:
+        assert run_jobs(same, 2, lambda j, rc: None) == same
+    assert [j.attempts for j in same] == [1, 1, 0, 0, 0, 0]
+    assert ("not starting the 4 waiting run(s): the last 2 failed alike (error: train.precision = 'bf16': "
+            "Tesla T4 has compute capability 7.5), so they would too") in out.get()
+    own = [job(f"own{i}", f"sys.exit('error: run {i} failed in its own way')\n") for i in range(4)]
+    with console.capture():
+        assert run_jobs(own, 2, lambda j, rc: None) == own
+    assert all(j.attempts == 1 for j in own)
+    mixed = [job("m0", card), job("m1", "pass\n"), job("m2", card), job("m3", card), job("m4", "pass\n")]
+    with console.capture():
+        assert run_jobs(mixed, 1, lambda j, rc: None) == [mixed[0], mixed[2], mixed[3], mixed[4]]
+    assert [j.attempts for j in mixed] == [1, 1, 1, 1, 0]      # a run that ended well between the first two
+
+
 def test_a_failed_run_is_named_with_the_line_that_says_why(tmp_path):
     """A failed run's line quotes the error its log names, not whatever came last (inductor's compile
     errors print pages of compiler output after the exception), and quotes it verbatim: a log line

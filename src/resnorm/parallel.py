@@ -246,10 +246,21 @@ def stop_stalled(job: Job, stall_after: float, now: float) -> None:
             os.killpg(job.process.pid, signal.SIGKILL)
 
 
+def failed_alike(lines: list[str], slots: int) -> bool:
+    """Whether the runs that failed since the last one that ended well share their cause: the last
+    max(2, slots) of them failed with the same line. A line that names no run of its own (a card
+    that cannot run the settings, a compiler that fails on every graph, a missing input) would stop
+    every waiting run too, each after its start-up and perhaps minutes of compiling."""
+    n = max(2, slots)
+    return len(lines) >= n and len(set(lines[-n:])) == 1 and lines[-1] != ""
+
+
 def run_jobs(jobs: list[Job], slots: int, on_done, status_every: float = 0, stall_after: float = 0) -> list[Job]:
     """Run the jobs `slots` at a time; `on_done(job, returncode)` as each ends. Returns the failed ones:
     those that exited non-zero, those whose `on_done` returned False (not recorded), and those stopped
-    for writing nothing to their log in `stall_after` seconds (0: never; `stop_stalled`).
+    for writing nothing to their log in `stall_after` seconds (0: never; `stop_stalled`). When the
+    runs fail alike (`failed_alike`), the waiting ones are not started and are returned too, with
+    `attempts` 0: run again once the cause is fixed.
 
     A run that runs out of GPU memory while others run beside it is not failed: it goes back to the
     front of the queue and starts again (resuming from its last epoch) when one fewer runs, and from
@@ -257,6 +268,7 @@ def run_jobs(jobs: list[Job], slots: int, on_done, status_every: float = 0, stal
     Ended by Ctrl-C, SIGTERM or SIGHUP, it stops the runs still going and waits for them to exit.
     Every `status_every` seconds (0: never) it prints a status_line."""
     pending, running, failed = list(jobs), {}, []
+    alike: list[str] = []           # the failure lines of the runs that failed since the last that ended well
     finished, next_status, limit = 0, time.time() + status_every, slots
     gpus = visible_gpus()
     cores = cpu_cores()
@@ -308,8 +320,16 @@ def run_jobs(jobs: list[Job], slots: int, on_done, status_every: float = 0, stal
                     recorded = on_done(job, rc)
                 if rc != 0 or recorded is False:
                     failed.append(job)
+                    alike = alike + [failure_line(job.log)] if rc != 0 else []
+                    if pending and failed_alike(alike, slots):
+                        console.print(f"[red]not starting[/red] the {len(pending)} waiting run(s): the last "
+                                      f"{max(2, slots)} failed alike ({escape(alike[-1])}), so they would too; fix "
+                                      "that and run the same command again", soft_wrap=True)
+                        failed += pending
+                        pending = []
                 else:
                     finished += 1
+                    alike = []
             if status_every and running and time.time() >= next_status:
                 next_status = time.time() + status_every
                 console.print(time.strftime("%H:%M ") + status_line(list(running.values()), finished, pending, slots, len(failed)),
@@ -449,8 +469,9 @@ def main(argv: list[str]) -> None:
     took = time.time() - start
     console.print(f"{len(jobs) - len(failed)} of {len(jobs)} runs trained in {took:.0f} s wall, {args.jobs} at a time")
     if failed:
-        raise UserError(f"{len(failed)} run(s) failed: {', '.join(j.stage for j in failed)}; "
-                        f"see their logs in {LOGS}/")
+        waiting = [j for j in failed if not j.attempts]
+        raise UserError(f"{len(failed) - len(waiting)} run(s) failed: {', '.join(j.stage for j in failed if j.attempts)}"
+                        + (f"; {len(waiting)} not started" if waiting else "") + f"; see their logs in {LOGS}/")
     if not args.train_only:
         r = subprocess.run([sys.executable, "-m", "dvc", "repro"])
         if r.returncode:
