@@ -12,7 +12,7 @@ from resnorm.io import UserError, read_csv, read_json
 from resnorm.kernels import cpu_kernels
 from resnorm.params import load_params
 from resnorm.train import HISTORY_COLUMNS, compile_mode, load_checkpoint, run_paths, train
-from conftest import TINY, write_params
+from conftest import REPO, TINY, write_params
 
 
 def test_two_epochs_write_every_field(prepared, capfd):
@@ -185,6 +185,22 @@ def test_runs_read_prepares_stats_and_new_pixels_under_the_same_manifest_train_a
     arrays["train"]["mean"] = [0.25, 0.5, 0.75]
     write_json(PREPARED / "arrays.json", arrays)
     assert train(load_params())["mean"] == [0.25, 0.5, 0.75]
+
+
+def test_the_start_bench_stops_each_run_at_its_first_batch(prepared):
+    """bench/run_start.py (the README's seconds before a run's first batch) runs `resnorm.train` as
+    `python -m` does and stops it at its first batch; a run that ends before it is an error."""
+    import subprocess
+    import sys
+    bench = [sys.executable, str(REPO / "bench" / "run_start.py"), "--repeat", "2"]
+    r = subprocess.run(bench, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "python -m resnorm.train  to its first batch" in r.stdout and "over 2 starts" in r.stdout
+    assert "one channel_stats pass over train_x" in r.stdout
+    assert not run_paths(None, None).last.exists()          # stopped before any epoch was saved
+    train(load_params())                                     # finished: no first batch when run again
+    r = subprocess.run(bench, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1 and "ended (exit 0) before its first batch" in r.stderr
 
 
 def test_workers_give_the_same_batches(prepared):
