@@ -608,12 +608,12 @@ def prepare(d: DataParams, out: Path = OUT) -> dict:
         near = {(r["split"], r["path"]): r for r in notes.get("near_duplicates_of_train", [])}
         for split in SPLITS:
             rows = sorted((it for it in items if it.split == split), key=lambda it: (it.label, it.path))
-            for i, it in enumerate(rows):         # where evaluate finds each near-duplicate in its split's arrays
-                if entry := near.get((split, shown(it.path))):
-                    entry["row"] = i
             x = np.lib.format.open_memmap(tmp / f"{split}_x.npy", mode="w+", dtype=np.uint8,
                                           shape=(len(rows), *shape))
-            dest.update((it.row, (x, i)) for i, it in enumerate(rows))
+            for i, it in enumerate(rows):
+                dest[it.row] = (x, i)
+                if entry := near.get((split, shown(it.path))):    # where evaluate finds each near-duplicate
+                    entry["row"] = i
             outs.append(x)
             np.save(tmp / f"{split}_y.npy", np.array([index[it.label] for it in rows], dtype=np.int64))
         move_rows(tmp / "scan.npy", offset, shape, dest)
