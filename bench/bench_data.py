@@ -34,8 +34,7 @@ def main() -> None:
     for workers in (0, 2):
         n, t0 = 0, time.perf_counter()
         for epoch in range(5):
-            ds = EpochBatches(split, v.batch_size, mean, std, shuffle=True, seed=0, epoch=epoch,
-                              augment=t.augment, padding=t.crop_padding, hflip=t.hflip)
+            ds = EpochBatches.training(split, v.batch_size, mean, std, t, seed=0, epoch=epoch)
             for batch in batches(ds, workers):
                 x, y = ds.to(batch, "cpu", t.channels_last)
                 n += len(y)

@@ -74,6 +74,16 @@ def test_a_deviation_is_marked(workdir, override, row):
     assert status(settings(load_params(), BIRDS_DATA))[row] == DIFFERS
 
 
+def test_cutout_and_colour_jitter_are_named_as_augmentation(workdir):
+    """The paper setting (no augmentation) with cutout or jitter turned on differs, in words a reader can check."""
+    from dvc.utils.hydra import apply_overrides
+    shutil.copy(REPO / "params.yaml", workdir / "params.yaml")
+    apply_overrides(workdir / "params.yaml", readme_paper_overrides() + [
+        "train.augment=true", "train.crop_padding=0", "train.hflip=false", "train.cutout=16", "train.color_jitter=0.3"])
+    row = next(r for r in settings(load_params(), BIRDS_DATA) if r.name == "augmentation")
+    assert row.status == DIFFERS and row.this_run == "crop (pad 0) + cutout 16 px + colour jitter 0.3"
+
+
 def fake_runs(values: dict[str, list[float]]) -> dict[str, list[dict]]:
     return {v: [{"run": f"{v}-{s}", "seed": s, "status": "finished", "epochs_trained": 10, "best_epoch": 6,
                  "history": [], **{sp: {"accuracy": x, "macro_f1": x / 2} for sp in ("train", "val", "test")}}

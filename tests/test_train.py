@@ -203,16 +203,22 @@ def test_the_start_bench_stops_each_run_at_its_first_batch(prepared):
     assert r.returncode == 1 and "ended (exit 0) before its first batch" in r.stderr
 
 
-def test_workers_give_the_same_batches(prepared):
+def same_aug(a: dict | None, b: dict | None) -> bool:
+    """Two batches' augmentation parameters are the same: the same kinds, equal tensors."""
+    return (a is None and b is None) or (a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a))
+
+
+@pytest.mark.parametrize("extra", [{}, {"cutout": 6, "color_jitter": 0.4}])
+def test_workers_give_the_same_batches(prepared, extra):
     from resnorm.data import EpochBatches, batches, load_split
     split = load_split("train")
     ds = EpochBatches(split, 4, [0.5] * 3, [0.25] * 3, shuffle=True, seed=3, epoch=2, augment=True,
-                      padding=2, hflip=True)
+                      padding=2, hflip=True, **extra)
     a = list(batches(ds, 0))
     b = list(batches(ds, 2))
     assert len(a) == len(b) == len(ds)
     for (xa, ya, aa), (xb, yb, ab) in zip(a, b):
-        assert (xa == xb).all() and (ya == yb).all() and (aa == ab).all()
+        assert (xa == xb).all() and (ya == yb).all() and same_aug(aa, ab)
     x, y = ds.to(a[0])
     assert x.shape == (4, 3, 16, 16) and x.dtype == torch.float32
     # the GPU path: the whole split held on the device, batches gathered there (here: a CPU copy)
@@ -223,8 +229,8 @@ def test_workers_give_the_same_batches(prepared):
     plain = [ds.resident_item(i, *held) for i in range(len(ds))]
     assert len(c) == len(a) == len(plain)
     for (xa, ya, aa), (xc, yc, ac), (xp, yp, ap) in zip(a, c, plain):
-        assert torch.equal(xp, xc) and torch.equal(yp, yc) and torch.equal(ap, ac)
-        assert torch.equal(xa, xc) and torch.equal(ya, yc) and torch.equal(aa, ac)
+        assert torch.equal(xp, xc) and torch.equal(yp, yc) and same_aug(ap, ac)
+        assert torch.equal(xa, xc) and torch.equal(ya, yc) and same_aug(aa, ac)
         torch.testing.assert_close(ds.to((xa, ya, aa))[0], ds.to((xc, yc, ac))[0], rtol=0, atol=0)
     assert on_device(split, torch.device("cpu")) is None      # on CPU the memory map is already there
     plain_ds = EpochBatches(split, 4, [0.5] * 3, [0.25] * 3, shuffle=False)
@@ -242,6 +248,66 @@ def test_crop_flip_matches_a_direct_crop():
     padded = np.pad(x.numpy(), ((0, 0), (2, 2), (2, 2), (0, 0)))
     assert (out[0].numpy() == padded[0, 0:5, 4:10]).all()
     assert (out[1].numpy() == padded[1, 3:8, 1:7][:, ::-1]).all()
+
+
+def test_color_jitter_matches_torchvision_image_by_image():
+    """The batched jitter is torchvision's adjust_brightness, adjust_contrast and adjust_saturation, in
+    that order, on each float image: factors above 1 clip, below 1 fade."""
+    import torchvision.transforms.functional as F
+    from resnorm.data import color_jitter
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (4, 7, 9, 3), dtype=torch.uint8, generator=g)
+    factors = torch.tensor([[1.0, 1.0, 1.0], [1.6, 0.5, 1.7], [0.4, 1.8, 0.2], [1.3, 1.3, 0.0]])
+    out = color_jitter(x, factors)
+    assert out.dtype == torch.float32 and out.shape == x.shape
+    for i, (b, c, sat) in enumerate(factors.tolist()):
+        img = x[i].permute(2, 0, 1).float() / 255
+        img = F.adjust_saturation(F.adjust_contrast(F.adjust_brightness(img, b), c), sat)
+        torch.testing.assert_close(out[i], img.permute(1, 2, 0) * 255, rtol=0, atol=2e-4)
+    assert torch.equal(out[0], x[0].float())                                 # factors of 1 change nothing
+
+
+def test_cutout_matches_a_direct_slice():
+    """Each image loses the side x side square at its centre, clipped at the border; the rest is kept."""
+    from resnorm.data import cutout
+    x = torch.randn(5, 3, 8, 10).contiguous(memory_format=torch.channels_last)
+    centres = torch.tensor([[4, 5], [0, 0], [7, 9], [3, 1], [6, 8]])
+    for side in (1, 3, 4, 8):
+        out = cutout(x, centres, side)
+        plain = x.clone()
+        for i, (cy, cx) in enumerate(centres.tolist()):
+            top, left = cy - side // 2, cx - side // 2
+            plain[i, :, max(top, 0):max(top + side, 0), max(left, 0):max(left + side, 0)] = 0
+        assert torch.equal(out, plain), side
+        assert out.is_contiguous(memory_format=torch.channels_last)
+    assert int((cutout(x, centres[:1], 4)[0] == 0).sum()) == 3 * 4 * 4     # inside: the whole square
+
+
+def test_cutout_and_jitter_keep_every_crop_and_flip_and_train_resumably(prepared):
+    """Turning cutout and colour jitter on draws their parameters after the crop's and flip's, so those
+    stay as they were; the batches change, and a resumed run still ends as an uninterrupted one."""
+    from resnorm.data import EpochBatches, load_split
+    split = load_split("train")
+    plain = EpochBatches(split, 4, [0.5] * 3, [0.25] * 3, shuffle=True, seed=1, epoch=3, augment=True,
+                         padding=2, hflip=True)
+    extra = EpochBatches(split, 4, [0.5] * 3, [0.25] * 3, shuffle=True, seed=1, epoch=3, augment=True,
+                         padding=2, hflip=True, cutout=6, color_jitter=0.4)
+    for i in range(len(plain)):
+        a, b = plain[i], extra[i]
+        assert a[2].keys() == {"crop"} and b[2].keys() == {"crop", "cutout", "jitter"}
+        assert torch.equal(a[0], b[0]) and torch.equal(a[2]["crop"], b[2]["crop"])
+        assert not torch.equal(plain.to(a)[0], extra.to(b)[0])
+    p = load_params(overrides={"train": {"epochs": 3, "cutout": 6, "color_jitter": 0.4}})
+    paths = run_paths(None, None)
+    train(p)
+    whole = {f: f.read_bytes() for f in (paths.last, paths.best, paths.history)}
+    for f in paths.models.iterdir():
+        f.unlink()
+    with pytest.raises(SystemExit):
+        train(p, stop_after_epoch=1)
+    assert train(p)["epoch"] == 3
+    for f, data in whole.items():
+        assert f.read_bytes() == data, f"{f} differs after a resume"
 
 
 def test_fingerprint_covers_params_data_and_code(prepared, monkeypatch):

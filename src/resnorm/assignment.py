@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .params import Params, Variant
+from .params import Params, TrainParams, Variant
 
 BIRDS = ("Cattle Egret", "Coppersmith Barbet", "Indian Peacock", "Red Wattled Lapwing", "Ruddy Shelduck",
          "White Breasted Kingfisher", "White Breasted Waterhen")
@@ -50,6 +50,14 @@ def _values(variants: list[Variant], get) -> str:
     if all(len(d) <= 1 for d in groups.values()):
         return "; ".join(f"{GROUP_NAMES[g]}: {next(iter(d))}" for g, d in groups.items() if d)
     return "; ".join(f"{value} ({', '.join(names)})" for value, names in by_value.items())
+
+
+def augmentation(t: TrainParams) -> str:
+    """A run's training augmentation in words, e.g. "crop (pad 4) + flip + cutout 16 px"."""
+    if not t.augment:
+        return "none"
+    return " + ".join([f"crop (pad {t.crop_padding})"] + ["flip"] * t.hflip + [f"cutout {t.cutout} px"] * bool(t.cutout)
+                      + [f"colour jitter {t.color_jitter:g}"] * bool(t.color_jitter))
 
 
 def _row(name: str, assignment: str, this_run: str, ok: bool | None) -> Setting:
@@ -121,8 +129,7 @@ def settings(p: Params, data: dict) -> list[Setting]:
         _row("label smoothing", "none", _values(study, lambda v: f"{v.train.label_smoothing:g}"),
              all(x.label_smoothing == 0 for x in t)),
         _row("augmentation", "none",
-             _values(study, lambda v: f"crop (pad {v.train.crop_padding})" + (" + flip" if v.train.hflip else "")
-                     if v.train.augment else "none"), not any(x.augment for x in t)),
+             _values(study, lambda v: augmentation(v.train)), not any(x.augment for x in t)),
         _row("epochs", "50", _values(study, lambda v: v.train.epochs), all(x.epochs == 50 for x in t)),
         _row("norm comparison: batch size", "32", _values(norms, lambda v: v.batch_size),
              bool(norms) and all(v.batch_size == 32 for v in norms)),

@@ -114,6 +114,38 @@ def crop_flip(x: torch.Tensor, aug: torch.Tensor, padding: int) -> torch.Tensor:
     return x[b, rows[:, :, None], cols[:, None, :]]                       # (n, h, w, C)
 
 
+def _gray(x: torch.Tensor) -> torch.Tensor:
+    """Luma of NHWC RGB images with torchvision's `rgb_to_grayscale` weights (ITU-R 601-2), (n, h, w, 1)."""
+    return 0.2989 * x[..., 0:1] + 0.587 * x[..., 1:2] + 0.114 * x[..., 2:3]
+
+
+def color_jitter(x: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
+    """Brightness, contrast and saturation of uint8 NHWC images scaled by per-sample factors (n, 3), in
+    that order, as torchvision's `adjust_brightness`, `adjust_contrast` and `adjust_saturation` do on
+    float images (its ColorJitter draws the order at random; this keeps one). Each step blends the
+    image with black, its mean grey level or its grey version, and clips to the range. Returns float32
+    NHWC on the 0-255 scale, which `to_tensor` normalizes as it does uint8."""
+    f = factors.to(x.device, torch.float32)
+    bright, contrast, saturation = (f[:, k].view(-1, 1, 1, 1) for k in range(3))
+    x = (x.float() * bright).clamp(0, 255)
+    x = (contrast * x + (1 - contrast) * _gray(x).mean((1, 2, 3), keepdim=True)).clamp(0, 255)
+    return (saturation * x + (1 - saturation) * _gray(x)).clamp(0, 255)
+
+
+def cutout(x: torch.Tensor, centres: torch.Tensor, side: int) -> torch.Tensor:
+    """Normalized NCHW images, each with a side x side square set to 0 (the train mean), its centre
+    at the sample's (row, column) in `centres` and clipped at the border, so near an edge less is
+    hidden (DeVries & Taylor 2017: the centre is any pixel)."""
+    n, _, h, w = x.shape
+    c = centres.to(x.device)
+    first = c - side // 2                                                  # (n, 2): the square's first row and column
+    rows = torch.arange(h, device=x.device)[None, :]
+    cols = torch.arange(w, device=x.device)[None, :]
+    in_rows = (rows >= first[:, :1]) & (rows < first[:, :1] + side)         # (n, h)
+    in_cols = (cols >= first[:, 1:]) & (cols < first[:, 1:] + side)         # (n, w)
+    return x.clone().masked_fill_((in_rows[:, :, None] & in_cols[:, None, :])[:, None], 0.0)   # x's memory layout
+
+
 def batch_count(n: int, batch_size: int, training: bool = True) -> int:
     """Batches in one pass over n images. In training a last batch of one sample would break
     batch statistics, so it is folded away."""
@@ -124,14 +156,16 @@ class EpochBatches(torch.utils.data.Dataset):
     """The batches of one epoch; item i is batch i, fixed by (seed, epoch, i).
 
     An item is (uint8 NHWC images, labels, augmentation parameters or None): the cheap
-    part (a sorted memory-mapped read) runs in workers, `Batch.to` does the rest on the
+    part (a sorted memory-mapped read) runs in workers, `to` does the rest on the
     training device.
     """
 
     def __init__(self, split: Split, batch_size: int, mean, std, *, shuffle: bool, seed: int = 0,
-                 epoch: int = 0, augment: bool = False, padding: int = 0, hflip: bool = False):
+                 epoch: int = 0, augment: bool = False, padding: int = 0, hflip: bool = False,
+                 cutout: int = 0, color_jitter: float = 0.0):
         self.split, self.batch_size, self.mean, self.std = split, batch_size, mean, std
         self.aug, self.padding, self.hflip, self.seed, self.epoch = augment, padding, hflip, seed, epoch
+        self.cutout, self.color_jitter = cutout, color_jitter
         n = len(split)
         if shuffle:
             g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
@@ -140,6 +174,12 @@ class EpochBatches(torch.utils.data.Dataset):
             self.order = np.arange(n)
         self.n_batches = batch_count(n, batch_size, shuffle)
 
+    @classmethod
+    def training(cls, split: Split, batch_size: int, mean, std, t, *, seed: int, epoch: int) -> "EpochBatches":
+        """One epoch of training batches: shuffled, and augmented as the `train` settings `t` say."""
+        return cls(split, batch_size, mean, std, shuffle=True, seed=seed, epoch=epoch, augment=t.augment,
+                   padding=t.crop_padding, hflip=t.hflip, cutout=t.cutout, color_jitter=t.color_jitter)
+
     def __len__(self) -> int:
         return self.n_batches
 
@@ -147,14 +187,24 @@ class EpochBatches(torch.utils.data.Dataset):
         """The rows of batch i, sorted (sequential memory-mapped reads; the same rows in any path)."""
         return np.sort(self.order[i * self.batch_size:(i + 1) * self.batch_size])
 
-    def augmentation(self, i: int, n: int) -> torch.Tensor | None:
-        """Per-sample (dy, dx, flip) of batch i, a function of (seed, epoch, i) only; None without augmentation."""
+    def augmentation(self, i: int, n: int) -> dict[str, torch.Tensor] | None:
+        """Batch i's per-sample parameters, a function of (seed, epoch, i) only; None without augmentation:
+        "crop" (dy, dx, flip), and where they are on, "cutout" (the square's centre row and column) and
+        "jitter" (brightness, contrast and saturation factors). They are drawn in that order from one
+        generator, so turning cutout or jitter on leaves every crop and flip as it was."""
         if not self.aug:
             return None
         g = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) * 100_003 + i)
         offs = torch.randint(0, 2 * self.padding + 1, (n, 2), generator=g)
         flip = (torch.rand(n, generator=g) < 0.5) & self.hflip
-        return torch.cat([offs, flip.long()[:, None]], 1)
+        aug = {"crop": torch.cat([offs, flip.long()[:, None]], 1)}
+        if self.cutout:
+            h, w = self.split.x.shape[1:3]
+            aug["cutout"] = torch.stack([torch.randint(0, h, (n,), generator=g),
+                                         torch.randint(0, w, (n,), generator=g)], 1)
+        if self.color_jitter:
+            aug["jitter"] = 1 - self.color_jitter + 2 * self.color_jitter * torch.rand(n, 3, generator=g)
+        return aug
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         idx = self.indices(i)
@@ -180,20 +230,27 @@ class EpochBatches(torch.utils.data.Dataset):
         rows = torch.from_numpy(np.concatenate(parts))
         augs = [self.augmentation(i, n) for i, n in enumerate(sizes)]
         rows = rows.to(images.device)
-        aug = torch.cat(augs).to(images.device) if self.aug and augs else None
+        aug = {k: torch.cat([a[k] for a in augs]).to(images.device) for k in augs[0]} if self.aug and augs else None
         start = 0
         for n in sizes:
             idx = rows[start:start + n]
-            yield images[idx], labels[idx], None if aug is None else aug[start:start + n]
+            yield images[idx], labels[idx], None if aug is None else {k: a[start:start + n] for k, a in aug.items()}
             start += n
 
     def to(self, batch, device: torch.device | str = "cpu", channels_last: bool = False):
-        """A batch from __getitem__ -> (normalized float images, labels) on `device`."""
+        """A batch from __getitem__ -> (normalized float images, labels) on `device`, augmented as its
+        parameters say: crop and flip, colour jitter, normalization, then cutout (DeVries & Taylor
+        cut out of the normalized image, so the square is the mean, not black)."""
         x, y, aug = batch
         x = x.to(device, non_blocking=True)
         if aug is not None:
-            x = crop_flip(x, aug, self.padding)
-        return to_tensor(x, self.mean, self.std, device, channels_last), y.to(device, non_blocking=True)
+            x = crop_flip(x, aug["crop"], self.padding)
+            if "jitter" in aug:
+                x = color_jitter(x, aug["jitter"])
+        x = to_tensor(x, self.mean, self.std, device, channels_last)
+        if aug is not None and "cutout" in aug:
+            x = cutout(x, aug["cutout"], self.cutout)
+        return x, y.to(device, non_blocking=True)
 
 
 def on_device(split: Split, device: torch.device, share: float = 0.25) -> tuple[torch.Tensor, torch.Tensor] | None:

@@ -101,6 +101,8 @@ class TrainParams:
     augment: bool = True
     crop_padding: int = 4
     hflip: bool = True
+    cutout: int = 0                     # side in pixels of a square set to the mean (DeVries & Taylor 2017); 0: none
+    color_jitter: float = 0.0           # brightness, contrast and saturation factors in [1 - s, 1 + s]; 0: none
     early_stopping_patience: int = 0    # 0 = off; else stop after this many epochs without a better val accuracy
     workers: int = 0
     threads: int = 2
@@ -286,7 +288,7 @@ def _check_seed(key: str, value: int) -> None:
     _check_range(key, value, 0, MAX_SEED)
 
 
-def _validate_train(t: TrainParams, prefix: str) -> None:
+def _validate_train(t: TrainParams, prefix: str, image_size: int) -> None:
     _check_min(f"{prefix}epochs", t.epochs, 1)
     _check_choice(f"{prefix}optimizer", t.optimizer, OPTIMIZERS)
     _check_min(f"{prefix}lr", t.lr, 0, inclusive=False)
@@ -309,6 +311,13 @@ def _validate_train(t: TrainParams, prefix: str) -> None:
     if not 0 <= t.label_smoothing < 1:
         raise _fail(f"{prefix}label_smoothing", t.label_smoothing, "must be in [0, 1)")
     _check_min(f"{prefix}crop_padding", t.crop_padding, 0)
+    _check_range(f"{prefix}cutout", t.cutout, 0, image_size)
+    if not 0 <= t.color_jitter < 1:
+        raise _fail(f"{prefix}color_jitter", t.color_jitter, "must be in [0, 1)")
+    for key in ("cutout", "color_jitter"):
+        if getattr(t, key) and not t.augment:
+            raise _fail(f"{prefix}{key}", getattr(t, key), "0 unless augment is true (augment: false turns "
+                        "every augmentation off)")
     _check_min(f"{prefix}early_stopping_patience", t.early_stopping_patience, 0)
     _check_min(f"{prefix}workers", t.workers, 0)
     _check_min(f"{prefix}threads", t.threads, 1)
@@ -373,7 +382,7 @@ def validate(p: Params) -> Params:
     _check_range("data.near_duplicate_bits", d.near_duplicate_bits, 0, MAX_NEAR_DUPLICATE_BITS)
     _check_seed("data.seed", d.seed)
     _validate_model(p.model, "model.")
-    _validate_train(p.train, "train.")
+    _validate_train(p.train, "train.", d.image_size)
     _check_variant("", p.norm, p.batch_size)
     _check_seed("seed", p.seed)
     for i, seed in enumerate(p.study.seeds):
@@ -406,7 +415,7 @@ def validate(p: Params) -> Params:
                 _coerce(f"{key}{k}", v, hints[k])
         _coerce(f"{key}batch_size", over["batch_size"], int)
         _check_variant(key, over["norm"], over["batch_size"])
-        _validate_train(p.variant(name).train, key)
+        _validate_train(p.variant(name).train, key, d.image_size)
         _validate_model(p.variant(name).model, key)
     _check_min("gradcam.per_kind", p.gradcam.per_kind, 1)
     _check_choice("gradcam.split", p.gradcam.split, GRADCAM_SPLITS)

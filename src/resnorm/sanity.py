@@ -43,8 +43,7 @@ def lockstep(p: Params, steps: int) -> dict:
     worst = {"loss": 0.0, "logits": 0.0, "parameters": 0.0, "running_stats": 0.0}
     losses, step, epoch = [], 0, 0
     while step < steps:
-        ds = EpochBatches(split, p.batch_size, mean, std, shuffle=True, seed=p.seed, epoch=epoch,
-                          augment=t.augment, padding=t.crop_padding, hflip=t.hflip)
+        ds = EpochBatches.training(split, p.batch_size, mean, std, t, seed=p.seed, epoch=epoch)
         for i in range(len(ds)):
             if step == steps:
                 break

@@ -535,8 +535,7 @@ def train(p: Params, variant: str | None = None, seed: int | None = None,
         for epoch in range(state["epoch"], t.epochs):
             model.train()
             keep_frozen_norms(model)
-            ds = EpochBatches(train_split, v.batch_size, mean, std, shuffle=True, seed=seed, epoch=epoch,
-                              augment=t.augment, padding=t.crop_padding, hflip=t.hflip)
+            ds = EpochBatches.training(train_split, v.batch_size, mean, std, t, seed=seed, epoch=epoch)
             bar = Progress(paths.name, len(ds), epoch, t.epochs)
             t0 = time.perf_counter()
             tally = EpochTally(len(train_split), len(ds), device)
