@@ -31,8 +31,10 @@ def best_checkpoint(arch: str, norm: str, n: int = 1) -> None:
 def test_visualize_writes_its_figures_and_numbers(prepared, arch, norm, kernels):
     best_checkpoint(arch, norm)
     numbers = visualize(load_params())
-    for name in ("kernels.png", "feature_maps.png", "activations.png"):
+    for name in ("kernels.png", "feature_maps.png", "activations.png", "augmentation.png"):
         assert (OUT / name).stat().st_size > 5000, name
+    from resnorm.assignment import augmentation
+    assert numbers["augmentation"] == {"settings": augmentation(load_params().train), "images": 3, "draws": 5}
     assert json.loads(NUMBERS.read_text()) == json.loads(json.dumps(numbers))
     assert (numbers["kernels"]["kernels"], numbers["kernels"]["size"][0]) == kernels
     layers = numbers["layers"]
@@ -111,3 +113,29 @@ def test_visualize_without_a_best_model_is_one_line(prepared):
     from resnorm.io import UserError
     with pytest.raises(UserError, match="models/best/best.pt: no best model yet; run `dvc repro gradcam`"):
         visualize(load_params())
+
+
+def test_augmented_views_show_what_the_training_loop_feeds_the_model(prepared):
+    """Without augmentation every draw is the image as prepared; with cutout alone each draw is the image
+    with one square of the train mean, and nothing else changed."""
+    import numpy as np
+    from dataclasses import replace
+    from resnorm.data import load_split
+    from resnorm.visualize import augmented_views
+    x = load_split("train").x[:4]
+    mean, std = [0.4, 0.5, 0.6], [0.2, 0.25, 0.3]
+    t = load_params().train
+    off = augmented_views(x, replace(t, augment=False), mean, std, seed=0)
+    assert off.shape == (4, 6, 16, 16, 3)
+    for j in range(1, 6):
+        np.testing.assert_allclose(off[:, j], off[:, 0], atol=1e-6)
+    cut = augmented_views(x, replace(t, augment=True, crop_padding=0, hflip=False, cutout=6), mean, std, seed=1)
+    for i in range(4):
+        for j in range(1, 6):
+            changed = np.abs(cut[i, j] - cut[i, 0]).max(-1) > 1e-5                    # (16, 16)
+            rows, cols = np.nonzero(changed)
+            assert changed.any() and changed.sum() <= 36
+            box = changed[rows.min():rows.max() + 1, cols.min():cols.max() + 1]
+            assert box.all()                                  # one square (clipped at the border), filled
+            np.testing.assert_allclose(cut[i, j][changed], np.broadcast_to(mean, (changed.sum(), 3)), atol=1e-6)
+    assert not np.allclose(cut[:, 1], cut[:, 2])                                    # each draw its own

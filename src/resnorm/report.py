@@ -839,6 +839,12 @@ def inside_section(doc: Doc) -> None:
               f"({min(spread):.3f} to {max(spread):.3f}) and the output scale by {max(after) / min(after):.1f} "
               f"({min(after):.3f} to {max(after):.3f}).")
     doc.img("visualize/activations.png", "activation statistics before and after each norm")
+    if vz.get("augmentation"):
+        a = vz["augmentation"]
+        doc.p(f"What {vz['run']} trained on: {a['images']} train images as prepared, then {a['draws']} random draws of "
+              f"its training augmentation ({a['settings']}) as the training loop feeds them to the model, with the "
+              f"normalization undone (a cutout square shows the train mean).")
+        doc.img("visualize/augmentation.png", "training augmentation")
 
 
 STUDY_SUMMARY = Path("metrics/summary/study.json")

@@ -10,6 +10,9 @@ Writes (linked from the report; image plots in `dvc plots show`):
   plots/visualize/activations.png    every norm layer in depth order: the mean and the standard
                                      deviation of its input and of its output (before the ReLU),
                                      over up to `visualize.stat_images` images, stage by stage
+  plots/visualize/augmentation.png   `visualize.images` train images as prepared, then as the training
+                                     loop feeds them to the model under the best run's augmentation
+                                     settings (`train.augment` ...), in AUGMENTED_DRAWS random draws
   metrics/visualize.json             those numbers, per layer and per stage
 
 The model runs in eval mode, as it classifies: BN normalizes with its running statistics, so
@@ -26,11 +29,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from .data import load_split, to_tensor
+from .assignment import augmentation
+from .data import EpochBatches, Split, load_split, to_tensor
 from .io import UserError, atomic_dir, console, no_options, run_cli, save_figure, write_json
 from .model import feature_points, model_from_config, stages
 from .norms import NORMS
-from .params import Params, load_params
+from .params import Params, TrainParams, load_params
 from .train import load_checkpoint
 
 MODEL = Path("models/best/best.pt")
@@ -54,6 +58,7 @@ def stage_of(model: nn.Module, name: str) -> str:
 
 
 STAT_CHUNK = 32     # images per forward pass of `activation_stats`
+AUGMENTED_DRAWS = 5  # columns of augmentation.png after the image as prepared
 
 
 class Moments:
@@ -227,6 +232,44 @@ def plot_activations(path: Path, rows: list[dict], title: str) -> None:
     save_figure(fig, path, dpi=110)
 
 
+def augmented_views(x: np.ndarray, t: TrainParams, mean: list[float], std: list[float], seed: int,
+                    draws: int = AUGMENTED_DRAWS) -> np.ndarray:
+    """(images, 1 + draws, H, W, 3) in [0, 1]: each uint8 image as prepared, then `draws` times as the
+    training loop makes it under `t` (`EpochBatches.training`: epochs 1, 2, ... of a run with `seed`,
+    the images as one batch), normalization undone, so cutout's square shows the train mean."""
+    images = Split("shown", np.array(x), np.zeros(len(x), dtype=np.int64))
+    m, s = (torch.tensor(v).view(1, 3, 1, 1) for v in (mean, std))
+    views = [images.x / 255.0]
+    for epoch in range(draws):
+        batches = EpochBatches.training(images, len(images), mean, std, t, seed=seed, epoch=epoch)
+        seen, _ = batches.to(batches[0])
+        views.append((seen * s + m).clamp(0, 1).permute(0, 2, 3, 1).numpy())
+    return np.stack(views, 1)
+
+
+def plot_augmentation(path: Path, views: np.ndarray, title: str) -> None:
+    import matplotlib.pyplot as plt
+
+    n_img, n_col = views.shape[:2]
+    fig, axes = plt.subplots(n_img, n_col, figsize=(n_col * 1.5, n_img * 1.5 + 0.6), squeeze=False)
+    for i in range(n_img):
+        for j in range(n_col):
+            axes[i, j].imshow(views[i, j], interpolation="nearest")
+            axes[i, j].axis("off")
+            if i == 0:
+                axes[i, j].set_title("as prepared" if j == 0 else f"draw {j}", fontsize=8)
+    fig.suptitle(title, fontsize=9)
+    fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=1 - 0.6 / fig.get_figheight(), wspace=0.05,
+                        hspace=0.05)
+    save_figure(fig, path, dpi=100)
+
+
+def run_train_settings(p: Params, best: dict) -> TrainParams:
+    """The `train` settings of the best run: its variant's, or the base ones for a checkpoint that names
+    no variant of params.yaml."""
+    return p.variant(best["variant"]).train if best.get("variant") in p.study.variants else p.train
+
+
 def visualize(p: Params) -> dict:
     if not MODEL.exists():
         raise UserError(f"{MODEL}: no best model yet; run `dvc repro gradcam` first")
@@ -246,22 +289,29 @@ def visualize(p: Params) -> dict:
     points = feature_maps(model, to_tensor(shown, best["mean"], best["std"]), v.channels)
     title = (f"{best.get('name', 'best run')} ({config.get('arch', 'resnet6n2')}, norm {config['norm']}): "
              f"activations over {len(x_stats)} {p.gradcam.split} images, eval mode")
+    t = run_train_settings(p, best)
+    train_images = load_split("train").x[:v.images]
+    views = augmented_views(train_images, t, best["mean"], best["std"], best.get("seed", p.seed))
+    augmented = augmentation(t)
     with atomic_dir(OUT) as tmp:
         kernels = plot_kernels(tmp / "kernels.png", model.conv1.weight)
         plot_feature_maps(tmp / "feature_maps.png", np.asarray(shown), points)
         plot_activations(tmp / "activations.png", rows, title)
+        plot_augmentation(tmp / "augmentation.png", views,
+                          f"{best.get('name', 'best run')}: training augmentation: {augmented}")
     numbers = {"run": best.get("name"), "norm": config["norm"], "arch": config.get("arch", "resnet6n2"),
                "split": p.gradcam.split, "stat_images": len(x_stats), "kernels": kernels,
                "feature_maps": [{k: pt[k] for k in ("name", "width", "size", "channels")} for pt in points],
-               "stages": per_stage(rows), "layers": rows}
+               "stages": per_stage(rows), "layers": rows,
+               "augmentation": {"settings": augmented, "images": len(views), "draws": views.shape[1] - 1}}
     write_json(NUMBERS, numbers)
-    console.print(f"visualize: {OUT}/kernels.png, feature_maps.png, activations.png ({len(rows)} norm layers); "
-                  f"numbers in {NUMBERS}")
+    console.print(f"visualize: {OUT}/kernels.png, feature_maps.png, activations.png ({len(rows)} norm layers), "
+                  f"augmentation.png; numbers in {NUMBERS}")
     return numbers
 
 
 def main(argv: list[str]) -> None:
-    no_options(argv, "visualize", __doc__, "visualize.*")
+    no_options(argv, "visualize", __doc__, "visualize.*, gradcam.split, train.* and study.variants (augmentation)")
     visualize(load_params())
 
 
