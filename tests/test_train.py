@@ -1,4 +1,5 @@
 """Training one run: history/metrics fields, determinism, resume after a kill, divergence, bad params."""
+import dataclasses
 import json
 import math
 import re
@@ -308,6 +309,7 @@ def test_cutout_and_jitter_keep_every_crop_and_flip_and_train_resumably(prepared
     assert train(p)["epoch"] == 3
     for f, data in whole.items():
         assert f.read_bytes() == data, f"{f} differs after a resume"
+    assert load_checkpoint(paths.best)["train"] == dataclasses.asdict(p.train)   # visualize draws from it
 
 
 def test_fingerprint_covers_params_data_and_code(prepared, monkeypatch):

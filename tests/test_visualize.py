@@ -115,6 +115,18 @@ def test_visualize_without_a_best_model_is_one_line(prepared):
         visualize(load_params())
 
 
+def test_the_figure_draws_the_augmentation_the_best_checkpoint_trained_with(prepared):
+    """Not params.yaml's: a checkpoint carries its run's `train` settings, so the stage need not depend
+    on every variant's entry."""
+    import dataclasses
+    from resnorm.train import load_checkpoint
+    best_checkpoint("resnet6n2", "bn")
+    ckpt = load_checkpoint(MODEL)
+    ckpt["train"] = {**dataclasses.asdict(load_params().train), "cutout": 5, "color_jitter": 0.25}
+    save_checkpoint(MODEL, ckpt)
+    assert visualize(load_params())["augmentation"]["settings"].endswith("+ cutout 5 px + colour jitter 0.25")
+
+
 def test_augmented_views_show_what_the_training_loop_feeds_the_model(prepared):
     """Without augmentation every draw is the image as prepared; with cutout alone each draw is the image
     with one square of the train mean, and nothing else changed."""

@@ -476,7 +476,8 @@ def train(p: Params, variant: str | None = None, seed: int | None = None,
              "batch_size": v.batch_size, "model_config": model_config(v.model, v.norm, len(classes), p.data.image_size),
              "seed": seed, "classes": classes, "epoch": 0, "history": [],
              "best_epoch": 0, "best_val_accuracy": -1.0, "bad_epochs": 0, "status": "running",
-             "message": "", "mean": None, "std": None, "engine": run_engine}
+             "message": "", "mean": None, "std": None, "engine": run_engine,
+             "train": dataclasses.asdict(t)}     # what it trained with, e.g. the augmentation `visualize` draws
     if transfer:                          # only then, so runs from scratch keep their checkpoints as they were
         state["transfer"] = transfer
 
@@ -637,7 +638,7 @@ def _save(paths: RunPaths, state: dict, model, optimizer, schedule, scaler, impr
 
 def _public(state: dict) -> dict:
     return {k: state[k] for k in ("fingerprint", "name", "variant", "norm", "batch_size", "seed", "classes",
-                                  "epoch", "mean", "std", "model_config", "transfer") if k in state}
+                                  "epoch", "mean", "std", "model_config", "transfer", "train") if k in state}
 
 
 def write_history(path: Path, history: list[dict]) -> None:

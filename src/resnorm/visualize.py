@@ -23,6 +23,7 @@ recomputed without it, so "after the norm" means the same thing for every scheme
 from __future__ import annotations
 
 import math
+from dataclasses import fields
 from pathlib import Path
 
 import numpy as np
@@ -265,9 +266,13 @@ def plot_augmentation(path: Path, views: np.ndarray, title: str) -> None:
 
 
 def run_train_settings(p: Params, best: dict) -> TrainParams:
-    """The `train` settings of the best run: its variant's, or the base ones for a checkpoint that names
-    no variant of params.yaml."""
-    return p.variant(best["variant"]).train if best.get("variant") in p.study.variants else p.train
+    """The `train` settings the best run trained with, which its checkpoint carries (so that editing
+    another variant in params.yaml does not make this stage stale); the base ones of params.yaml for a
+    checkpoint of older code."""
+    if "train" not in best:
+        return p.train
+    known = {f.name for f in fields(TrainParams)}
+    return TrainParams(**{k: v for k, v in best["train"].items() if k in known})
 
 
 def visualize(p: Params) -> dict:
@@ -311,7 +316,7 @@ def visualize(p: Params) -> dict:
 
 
 def main(argv: list[str]) -> None:
-    no_options(argv, "visualize", __doc__, "visualize.*, gradcam.split, train.* and study.variants (augmentation)")
+    no_options(argv, "visualize", __doc__, "visualize.*, gradcam.split and train.* (for a checkpoint without its own)")
     visualize(load_params())
 
 
