@@ -209,7 +209,7 @@ def same_aug(a: dict | None, b: dict | None) -> bool:
     return (a is None and b is None) or (a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a))
 
 
-@pytest.mark.parametrize("extra", [{}, {"cutout": 6, "color_jitter": 0.4}])
+@pytest.mark.parametrize("extra", [{}, {"cutout": 6, "color_jitter": 0.4, "rotate": 20.0, "zoom": 0.2}])
 def test_workers_give_the_same_batches(prepared, extra):
     from resnorm.data import EpochBatches, batches, load_split
     split = load_split("train")
@@ -268,6 +268,25 @@ def test_color_jitter_matches_torchvision_image_by_image():
     assert torch.equal(out[0], x[0].float())                                 # factors of 1 change nothing
 
 
+def test_rotation_and_zoom_match_torchvision_affine_image_by_image():
+    """One grid_sample for the batch, each image with its own angle and scale, is torchvision's `affine`
+    (bilinear, black fill, about the centre) on each float image, also on a non-square one."""
+    import torchvision.transforms.functional as F
+    from torchvision.transforms import InterpolationMode
+    from resnorm.data import affine
+    g = torch.Generator().manual_seed(0)
+    for h, w in ((12, 12), (9, 14)):
+        x = torch.randint(0, 256, (4, h, w, 3), dtype=torch.uint8, generator=g)
+        params = torch.tensor([[0.0, 1.0], [30.0, 1.0], [-17.5, 0.8], [90.0, 1.25]])
+        out = affine(x, params)
+        assert out.dtype == torch.float32 and out.shape == x.shape and out.is_contiguous()
+        for i, (angle, scale) in enumerate(params.tolist()):
+            ref = F.affine(x[i].permute(2, 0, 1).float(), angle=angle, translate=[0, 0], scale=scale, shear=[0.0, 0.0],
+                           interpolation=InterpolationMode.BILINEAR)
+            torch.testing.assert_close(out[i], ref.permute(1, 2, 0), rtol=0, atol=2e-3)
+        torch.testing.assert_close(out[0], x[0].float(), rtol=0, atol=1e-3)     # no turn, no zoom: the image
+
+
 def test_cutout_matches_a_direct_slice():
     """Each image loses the side x side square at its centre, clipped at the border; the rest is kept."""
     from resnorm.data import cutout
@@ -284,21 +303,21 @@ def test_cutout_matches_a_direct_slice():
     assert int((cutout(x, centres[:1], 4)[0] == 0).sum()) == 3 * 4 * 4     # inside: the whole square
 
 
-def test_cutout_and_jitter_keep_every_crop_and_flip_and_train_resumably(prepared):
-    """Turning cutout and colour jitter on draws their parameters after the crop's and flip's, so those
+def test_cutout_jitter_and_affine_keep_every_crop_and_flip_and_train_resumably(prepared):
+    """Turning cutout, colour jitter, rotation and zoom on draws their parameters after the crop's and flip's, so those
     stay as they were; the batches change, and a resumed run still ends as an uninterrupted one."""
     from resnorm.data import EpochBatches, load_split
     split = load_split("train")
     plain = EpochBatches(split, 4, [0.5] * 3, [0.25] * 3, shuffle=True, seed=1, epoch=3, augment=True,
                          padding=2, hflip=True)
     extra = EpochBatches(split, 4, [0.5] * 3, [0.25] * 3, shuffle=True, seed=1, epoch=3, augment=True,
-                         padding=2, hflip=True, cutout=6, color_jitter=0.4)
+                         padding=2, hflip=True, cutout=6, color_jitter=0.4, rotate=15.0, zoom=0.1)
     for i in range(len(plain)):
         a, b = plain[i], extra[i]
-        assert a[2].keys() == {"crop"} and b[2].keys() == {"crop", "cutout", "jitter"}
+        assert a[2].keys() == {"crop"} and b[2].keys() == {"crop", "cutout", "jitter", "affine"}
         assert torch.equal(a[0], b[0]) and torch.equal(a[2]["crop"], b[2]["crop"])
         assert not torch.equal(plain.to(a)[0], extra.to(b)[0])
-    p = load_params(overrides={"train": {"epochs": 3, "cutout": 6, "color_jitter": 0.4}})
+    p = load_params(overrides={"train": {"epochs": 3, "cutout": 6, "color_jitter": 0.4, "rotate": 15, "zoom": 0.1}})
     paths = run_paths(None, None)
     train(p)
     whole = {f: f.read_bytes() for f in (paths.last, paths.best, paths.history)}

@@ -124,7 +124,7 @@ def test_the_figure_draws_the_augmentation_the_best_checkpoint_trained_with(prep
     ckpt = load_checkpoint(MODEL)
     ckpt["train"] = {**dataclasses.asdict(load_params().train), "cutout": 5, "color_jitter": 0.25}
     save_checkpoint(MODEL, ckpt)
-    assert visualize(load_params())["augmentation"]["settings"].endswith("+ cutout 5 px + colour jitter 0.25")
+    assert visualize(load_params())["augmentation"]["settings"].endswith("+ colour jitter 0.25 + cutout 5 px")
 
 
 def test_augmented_views_show_what_the_training_loop_feeds_the_model(prepared):

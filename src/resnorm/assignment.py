@@ -53,11 +53,13 @@ def _values(variants: list[Variant], get) -> str:
 
 
 def augmentation(t: TrainParams) -> str:
-    """A run's training augmentation in words, e.g. "crop (pad 4) + flip + cutout 16 px"."""
+    """A run's training augmentation in words, in the order it is applied, e.g. "crop (pad 4) + flip +
+    cutout 16 px"."""
     if not t.augment:
         return "none"
-    return " + ".join([f"crop (pad {t.crop_padding})"] + ["flip"] * t.hflip + [f"cutout {t.cutout} px"] * bool(t.cutout)
-                      + [f"colour jitter {t.color_jitter:g}"] * bool(t.color_jitter))
+    return " + ".join([f"crop (pad {t.crop_padding})"] + ["flip"] * t.hflip + [f"rotation ±{t.rotate:g}°"] * bool(t.rotate)
+                      + [f"zoom ±{t.zoom:g}"] * bool(t.zoom) + [f"colour jitter {t.color_jitter:g}"] * bool(t.color_jitter)
+                      + [f"cutout {t.cutout} px"] * bool(t.cutout))
 
 
 def _row(name: str, assignment: str, this_run: str, ok: bool | None) -> Setting:

@@ -114,6 +114,26 @@ def crop_flip(x: torch.Tensor, aug: torch.Tensor, padding: int) -> torch.Tensor:
     return x[b, rows[:, :, None], cols[:, None, :]]                       # (n, h, w, C)
 
 
+def affine(x: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
+    """NHWC images turned by params[:, 0] degrees (clockwise) and scaled by params[:, 1] about their
+    centre, bilinear, black where nothing maps: torchvision's `affine` on float images (no translation or
+    shear), every sample with its own matrix in one `grid_sample`. Returns float32 NHWC on the 0-255 scale."""
+    n, h, w, _ = x.shape
+    p = params.to(x.device, torch.float32)
+    angle, scale = torch.deg2rad(p[:, 0]), p[:, 1]
+    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
+    # the inverse map, output pixel -> input pixel about the centre: [[cos, sin], [-sin, cos]] / scale
+    theta = torch.stack([torch.stack([cos, sin], 1), torch.stack([-sin, cos], 1)], 1)          # (n, 2, 2)
+    xs = torch.linspace(-w * 0.5 + 0.5, w * 0.5 - 0.5, w, device=x.device)
+    ys = torch.linspace(-h * 0.5 + 0.5, h * 0.5 - 0.5, h, device=x.device)
+    pixels = torch.stack(torch.meshgrid(xs, ys, indexing="xy"), -1).view(1, h * w, 2)           # (x, y) per pixel
+    half = torch.tensor([0.5 * w, 0.5 * h], device=x.device)
+    grid = (pixels.expand(n, -1, -1).bmm(theta.transpose(1, 2)) / half).view(n, h, w, 2)
+    images = x.permute(0, 3, 1, 2).float()
+    out = torch.nn.functional.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    return out.permute(0, 2, 3, 1).contiguous()
+
+
 def _gray(x: torch.Tensor) -> torch.Tensor:
     """Luma of NHWC RGB images with torchvision's `rgb_to_grayscale` weights (ITU-R 601-2), (n, h, w, 1)."""
     return 0.2989 * x[..., 0:1] + 0.587 * x[..., 1:2] + 0.114 * x[..., 2:3]
@@ -162,10 +182,10 @@ class EpochBatches(torch.utils.data.Dataset):
 
     def __init__(self, split: Split, batch_size: int, mean, std, *, shuffle: bool, seed: int = 0,
                  epoch: int = 0, augment: bool = False, padding: int = 0, hflip: bool = False,
-                 cutout: int = 0, color_jitter: float = 0.0):
+                 cutout: int = 0, color_jitter: float = 0.0, rotate: float = 0.0, zoom: float = 0.0):
         self.split, self.batch_size, self.mean, self.std = split, batch_size, mean, std
         self.aug, self.padding, self.hflip, self.seed, self.epoch = augment, padding, hflip, seed, epoch
-        self.cutout, self.color_jitter = cutout, color_jitter
+        self.cutout, self.color_jitter, self.rotate, self.zoom = cutout, color_jitter, rotate, zoom
         n = len(split)
         if shuffle:
             g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
@@ -178,7 +198,8 @@ class EpochBatches(torch.utils.data.Dataset):
     def training(cls, split: Split, batch_size: int, mean, std, t, *, seed: int, epoch: int) -> "EpochBatches":
         """One epoch of training batches: shuffled, and augmented as the `train` settings `t` say."""
         return cls(split, batch_size, mean, std, shuffle=True, seed=seed, epoch=epoch, augment=t.augment,
-                   padding=t.crop_padding, hflip=t.hflip, cutout=t.cutout, color_jitter=t.color_jitter)
+                   padding=t.crop_padding, hflip=t.hflip, cutout=t.cutout, color_jitter=t.color_jitter,
+                   rotate=t.rotate, zoom=t.zoom)
 
     def __len__(self) -> int:
         return self.n_batches
@@ -189,9 +210,10 @@ class EpochBatches(torch.utils.data.Dataset):
 
     def augmentation(self, i: int, n: int) -> dict[str, torch.Tensor] | None:
         """Batch i's per-sample parameters, a function of (seed, epoch, i) only; None without augmentation:
-        "crop" (dy, dx, flip), and where they are on, "cutout" (the square's centre row and column) and
-        "jitter" (brightness, contrast and saturation factors). They are drawn in that order from one
-        generator, so turning cutout or jitter on leaves every crop and flip as it was."""
+        "crop" (dy, dx, flip), and where they are on, "cutout" (the square's centre row and column),
+        "jitter" (brightness, contrast and saturation factors) and "affine" (angle, scale). They are drawn
+        in that order from one generator, so turning any of the others on leaves every crop and flip as it
+        was."""
         if not self.aug:
             return None
         g = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) * 100_003 + i)
@@ -204,6 +226,9 @@ class EpochBatches(torch.utils.data.Dataset):
                                          torch.randint(0, w, (n,), generator=g)], 1)
         if self.color_jitter:
             aug["jitter"] = 1 - self.color_jitter + 2 * self.color_jitter * torch.rand(n, 3, generator=g)
+        if self.rotate or self.zoom:
+            u = torch.rand(n, 2, generator=g) * 2 - 1                        # uniform in [-1, 1)
+            aug["affine"] = torch.stack([self.rotate * u[:, 0], 1 + self.zoom * u[:, 1]], 1)
         return aug
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -239,12 +264,14 @@ class EpochBatches(torch.utils.data.Dataset):
 
     def to(self, batch, device: torch.device | str = "cpu", channels_last: bool = False):
         """A batch from __getitem__ -> (normalized float images, labels) on `device`, augmented as its
-        parameters say: crop and flip, colour jitter, normalization, then cutout (DeVries & Taylor
-        cut out of the normalized image, so the square is the mean, not black)."""
+        parameters say: crop and flip, rotation and zoom, colour jitter, normalization, then cutout
+        (DeVries & Taylor cut out of the normalized image, so the square is the mean, not black)."""
         x, y, aug = batch
         x = x.to(device, non_blocking=True)
         if aug is not None:
             x = crop_flip(x, aug["crop"], self.padding)
+            if "affine" in aug:
+                x = affine(x, aug["affine"])
             if "jitter" in aug:
                 x = color_jitter(x, aug["jitter"])
         x = to_tensor(x, self.mean, self.std, device, channels_last)

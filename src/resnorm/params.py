@@ -103,6 +103,8 @@ class TrainParams:
     hflip: bool = True
     cutout: int = 0                     # side in pixels of a square set to the mean (DeVries & Taylor 2017); 0: none
     color_jitter: float = 0.0           # brightness, contrast and saturation factors in [1 - s, 1 + s]; 0: none
+    rotate: float = 0.0                 # degrees: a turn by an angle in [-r, r] about the centre; 0: none
+    zoom: float = 0.0                   # a scale factor in [1 - z, 1 + z] about the centre; 0: none
     early_stopping_patience: int = 0    # 0 = off; else stop after this many epochs without a better val accuracy
     workers: int = 0
     threads: int = 2
@@ -314,7 +316,11 @@ def _validate_train(t: TrainParams, prefix: str, image_size: int) -> None:
     _check_range(f"{prefix}cutout", t.cutout, 0, image_size)
     if not 0 <= t.color_jitter < 1:
         raise _fail(f"{prefix}color_jitter", t.color_jitter, "must be in [0, 1)")
-    for key in ("cutout", "color_jitter"):
+    if not 0 <= t.rotate <= 180:
+        raise _fail(f"{prefix}rotate", t.rotate, "degrees in [0, 180]")
+    if not 0 <= t.zoom < 1:
+        raise _fail(f"{prefix}zoom", t.zoom, "must be in [0, 1)")
+    for key in ("cutout", "color_jitter", "rotate", "zoom"):
         if getattr(t, key) and not t.augment:
             raise _fail(f"{prefix}{key}", getattr(t, key), "0 unless augment is true (augment: false turns "
                         "every augmentation off)")
