@@ -86,6 +86,23 @@ def test_same_seed_gives_identical_metrics_and_resume_equals_uninterrupted(prepa
         assert f.read_bytes() == data, f"{f} differs after a resume"
 
 
+def resume_ends_as_uninterrupted(p):
+    """Train the experiment of `p` whole, then again from nothing, killed after epoch 1 and run once
+    more: the resumed run must end in the very files (last.pt, best.pt, history) of the whole one.
+    Returns the run's paths."""
+    paths = run_paths(None, None)
+    train(p)
+    whole = {f: f.read_bytes() for f in (paths.last, paths.best, paths.history)}
+    for f in paths.models.iterdir():
+        f.unlink()
+    with pytest.raises(SystemExit):
+        train(p, stop_after_epoch=1)
+    assert train(p)["epoch"] == p.experiment().train.epochs
+    for f, data in whole.items():
+        assert f.read_bytes() == data, f"{f} differs after a resume"
+    return paths
+
+
 def test_an_fp16_run_resumes_with_its_loss_scale(prepared, monkeypatch):
     """fp16 trains with loss scaling, and the scale is part of `last.pt`: a run killed after epoch 1 and
     run again ends in the very files of an uninterrupted one. A CPU fp16 autocast and a CPU
@@ -98,18 +115,8 @@ def test_an_fp16_run_resumes_with_its_loss_scale(prepared, monkeypatch):
                                                                                   growth_interval=2))
     write_params(prepared, {**TINY, "data": load_params().data.__dict__ | {"split": TINY["data"]["split"]},
                             "train": {**TINY["train"], "epochs": 3}})
-    p = load_params()
-    paths = run_paths(None, None)
-    train(p)
+    paths = resume_ends_as_uninterrupted(load_params())
     assert load_checkpoint(paths.last)["scaler"]["scale"] != 2.0 ** 16        # the scale has moved
-    tracked = {f: f.read_bytes() for f in (paths.last, paths.best, paths.history)}
-    for f in paths.models.iterdir():
-        f.unlink()
-    with pytest.raises(SystemExit):
-        train(p, stop_after_epoch=1)
-    assert train(p)["epoch"] == 3
-    for f, data in tracked.items():
-        assert f.read_bytes() == data, f"{f} differs after a resume"
 
 
 def test_changed_params_start_over(prepared):
@@ -318,16 +325,7 @@ def test_cutout_jitter_and_affine_keep_every_crop_and_flip_and_train_resumably(p
         assert torch.equal(a[0], b[0]) and torch.equal(a[2]["crop"], b[2]["crop"])
         assert not torch.equal(plain.to(a)[0], extra.to(b)[0])
     p = load_params(overrides={"train": {"epochs": 3, "cutout": 6, "color_jitter": 0.4, "rotate": 15, "zoom": 0.1}})
-    paths = run_paths(None, None)
-    train(p)
-    whole = {f: f.read_bytes() for f in (paths.last, paths.best, paths.history)}
-    for f in paths.models.iterdir():
-        f.unlink()
-    with pytest.raises(SystemExit):
-        train(p, stop_after_epoch=1)
-    assert train(p)["epoch"] == 3
-    for f, data in whole.items():
-        assert f.read_bytes() == data, f"{f} differs after a resume"
+    paths = resume_ends_as_uninterrupted(p)
     assert load_checkpoint(paths.best)["train"] == dataclasses.asdict(p.train)   # visualize draws from it
 
 
