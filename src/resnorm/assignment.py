@@ -57,9 +57,10 @@ def augmentation(t: TrainParams) -> str:
     cutout 16 px"."""
     if not t.augment:
         return "none"
-    return " + ".join([f"crop (pad {t.crop_padding})"] + ["flip"] * t.hflip + [f"rotation ±{t.rotate:g}°"] * bool(t.rotate)
-                      + [f"zoom ±{t.zoom:g}"] * bool(t.zoom) + [f"colour jitter {t.color_jitter:g}"] * bool(t.color_jitter)
-                      + [f"cutout {t.cutout} px"] * bool(t.cutout))
+    kinds = [(True, f"crop (pad {t.crop_padding})"), (t.hflip, "flip"), (t.rotate, f"rotation ±{t.rotate:g}°"),
+             (t.zoom, f"zoom ±{t.zoom:g}"), (t.color_jitter, f"colour jitter {t.color_jitter:g}"),
+             (t.cutout, f"cutout {t.cutout} px")]
+    return " + ".join(words for on, words in kinds if on)
 
 
 def _row(name: str, assignment: str, this_run: str, ok: bool | None) -> Setting:

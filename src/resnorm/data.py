@@ -122,13 +122,14 @@ def affine(x: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
     p = params.to(x.device, torch.float32)
     angle, scale = torch.deg2rad(p[:, 0]), p[:, 1]
     cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
-    # the inverse map, output pixel -> input pixel about the centre: [[cos, sin], [-sin, cos]] / scale
-    theta = torch.stack([torch.stack([cos, sin], 1), torch.stack([-sin, cos], 1)], 1)          # (n, 2, 2)
+    # the inverse map, output pixel -> input pixel about the centre ([[cos, sin], [-sin, cos]] / scale), each
+    # row then divided by the half width or height: grid_sample's [-1, 1] (no tensor made from host numbers:
+    # on a GPU that would be a copy the step waits for)
+    theta = torch.stack([torch.stack([cos, sin], 1) / (0.5 * w), torch.stack([-sin, cos], 1) / (0.5 * h)], 1)
     xs = torch.linspace(-w * 0.5 + 0.5, w * 0.5 - 0.5, w, device=x.device)
     ys = torch.linspace(-h * 0.5 + 0.5, h * 0.5 - 0.5, h, device=x.device)
     pixels = torch.stack(torch.meshgrid(xs, ys, indexing="xy"), -1).view(1, h * w, 2)           # (x, y) per pixel
-    half = torch.tensor([0.5 * w, 0.5 * h], device=x.device)
-    grid = (pixels.expand(n, -1, -1).bmm(theta.transpose(1, 2)) / half).view(n, h, w, 2)
+    grid = pixels.expand(n, -1, -1).bmm(theta.transpose(1, 2)).view(n, h, w, 2)
     images = x.permute(0, 3, 1, 2).float()
     out = torch.nn.functional.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
     return out.permute(0, 2, 3, 1).contiguous()
@@ -268,7 +269,8 @@ class EpochBatches(torch.utils.data.Dataset):
         (DeVries & Taylor cut out of the normalized image, so the square is the mean, not black)."""
         x, y, aug = batch
         x = x.to(device, non_blocking=True)
-        if aug is not None:
+        if aug is not None:                 # every kind's parameters in one non-blocking copy each (from pinned
+            aug = {k: a.to(device, non_blocking=True) for k, a in aug.items()}    # memory): no wait per step
             x = crop_flip(x, aug["crop"], self.padding)
             if "affine" in aug:
                 x = affine(x, aug["affine"])
